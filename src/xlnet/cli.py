@@ -1,0 +1,59 @@
+"""`xlnet <verb>`: a thin layer over importable functions.
+
+Each verb lives in its own module, which exposes `add_arguments(parser)` and `run(args) -> int | None`.
+Modules are imported only when their verb is used, so `xlnet --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from xlnet.errors import XLNetError
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("xlnet.demo", "pretrain a tiny model on the embedded corpus, fine-tune it, print scores, write plots"),
+    "tokenizer": ("xlnet.tokenizer", "train a SentencePiece tokenizer with XLNet's special ids"),
+    "prepare": ("xlnet.data.prepare", "turn raw text into token shards for pretraining"),
+    "pretrain": ("xlnet.pretrain", "pretrain with the permutation LM objective (resumable, torchrun-ready)"),
+    "finetune": ("xlnet.finetune", "fine-tune on GLUE / SQuAD / RACE / CoNLL / CSV / JSONL tasks"),
+    "evaluate": ("xlnet.evaluate", "score predictions or a fine-tuned model with the official metrics"),
+    "convert": ("xlnet.interop", "convert checkpoints to and from Hugging Face XLNet directories"),
+    "smoke": ("xlnet.smoke", "build the tiny model and run one PLM forward/backward on a real sentence"),
+}
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xlnet", description="XLNet: pretrain, fine-tune, evaluate, convert.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    verb = verb if verb in VERBS else None
+    parser = build_parser(verb)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    try:
+        code = importlib.import_module(VERBS[args.verb][0]).run(args)
+    except XLNetError as e:
+        print(f"xlnet {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"xlnet {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

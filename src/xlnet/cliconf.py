@@ -1,0 +1,99 @@
+"""Dataclass configs as CLI flags and YAML files: `--config run.yaml --lr 1e-4` means the same as YAML keys.
+
+Precedence: dataclass defaults < YAML file < explicit flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from xlnet.errors import XLNetError
+
+T = TypeVar("T")
+
+
+def _base_type(tp: Any) -> Any:
+    """int | None -> int; Optional[str] -> str; Literal -> type of its first value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is typing.Literal:
+        return type(typing.get_args(tp)[0])
+    return tp
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One `--field-name` flag per field; defaults stay None so we can tell what the user set."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} (also settable in --config YAML)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if tp is bool:
+            group.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=f"(default {default})")
+        elif tp in (int, float, str):
+            group.add_argument(flag, type=tp, default=None, help=f"(default {default})")
+        elif typing.get_origin(tp) in (list, tuple):
+            item = typing.get_args(tp)[0] if typing.get_args(tp) else str
+            group.add_argument(flag, type=item, nargs="+", default=None, help=f"(default {default})")
+
+
+def build_dataclass(cls: type[T], config_path: str | None = None, args: argparse.Namespace | None = None,
+                    **fixed: Any) -> T:
+    """Defaults, then the YAML file, then flags that were given, then `fixed` values."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = {}
+    if config_path:
+        values.update(read_yaml(config_path, names))
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    values.update(fixed)
+    hints = typing.get_type_hints(cls)
+    for k, v in list(values.items()):
+        tp = _base_type(hints[k])
+        if isinstance(v, list) and typing.get_origin(tp) is tuple:
+            values[k] = tuple(v)
+        elif tp is float and isinstance(v, int) and not isinstance(v, bool):
+            values[k] = float(v)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise XLNetError(f"invalid {cls.__name__}: {e}") from None
+
+
+def read_yaml(path: str | Path, allowed: set[str] | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise XLNetError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise XLNetError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise XLNetError(f"{path}: expected a mapping of option names to values")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if allowed is not None:
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise XLNetError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return data
