@@ -1,0 +1,170 @@
+"""Model directories: `save_pretrained` / `from_pretrained` for our format and Hugging Face XLNet directories.
+
+A directory holds `config.json` and `model.safetensors`. Ours writes our dataclass config (plus the head's
+`architecture`); HF's writes `model_type: xlnet`. Tensor names are the same in both, so loading is a matter of
+validating shapes and filling in whatever the file does not carry (a fresh task head, the tied LM weight).
+Weights are read with safetensors; legacy `pytorch_model.bin` only with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from xlnet.config import XLNetConfig
+from xlnet.errors import XLNetError
+from xlnet.fileio import atomic_dir
+
+WEIGHTS = "model.safetensors"
+LEGACY_WEIGHTS = "pytorch_model.bin"
+BODY = "transformer."
+TIED = ("lm_loss.weight",)  # re-tied to the word embedding on load, never stored (as HF)
+SHARED_BIASES = ("r_w_bias", "r_r_bias", "r_s_bias")  # shared across layers when untie_r is False
+
+M = TypeVar("M", bound="PretrainedMixin")
+
+
+class PretrainedMixin:
+    """Adds directory save/load to XLNetModel and every head (they define `config` and `hf_architecture`)."""
+
+    config: XLNetConfig
+    hf_architecture: str = "XLNetModel"
+
+    def save_pretrained(self, directory: str | Path, hf: bool = False) -> Path:
+        """Write config.json + model.safetensors atomically. `hf=True` writes HF's config.json instead of ours."""
+        module: nn.Module = self  # type: ignore[assignment]
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()
+                   if k not in TIED}
+        if hf:
+            config = self.config.to_hf_dict(architectures=[self.hf_architecture])
+        else:
+            config = {"architecture": self.hf_architecture, **self.config.to_dict()}
+        directory = Path(directory)
+        with atomic_dir(directory) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls: type[M], directory: str | Path, verbose: bool = True, **overrides: Any) -> M:
+        """Load our or HF's directory into this class; `overrides` change config fields (e.g. num_labels,
+        dropout, mem_len). Tensors the file lacks for this head are freshly initialised and reported."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise XLNetError(f"model directory not found: {directory}")
+        config = XLNetConfig.load(directory)
+        if overrides:
+            config = XLNetConfig(**{**config.to_dict(), **overrides})
+        model = cls(config)  # type: ignore[call-arg]
+        weights, source = read_weights(directory)
+        fresh = load_into(model, weights, source)  # type: ignore[arg-type]
+        if fresh and verbose:
+            print(f"note: {len(fresh)} tensor(s) not in {source.name} were initialised fresh: "
+                  f"{', '.join(sorted(fresh)[:6])}{' ...' if len(fresh) > 6 else ''}", file=sys.stderr)
+        return model
+
+
+def read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
+    """All tensors of a directory (single file, HF sharded index, or legacy .bin), verified readable."""
+    single, legacy, index = directory / WEIGHTS, directory / LEGACY_WEIGHTS, directory / f"{WEIGHTS}.index.json"
+    try:
+        if single.is_file():
+            return load_file(str(single)), single
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            out: dict[str, Tensor] = {}
+            for shard in shards:
+                out.update(load_file(str(directory / shard)))
+            return out, index
+        if legacy.is_file():
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise XLNetError(f"{legacy}: expected a state dict")
+            return state, legacy
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError, json.JSONDecodeError) as e:
+        bad = single if single.is_file() else (index if index.is_file() else legacy)
+        raise XLNetError(f"{bad}: cannot read weights ({str(e).splitlines()[0]})") from None
+    raise XLNetError(f"{directory}: no {WEIGHTS} or {LEGACY_WEIGHTS} found")
+
+
+def normalize_keys(weights: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A bare XLNetModel file has no `transformer.` prefix; a head file loaded into the bare body has one."""
+    has_body = hasattr(model, "transformer")
+    prefixed = any(k.startswith(BODY) for k in weights)
+    if has_body and not prefixed:
+        return {BODY + k: v for k, v in weights.items()}
+    if not has_body and prefixed:
+        return {k[len(BODY):]: v for k, v in weights.items() if k.startswith(BODY)}
+    return weights
+
+
+def load_into(model: nn.Module, weights: dict[str, Tensor], source: Path) -> list[str]:
+    """Copy `weights` into `model`, failing with one line that names the first tensor that does not fit the
+    config. Returns the head tensors that were missing (left at their fresh initialisation)."""
+    weights = normalize_keys(weights, model)
+    has_body = hasattr(model, "transformer")
+    state = model.state_dict()
+    for key, tensor in weights.items():
+        if key in state and tuple(tensor.shape) != tuple(state[key].shape):
+            raise XLNetError(f"{source}: tensor {key} has shape {tuple(tensor.shape)} but the config expects "
+                             f"{tuple(state[key].shape)}")
+        if key not in state and is_body_key(key, has_body):
+            raise XLNetError(f"{source}: tensor {key} is not part of a model with this config "
+                             f"(n_layer={getattr(model, 'config').n_layer})")
+    missing = [k for k in state if k not in weights and k not in TIED]
+    body_missing = [k for k in missing if is_body_key(k, has_body)]
+    if body_missing:
+        raise XLNetError(f"{source}: tensor {body_missing[0]} is missing ({len(body_missing)} body tensor(s) absent)")
+    check_shared_biases(model, weights, source)
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            if key in state:
+                state[key].copy_(tensor.to(state[key].dtype))
+    return missing
+
+
+def is_body_key(key: str, has_body: bool) -> bool:
+    return key.startswith(BODY) if has_body else key.split(".")[0] in ("word_embedding", "mask_emb", "layer")
+
+
+def check_shared_biases(model: nn.Module, weights: dict[str, Tensor], source: Path) -> None:
+    """With untie_r=False every layer shares one set of biases; the file must agree or the load would silently
+    keep only the last layer's copy."""
+    config: XLNetConfig = getattr(model, "config")
+    if config.untie_r:
+        return
+    for name in SHARED_BIASES:
+        copies = [(k, v) for k, v in weights.items() if k.endswith(f"rel_attn.{name}")]
+        for key, value in copies[1:]:
+            if not torch.equal(value, copies[0][1]):
+                raise XLNetError(f"{source}: tensor {key} differs from layer 0's but the config says untie_r=false")
+
+
+def load_model(directory: str | Path, architecture: str | None = None, **overrides: Any) -> nn.Module:
+    """Load a directory into the head class its config names (ours: `architecture`; HF: `architectures`)."""
+    from xlnet.heads import ARCHITECTURES  # heads import this module
+
+    directory = Path(directory)
+    name = architecture or saved_architecture(directory)
+    if name not in ARCHITECTURES:
+        raise XLNetError(f"{directory}: unsupported architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[name].from_pretrained(directory, **overrides)
+
+
+def saved_architecture(directory: Path) -> str:
+    path = directory / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise XLNetError(f"{path}: cannot read config ({e})") from None
+    if "architecture" in data:
+        return str(data["architecture"])
+    archs = data.get("architectures") or ["XLNetLMHeadModel"]
+    return str(archs[0])
