@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from xlnet.config import XLNetConfig
+from xlnet.config import XLNetConfig, read_config_json
 from xlnet.errors import XLNetError
 from xlnet.fileio import atomic_dir
 
@@ -53,9 +53,10 @@ class PretrainedMixin:
         return directory
 
     @classmethod
-    def from_pretrained(cls: type[M], directory: str | Path, verbose: bool = True, **overrides: Any) -> M:
+    def from_pretrained(cls: type[M], directory: str | Path, strict: bool = False, verbose: bool = True,
+                        **overrides: Any) -> M:
         """Load our or HF's directory into this class; `overrides` change config fields (e.g. num_labels,
-        dropout, mem_len). Tensors the file lacks for this head are freshly initialised and reported."""
+        dropout, mem_len). Head tensors the file lacks are freshly initialised and reported (strict: an error)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise XLNetError(f"model directory not found: {directory}")
@@ -65,6 +66,8 @@ class PretrainedMixin:
         model = cls(config)  # type: ignore[call-arg]
         weights, source = read_weights(directory)
         fresh = load_into(model, weights, source)  # type: ignore[arg-type]
+        if fresh and strict:
+            raise XLNetError(f"{source}: tensor {fresh[0]} is missing for {cls.__name__}")
         if fresh and verbose:
             print(f"note: {len(fresh)} tensor(s) not in {source.name} were initialised fresh: "
                   f"{', '.join(sorted(fresh)[:6])}{' ...' if len(fresh) > 6 else ''}", file=sys.stderr)
@@ -111,10 +114,11 @@ def load_into(model: nn.Module, weights: dict[str, Tensor], source: Path) -> lis
     weights = normalize_keys(weights, model)
     has_body = hasattr(model, "transformer")
     state = model.state_dict()
-    for key, tensor in weights.items():
-        if key in state and tuple(tensor.shape) != tuple(state[key].shape):
-            raise XLNetError(f"{source}: tensor {key} has shape {tuple(tensor.shape)} but the config expects "
-                             f"{tuple(state[key].shape)}")
+    for key in state:  # model order, so the first tensor named is the first that does not fit
+        if key in weights and tuple(weights[key].shape) != tuple(state[key].shape):
+            raise XLNetError(f"{source}: tensor {key} has shape {tuple(weights[key].shape)} but the config "
+                             f"expects {tuple(state[key].shape)}")
+    for key in weights:
         if key not in state and is_body_key(key, has_body):
             raise XLNetError(f"{source}: tensor {key} is not part of a model with this config "
                              f"(n_layer={getattr(model, 'config').n_layer})")
@@ -159,11 +163,9 @@ def load_model(directory: str | Path, architecture: str | None = None, **overrid
 
 
 def saved_architecture(directory: Path) -> str:
-    path = directory / "config.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise XLNetError(f"{path}: cannot read config ({e})") from None
+    if not directory.is_dir():
+        raise XLNetError(f"model directory not found: {directory}")
+    data, _ = read_config_json(directory)
     if "architecture" in data:
         return str(data["architecture"])
     archs = data.get("architectures") or ["XLNetLMHeadModel"]

@@ -84,17 +84,7 @@ class XLNetConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "XLNetConfig":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise XLNetError(f"config not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise XLNetError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise XLNetError(f"{path}: expected a JSON object")
+        data, path = read_config_json(path)
         return cls.from_dict(data, source=str(path))
 
     # ---- Hugging Face config.json -------------------------------------------------------------
@@ -131,6 +121,22 @@ class XLNetConfig:
         if architectures:
             hf["architectures"] = architectures
         return hf
+
+
+def read_config_json(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The JSON object in `path` (or `path`/config.json), with one-line errors for missing or broken files."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise XLNetError(f"config not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise XLNetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise XLNetError(f"{path}: expected a JSON object")
+    return data, path
 
 
 # Keys whose meaning is identical in our config and HF's XLNetConfig.

@@ -1,0 +1,173 @@
+"""Model directories: save/load, HF interop both ways, and clear errors for directories that do not fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from xlnet.checkpoint import load_model
+from xlnet.cli import main
+from xlnet.config import XLNetConfig
+from xlnet.errors import XLNetError
+from xlnet.heads import ARCHITECTURES, XLNetForSequenceClassification
+from xlnet.interop import convert
+from xlnet.model import XLNetLMHeadModel
+
+transformers = pytest.importorskip("transformers")
+
+
+def small(**kw) -> XLNetConfig:
+    return XLNetConfig(**{**dict(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_head=8, d_inner=32,
+                                 dropout=0.0, dropatt=0.0, summary_last_dropout=0.0), **kw})
+
+
+def inputs() -> dict:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(9, 50, (2, 7), generator=g)
+    return {"input_ids": ids, "token_type_ids": (torch.arange(7) > 3).long().expand(2, 7)}
+
+
+def outputs(model, x) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out = model(**x)
+    return out.logits if out.logits is not None else (out.start_top_log_probs if out.last_hidden_state is None
+                                                      or out.start_top_log_probs is not None
+                                                      else out.last_hidden_state)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_save_load_identical_outputs(arch: str, tmp_path: Path) -> None:
+    cls = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    model = cls(small())
+    x = inputs()
+    if arch == "XLNetForMultipleChoice":
+        x = {k: v[None] for k, v in x.items()}
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert type(loaded) is cls
+    assert torch.equal(outputs(model, x), outputs(loaded, x))
+    assert not any(f.name.startswith(".") for f in tmp_path.iterdir()), "temp files left behind"
+
+
+@pytest.mark.parametrize("untie_r", [True, False])
+@pytest.mark.parametrize("arch", ["XLNetLMHeadModel", "XLNetForSequenceClassification", "XLNetForQuestionAnswering"])
+def test_hf_to_ours_to_hf_is_bit_identical(arch: str, untie_r: bool, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    hf_cls = getattr(transformers, arch)
+    hf = hf_cls(transformers.XLNetConfig(**small(untie_r=untie_r).to_hf_dict()))
+    if not untie_r:  # HF stores a copy per layer; a faithful untie_r=false checkpoint has them equal
+        with torch.no_grad():
+            for layer in hf.transformer.layer[1:]:
+                for name in ("r_w_bias", "r_r_bias", "r_s_bias"):
+                    getattr(layer.rel_attn, name).copy_(getattr(hf.transformer.layer[0].rel_attn, name))
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    assert main(["convert", "--to-hf", str(tmp_path / "ours"), str(tmp_path / "back")]) == 0
+    a, b = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    # and HF itself reads the exported directory, giving the same outputs as ours
+    again = hf_cls.from_pretrained(tmp_path / "back")
+    ours = load_model(tmp_path / "ours")
+    x = inputs()
+    hf.eval(), again.eval()
+    with torch.no_grad():
+        ref = hf(**x)
+        got = again(**x)
+    key = "logits" if arch != "XLNetForQuestionAnswering" else "start_top_log_probs"
+    assert torch.equal(getattr(ref, key), getattr(got, key))
+    assert (getattr(ref, key) - outputs(ours, x)).abs().max() < 1e-5
+
+
+def test_hf_half_precision_round_trip_keeps_dtype(tmp_path: Path) -> None:
+    hf = transformers.XLNetLMHeadModel(transformers.XLNetConfig(**small().to_hf_dict())).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "ours", to_hf=False)
+    convert(tmp_path / "ours", tmp_path / "back", to_hf=True)
+    a, b = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_legacy_pytorch_bin_loads_with_weights_only(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    hf = transformers.XLNetLMHeadModel(transformers.XLNetConfig(**small().to_hf_dict())).eval()
+    d = tmp_path / "legacy"
+    d.mkdir()
+    torch.save(hf.state_dict(), d / "pytorch_model.bin")
+    (d / "config.json").write_text(json.dumps(hf.config.to_dict()))
+    ours = load_model(d)
+    x = inputs()
+    with torch.no_grad():
+        assert (hf(**x).logits - outputs(ours, x)).abs().max() < 1e-5
+
+
+def test_lm_checkpoint_into_classifier_initialises_only_the_head(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    lm = XLNetLMHeadModel(small())
+    lm.save_pretrained(tmp_path / "lm")
+    clf = XLNetForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=5)
+    assert clf.logits_proj.out_features == 5
+    assert torch.equal(clf.transformer.word_embedding.weight, lm.transformer.word_embedding.weight)
+    assert "initialised fresh" in capsys.readouterr().err
+    with pytest.raises(XLNetError, match="missing"):
+        XLNetForSequenceClassification.from_pretrained(tmp_path / "lm", strict=True)
+
+
+def test_config_that_does_not_match_weights_names_the_tensor(tmp_path: Path, capsys) -> None:
+    XLNetLMHeadModel(small()).save_pretrained(tmp_path / "m")
+    cfg_path = tmp_path / "m" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["d_inner"] = 48
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(XLNetError, match=r"tensor transformer\.layer\.0\.ff\.layer_1\.weight has shape"):
+        load_model(tmp_path / "m")
+    assert main(["convert", "--to-hf", str(tmp_path / "m"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "layer_1.weight" in err
+    assert not (tmp_path / "out").exists()
+    cfg["d_inner"], cfg["n_layer"] = 32, 1
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(XLNetError, match=r"tensor transformer\.layer\.1\..* is not part of a model"):
+        load_model(tmp_path / "m")
+
+
+def test_missing_and_corrupt_files_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(XLNetError, match="not found"):
+        load_model(tmp_path / "nope")
+    XLNetLMHeadModel(small()).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(XLNetError, match="cannot read weights"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(XLNetError, match="not valid JSON"):
+        load_model(tmp_path / "m")
+
+
+def test_untied_biases_that_differ_are_rejected_for_untie_r_false(tmp_path: Path) -> None:
+    model = XLNetLMHeadModel(small(untie_r=False))
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["transformer.layer.1.rel_attn.r_w_bias"] += 1
+    save_file(tensors, str(path))
+    with pytest.raises(XLNetError, match="r_w_bias differs"):
+        load_model(tmp_path / "m")
+
+
+def test_our_config_json_round_trip_and_hf_config_mapping(tmp_path: Path) -> None:
+    cfg = small(label_names=["neg", "pos"], mem_len=8, reuse_len=4, bi_data=True)
+    cfg.save(tmp_path / "c.json")
+    assert XLNetConfig.load(tmp_path / "c.json") == cfg
+    hf = transformers.XLNetConfig(**cfg.to_hf_dict())
+    back = XLNetConfig.from_hf_dict(hf.to_dict())
+    assert back.label_names == ["neg", "pos"] and back.mem_len == 8 and back.bi_data
+    with pytest.raises(XLNetError, match="unknown config key"):
+        XLNetConfig.from_dict({"d_model": 16, "bogus": 1})
