@@ -1,0 +1,1 @@
+"""Data pipelines: corpus preparation and pretraining samplers."""

@@ -1,0 +1,425 @@
+"""Tests of the PLM data pipeline (xlnet.data.plm) against the reference data_utils semantics.
+
+The `_ref_*` helpers are literal loop-by-loop restatements of the reference algorithms (written here as
+oracles) that draw random numbers in the same order as the vectorized code, so the two must agree exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xlnet.data.plm import (
+    CLS_ID, SEP_ID, PLMConfig, PLMSampler, layout_sample, make_plm_batch, sample_span_mask, sample_spans,
+    sentence_boundaries, split_a_b, truncate_pair,
+)
+from xlnet.errors import XLNetError
+
+VOCAB = 100
+EOD = 7
+
+
+def make_corpus(seed: int, n_tokens: int = 6000, max_sent: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random corpus: sentences of 1..max_sent pieces, <eod> after every few sentences, random word starts."""
+    rng = np.random.default_rng(seed)
+    toks, sents, flag = [], [], True
+    while len(toks) < n_tokens:
+        n = int(rng.integers(1, max_sent + 1))
+        toks.extend(rng.integers(9, VOCAB, n).tolist())
+        sents.extend([flag] * n)
+        flag = not flag
+        if rng.random() < 0.2:  # document end: <eod> is its own "line" like in the reference
+            toks.append(EOD)
+            sents.append(flag)
+            flag = not flag
+    word_start = rng.random(VOCAB) < 0.6
+    return np.array(toks, dtype=np.int64), np.array(sents, dtype=bool), word_start
+
+
+SMALL = dict(seq_len=64, reuse_len=32, num_predict=12, batch_size=4)
+
+
+# ------------------------------------------------------------------------------------------ oracles
+
+
+def _ref_truncate(a: int, b: int, tot: int) -> tuple[int, int]:
+    while a + b > tot:
+        if a > b:
+            a -= 1
+        else:
+            b -= 1
+    return a, b
+
+
+def _ref_split(sent: np.ndarray, begin: int, tot_len: int, rng: np.random.Generator, p: float):
+    """Reference _split_a_and_b with python loops (same RNG draw order as split_a_b)."""
+    n = len(sent)
+    end_idx, cuts = begin + 1, []
+    while end_idx < n:
+        if sent[end_idx] != sent[end_idx - 1]:
+            if end_idx - begin >= tot_len:
+                break
+            cuts.append(end_idx)
+        end_idx += 1
+    if len(cuts) == 0 or rng.random() < p:
+        a_end = end_idx if not cuts else cuts[rng.integers(len(cuts))]
+        b_len = max(1, tot_len - (a_end - begin))
+        b_begin = int(rng.integers(0, n - 1 - b_len, endpoint=True))
+        b_end = b_begin + b_len
+        while b_begin > 0 and sent[b_begin - 1] == sent[b_begin]:
+            b_begin -= 1
+        while b_end < n - 1 and sent[b_end - 1] == sent[b_end]:
+            b_end += 1
+        nxt = False
+    else:
+        a_end = cuts[rng.integers(len(cuts))]
+        b_begin, b_end, nxt = a_end, end_idx, True
+    a_len, b_len = _ref_truncate(a_end - begin, b_end - b_begin, tot_len)
+    return begin, begin + a_len, b_begin, b_begin + b_len, nxt
+
+
+def _ref_spans(seg, word_start, goal, rng, max_ngram, alpha, beta):
+    """Reference _sample_mask span loop (with its piece-counting end loop), same draws as sample_spans."""
+    p = 1.0 / np.arange(1, max_ngram + 1)
+    cdf = np.cumsum(p / p.sum())
+    spans, num, cur, n_tok = [], 0, 0, len(seg)
+    while cur < n_tok:
+        if num >= goal:
+            break
+        n = min(int(np.searchsorted(cdf, rng.random(), side="right")) + 1, max_ngram)
+        n = min(n, goal - num)
+        ctx = int(n * alpha // beta)
+        l_ctx = int(rng.integers(ctx))
+        beg = cur + l_ctx
+        while beg < n_tok and not word_start[seg[beg]]:
+            beg += 1
+        if beg >= n_tok:
+            break
+        end, cnt = beg + 1, 1
+        while end < n_tok:
+            if word_start[seg[beg]]:  # sic: the reference tests seg[beg], so it counts pieces
+                cnt += 1
+                if cnt > n:
+                    break
+            end += 1
+        if end >= n_tok:
+            break
+        spans.append((beg, end))
+        num += end - beg
+        cur = end + ctx - l_ctx
+    return spans
+
+
+def _ref_local_perm_mask(inputs, is_masked, sigma):
+    """Reference _local_perm mask formula for one part, given the shuffled index permutation sigma."""
+    n, ps = len(inputs), len(sigma)
+    index = np.arange(n).reshape(-1, ps).T[sigma].T.reshape(-1)  # tf reshape/transpose/shuffle/transpose
+    func = (inputs == SEP_ID) | (inputs == CLS_ID)
+    non_mask = ~is_masked & ~func
+    rev = np.where(non_mask, -1, index)
+    target = is_masked & ~func
+    self_rev = np.where(target, rev, rev + 1)
+    return (self_rev[:, None] <= rev[None, :]) & ~non_mask[None, :]
+
+
+# --------------------------------------------------------------------------------- unit: split/masks
+
+
+@given(st.integers(0, 300), st.integers(0, 300), st.integers(1, 300))
+def test_truncate_pair_matches_reference_loop(a, b, tot):
+    assert truncate_pair(a, b, tot) == _ref_truncate(a, b, tot)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 40), st.integers(8, 60), st.floats(0, 1))
+def test_split_a_b_matches_reference(seed, max_sent, tot_len, p):
+    _, sent, _ = make_corpus(seed, n_tokens=400, max_sent=max_sent)
+    rng = np.random.default_rng(seed)
+    begin = int(rng.integers(0, len(sent) - tot_len - 4))
+    got = split_a_b(len(sent), sentence_boundaries(sent), begin, tot_len, np.random.default_rng(seed), p)
+    ref = _ref_split(sent, begin, tot_len, np.random.default_rng(seed), p)
+    assert got == ref
+    a0, a1, b0, b1, nxt = got
+    assert a0 == begin and a1 > a0 and b1 > b0 and (a1 - a0) + (b1 - b0) <= tot_len
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 5), st.integers(1, 40), st.sampled_from([(6, 1), (5, 1), (4, 2)]))
+def test_sample_spans_match_reference_and_properties(seed, max_ngram, goal, ab):
+    rng = np.random.default_rng(seed)
+    seg = rng.integers(0, VOCAB, int(rng.integers(5, 200)))
+    ws = rng.random(VOCAB) < 0.5
+    spans = sample_spans(seg, ws, goal, np.random.default_rng(seed), max_ngram, *ab)
+    assert spans == _ref_spans(seg, ws, goal, np.random.default_rng(seed), max_ngram, *ab)
+    assert sum(e - b for b, e in spans) <= goal
+    prev_end = -1
+    for beg, end in spans:
+        assert ws[seg[beg]], "spans start at word starts"
+        assert 1 <= end - beg <= max_ngram
+        assert beg > prev_end, "spans are separated by at least one context token"
+        assert end < len(seg)
+        prev_end = end
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 30), st.booleans())
+def test_sample_span_mask_exact_goal_and_reverse(seed, goal, reverse):
+    rng = np.random.default_rng(seed)
+    seg = rng.integers(0, VOCAB, 40)
+    ws = rng.random(VOCAB) < 0.5
+    mask = sample_span_mask(seg, ws, goal, np.random.default_rng(seed), reverse=reverse)
+    assert mask.sum() == goal
+    # reverse = place the spans on the flipped segment, then flip back
+    flipped = sample_span_mask(seg[::-1].copy(), ws, goal, np.random.default_rng(seed), reverse=not reverse)
+    assert np.array_equal(mask, flipped[::-1])
+
+
+def test_layout_sample_segments():
+    ids, seg = layout_sample(np.array([10, 11]), np.array([12, 13, 14]), np.array([15]))
+    assert ids.tolist() == [10, 11, 12, 13, 14, SEP_ID, 15, SEP_ID, CLS_ID]
+    assert seg.tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 2]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([4, 8, 16]), st.floats(0, 0.6))
+def test_perm_mask_matches_reference_formula(seed, perm_size, p_mask):
+    """make_plm_batch == reference _local_perm per part, joined with the ones/zeros blocks of `parser`."""
+    rng = np.random.default_rng(seed)
+    L, R, bsz = 32, 16, 3
+    ids = rng.integers(9, VOCAB, (bsz, L))
+    ids[rng.random((bsz, L)) < 0.1] = SEP_ID
+    ids[:, -1] = CLS_ID
+    masked = rng.random((bsz, L)) < p_mask
+    out = make_plm_batch(ids, np.zeros_like(ids), masked, reuse_len=R, num_predict=L, perm_size=perm_size,
+                         rng=np.random.default_rng(seed))
+    ref_rng = np.random.default_rng(seed)  # one generator shared by the rows, two permutations per row
+    for b in range(bsz):
+        m0 = _ref_local_perm_mask(ids[b, :R], masked[b, :R], ref_rng.permutation(perm_size))
+        m1 = _ref_local_perm_mask(ids[b, R:], masked[b, R:], ref_rng.permutation(perm_size))
+        ref = np.block([[m0, np.ones((R, L - R), bool)], [np.zeros((L - R, R), bool), m1]])
+        assert np.array_equal(out["perm_mask"][b].numpy().astype(bool), ref)
+    func = (ids == SEP_ID) | (ids == CLS_ID)
+    assert np.array_equal(out["is_masked"].numpy(), masked & ~func)
+
+
+def test_make_plm_batch_rejects_too_many_targets():
+    ids = np.full((1, 16), 20)
+    with pytest.raises(XLNetError):
+        make_plm_batch(ids, np.zeros_like(ids), np.ones((1, 16), bool), reuse_len=8, num_predict=4)
+
+
+# ------------------------------------------------------------------------------ batch properties
+
+
+def check_batch(batch: dict[str, torch.Tensor], cfg: PLMConfig) -> None:
+    """All per-sample invariants of a batch (targets, layout, segments, factorization order)."""
+    B, L, P, R = cfg.batch_size, cfg.seq_len, cfg.num_predict, cfg.reuse_len
+    shapes = dict(input_ids=((B, L), torch.int64), token_type_ids=((B, L), torch.int64),
+                  perm_mask=((B, L, L), torch.float32), target_mapping=((B, P, L), torch.float32),
+                  labels=((B, P), torch.int64), target_mask=((B, P), torch.float32), is_masked=((B, L), torch.bool),
+                  perm_q_rank=((B, L), torch.int64), perm_k_rank=((B, L), torch.int64))
+    for key, (shape, dtype) in shapes.items():
+        assert tuple(batch[key].shape) == shape and batch[key].dtype == dtype, key
+    ids = batch["input_ids"].numpy()
+    seg = batch["token_type_ids"].numpy()
+    pm = batch["perm_mask"].numpy().astype(bool)
+    tmap = batch["target_mapping"].numpy()
+    tmask = batch["target_mask"].numpy()
+    labels = batch["labels"].numpy()
+    target = batch["is_masked"].numpy()
+    assert np.array_equal(pm, batch["perm_q_rank"].numpy()[:, :, None] <= batch["perm_k_rank"].numpy()[:, None, :])
+    part1 = np.arange(L) >= R
+    for b in range(B):
+        # layout and segments
+        seps = np.flatnonzero(ids[b] == SEP_ID)
+        assert len(seps) == 2 and ids[b, -1] == CLS_ID and seps[1] == L - 2 and R < seps[0] < L - 2
+        assert (seg[b, :seps[0] + 1] == 0).all() and (seg[b, seps[0] + 1:L - 1] == 1).all() and seg[b, -1] == 2
+        func = (ids[b] == SEP_ID) | (ids[b] == CLS_ID)
+        # targets: never functional, the new part gets num_predict_split[1] minus dropped <sep>/<cls>
+        assert not (target[b] & func).any()
+        n0, n1 = cfg.num_predict_split
+        assert target[b, :R].sum() == n0 and n1 - 3 <= target[b, R:].sum() <= n1
+        pos = np.flatnonzero(target[b])
+        k = len(pos)
+        assert tmask[b].tolist() == [1.0] * k + [0.0] * (P - k)
+        assert np.array_equal(tmap[b, :k], np.eye(L, dtype=np.float32)[pos]) and not tmap[b, k:].any()
+        assert np.array_equal(labels[b, :k], ids[b, pos]) and (labels[b, k:] == -100).all()
+        # factorization order: targets/functional tokens form a strict total order under "sees"
+        K = np.flatnonzero(target[b] | func)
+        sees = ~pm[b][np.ix_(K, K)]
+        np.fill_diagonal(sees, False)
+        order = sees.sum(1)  # how many ordered tokens each sees = its position in the order
+        assert sorted(order.tolist()) == list(range(len(K)))
+        assert np.array_equal(sees, order[:, None] > order[None, :])
+        # the query stream never sees its own token; everything else sees itself
+        assert np.array_equal(np.diag(pm[b]), target[b])
+        ctx = ~target[b] & ~func
+        for i in np.flatnonzero(ctx):
+            same = part1 == part1[i]
+            assert not pm[b, i, ctx & same].any(), "context tokens see the context of their part"
+            assert pm[b, i, (target[b] | func) & same].all(), "context tokens see no ordered token of their part"
+        assert pm[b][np.ix_(~part1, part1)].all(), "the reused part never sees the new part"
+        assert not pm[b][np.ix_(part1, ~part1)].any(), "the new part sees all of the reused part"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 1000), st.integers(0, 1000), st.booleans(), st.sampled_from([(64, 32, 12, 8), (48, 16, 9, 16), (32, 16, 6, 16)]))
+def test_sampler_batches_are_valid(corpus_seed, seed, bi_data, shape):
+    L, R, P, ps = shape
+    tokens, sent, ws = make_corpus(corpus_seed, n_tokens=3000)
+    cfg = PLMConfig(seq_len=L, reuse_len=R, num_predict=P, perm_size=ps, batch_size=4, bi_data=bi_data, seed=seed)
+    sampler = PLMSampler(tokens, sent, ws, cfg)
+    for _ in range(2):
+        check_batch(next(sampler), cfg)
+
+
+# ------------------------------------------------------------------------------ streams and rows
+
+
+def test_reused_part_continues_previous_sample():
+    tokens, sent, ws = make_corpus(1)
+    cfg = PLMConfig(**SMALL)
+    sampler = PLMSampler(tokens, sent, ws, cfg)
+    R = cfg.reuse_len
+    batches = [next(sampler)["input_ids"].numpy() for _ in range(6)]
+    for row in range(cfg.batch_size):
+        stream, _ = sampler.stream(row)
+        reused = np.concatenate([b[row, :R] for b in batches])
+        assert np.array_equal(reused, stream[: len(reused)]), "reused parts are consecutive stream windows"
+        for t in range(5):
+            ex = sampler.row_example(row, t)
+            a_len = int(ex["a"][1] - ex["a"][0])
+            assert ex["a"][0] == (t + 1) * R
+            n = min(R, a_len)  # A of sample t starts where the reused part of sample t+1 starts
+            assert np.array_equal(batches[t + 1][row, :n], batches[t][row, R:R + n])
+
+
+def test_streams_follow_batchify_and_wrap_into_new_epoch():
+    tokens, sent, ws = make_corpus(2, n_tokens=2000)
+    cfg = PLMConfig(**SMALL)
+    sampler = PLMSampler(tokens, sent, ws, cfg, total_rows=8)
+    n = len(tokens) // 8
+    assert sampler.stream_len == n
+    for row in range(8):
+        assert np.array_equal(sampler.stream(row)[0], tokens[row * n:(row + 1) * n])
+    assert sampler.steps_per_epoch == (n - cfg.seq_len) // cfg.reuse_len + 1
+    last = sampler.steps_per_epoch - 1
+    assert sampler.row_example(0, last)["reuse_begin"] + cfg.seq_len <= n
+    assert sampler.row_example(0, last + 1)["reuse_begin"] == 0
+    sampler.load_state_dict({**sampler.state_dict(), "step": last + 1})
+    assert sampler.epoch == 1
+
+
+def test_two_ranks_equal_one_rank_with_accumulation():
+    tokens, sent, ws = make_corpus(4)
+    for bi in (False, True):
+        cfg = PLMConfig(**SMALL, bi_data=bi, seed=5)
+        single = PLMSampler.for_rank(tokens, sent, ws, cfg, world_size=1, accum_steps=2)
+        ranks = [PLMSampler.for_rank(tokens, sent, ws, cfg, world_size=2, rank=r) for r in range(2)]
+        assert single.micro_batches_per_step == 2 and single.total_rows == ranks[0].total_rows == 8
+        for _ in range(3):
+            for r in range(2):
+                a, b = next(single), next(ranks[r])
+                for key in a:
+                    assert torch.equal(a[key], b[key]), key
+
+
+def test_bi_data_rows_are_reversed_copies():
+    tokens, sent, ws = make_corpus(5)
+    cfg = PLMConfig(**SMALL, bi_data=True)
+    sampler = PLMSampler(tokens, sent, ws, cfg, total_rows=8)
+    half, R = cfg.batch_size // 2, cfg.reuse_len
+    assert sampler.stream_len == len(tokens) // 4
+    first = next(sampler)["input_ids"].numpy()
+    for chunk in range(2):
+        for k in range(half):
+            fwd, bwd = chunk * cfg.batch_size + k, chunk * cfg.batch_size + half + k
+            f_tok, f_sent = sampler.stream(fwd)
+            b_tok, b_sent = sampler.stream(bwd)
+            assert np.array_equal(b_tok, f_tok[::-1]) and np.array_equal(b_sent, f_sent[::-1])
+            s = chunk * half + k
+            assert np.array_equal(f_tok, tokens[s * sampler.stream_len:(s + 1) * sampler.stream_len])
+    for k in range(half):
+        assert np.array_equal(first[half + k, :R], sampler.stream(k)[0][::-1][:R])
+
+
+def test_bi_data_needs_even_batch():
+    tokens, sent, ws = make_corpus(0)
+    with pytest.raises(XLNetError):
+        PLMSampler(tokens, sent, ws, PLMConfig(**{**SMALL, "batch_size": 3}, bi_data=True))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(perm_size=12), dict(reuse_len=61), dict(seed=-1), dict(num_predict=100), dict(mask_alpha=0.5), dict(batch_size=0),
+])
+def test_bad_config_is_user_error(bad):
+    tokens, sent, ws = make_corpus(0)
+    with pytest.raises(XLNetError):
+        PLMSampler(tokens, sent, ws, PLMConfig(**{**SMALL, **bad}))
+
+
+def test_special_pieces_always_count_as_word_starts():
+    """The reference treats every "<...>" piece (ids 0..8) as a word start whatever the caller passes."""
+    tokens, sent, _ = make_corpus(0)
+    sampler = PLMSampler(tokens, sent, np.zeros(VOCAB, bool), PLMConfig(**SMALL))
+    assert sampler._word_start[:9].all() and not sampler._word_start[9:].any()
+    check_batch(next(sampler), sampler.cfg)
+
+
+def test_bad_layout_and_corpus_are_user_errors():
+    tokens, sent, ws = make_corpus(0, n_tokens=500)
+    cfg = PLMConfig(**SMALL)
+    with pytest.raises(XLNetError):
+        PLMSampler(tokens, sent, ws, cfg, total_rows=6)
+    with pytest.raises(XLNetError):
+        PLMSampler(tokens, sent, ws, cfg, total_rows=8, rows=slice(2, 6))
+    with pytest.raises(XLNetError):
+        PLMSampler(tokens, sent, ws, cfg, total_rows=64)  # streams shorter than seq_len
+    with pytest.raises(XLNetError):
+        PLMSampler(tokens, sent[:-1], ws, cfg)
+    with pytest.raises(XLNetError):
+        PLMSampler(tokens, sent, ws[:50], cfg)
+
+
+# ------------------------------------------------------------------------------ determinism / resume
+
+
+def _take(sampler: PLMSampler, n: int) -> list[dict[str, torch.Tensor]]:
+    return [next(sampler) for _ in range(n)]
+
+
+def _same(xs, ys) -> bool:
+    return all(torch.equal(x[k], y[k]) for x, y in zip(xs, ys, strict=True) for k in x)
+
+
+def test_deterministic_for_a_seed():
+    tokens, sent, ws = make_corpus(6)
+    mk = lambda seed: PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, seed=seed))  # noqa: E731
+    assert _same(_take(mk(1), 3), _take(mk(1), 3))
+    assert not _same(_take(mk(1), 3), _take(mk(2), 3))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_resume_from_state(accum):
+    tokens, sent, ws = make_corpus(7)
+    cfg = PLMConfig(**SMALL, seed=3)
+    a = PLMSampler.for_rank(tokens, sent, ws, cfg, accum_steps=accum)
+    _take(a, 5)  # with accum=2 this stops mid-step
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = _take(a, 3)
+    b = PLMSampler.for_rank(tokens, sent, ws, cfg, accum_steps=accum)
+    b.load_state_dict(state)
+    assert _same(_take(b, 3), expected)
+
+
+def test_state_from_other_sampler_is_rejected():
+    tokens, sent, ws = make_corpus(7)
+    a = PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, seed=3))
+    b = PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, seed=4))
+    with pytest.raises(XLNetError):
+        b.load_state_dict(a.state_dict())
