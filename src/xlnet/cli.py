@@ -21,7 +21,6 @@ VERBS: dict[str, tuple[str, str]] = {
     "finetune": ("xlnet.finetune", "fine-tune on GLUE / SQuAD / RACE / CoNLL / CSV / JSONL tasks"),
     "evaluate": ("xlnet.evaluate", "score predictions or a fine-tuned model with the official metrics"),
     "convert": ("xlnet.interop", "convert checkpoints to and from Hugging Face XLNet directories"),
-    "smoke": ("xlnet.smoke", "build the tiny model and run one PLM forward/backward on a real sentence"),
 }
 
 
