@@ -98,3 +98,65 @@ def test_squad1_cli(tmp_path, capsys):
     assert main(["evaluate", "--task", "squad", "--data", str(gold), "--predictions", str(pred)]) == 0
     out = capsys.readouterr().out
     assert "exact_match" in out and "100.0000" in out  # "broncos!" normalizes to "broncos" = gold
+
+
+# ---------------------------------------------------------------------------- subsets and the --model mode
+
+
+def test_ids_restrict_gold_to_a_subsample(tmp_path, rte):
+    pred = write(tmp_path / "p.jsonl", '{"id": "1", "prediction": "not_entailment"}\n'
+                                       '{"id": "3", "prediction": "not_entailment"}\n')
+    r = evaluate_predictions("rte", rte, pred, ids=["1", "3"])
+    assert r["n"] == 2 and r["main"] == pytest.approx(0.5)
+    with pytest.raises(XLNetError, match=r"dev\.tsv:2: no prediction for id '0'"):
+        evaluate_predictions("rte", rte, pred)  # without ids every gold row needs a prediction
+    gold = write(tmp_path / "gold.txt", "EU B-ORG\n\nPeter B-PER\nBlackburn I-PER\n\nBonn B-LOC\n")
+    predc = write(tmp_path / "pred.txt", "Peter B-PER\nBlackburn I-PER\n")
+    r = evaluate_predictions("conll", gold, predc, ids=["1"])  # CoNLL ids are sentence numbers
+    assert r["n"] == 1 and r["main"] == 1.0
+
+
+def test_squad_subset(tmp_path):
+    ctx = "Paris is the capital of France."
+    qas = [{"id": "a", "question": "Capital?", "answers": [{"text": "Paris", "answer_start": 0}]},
+           {"id": "b", "question": "Country?", "answers": [{"text": "France", "answer_start": 24}]}]
+    gold = write(tmp_path / "dev-v1.1.json", json.dumps({"data": [{"title": "t", "paragraphs": [
+        {"context": ctx, "qas": qas}]}]}))
+    pred = write(tmp_path / "pred.json", json.dumps({"b": "France"}))
+    assert evaluate_predictions("squad1", gold, pred, ids={"b"})["metrics"]["exact_match"] == 100.0
+    assert evaluate_predictions("squad1", gold, pred)["metrics"]["exact_match"] == 50.0  # "a" missing: scores 0
+
+
+def test_cli_model_mode_on_a_head_directory(tmp_path, rte, capsys):
+    """A head directory without finetune.json (e.g. converted from HF): task defaults, labels from its config."""
+    import shutil
+
+    import torch
+
+    from xlnet.assets import default_tokenizer_dir
+    from xlnet.config import XLNetConfig
+    from xlnet.heads import XLNetForSequenceClassification
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "rte-model"
+    config = XLNetConfig(vocab_size=8000, d_model=32, n_layer=1, n_head=2, d_head=16, d_inner=64,
+                         label_names=["entailment", "not_entailment"])
+    XLNetForSequenceClassification(config).save_pretrained(model_dir)
+    shutil.copyfile(default_tokenizer_dir() / "spiece.model", model_dir / "spiece.model")
+    assert main(["evaluate", "--task", "rte", "--data", str(rte), "--model", str(model_dir), "--device", "cpu"]) == 0
+    assert "* accuracy" in capsys.readouterr().out
+    lines = (tmp_path / "rte-model-eval-dev" / "predictions.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 5
+    assert main(["evaluate", "--task", "rte", "--data", str(rte), "--model", str(model_dir),
+                 "--na-probs", "na.json"]) == 2
+    assert "--na-probs goes with --predictions" in capsys.readouterr().err
+    assert main(["evaluate", "--task", "rte", "--data", str(rte), "--model", str(tmp_path / "none")]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+
+
+def test_cli_predictions_and_model_exclude_each_other(tmp_path, rte, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "--task", "rte", "--data", str(rte), "--predictions", "p.tsv", "--model", "m"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--task", "rte", "--data", str(rte)])  # one of the two is required

@@ -1,4 +1,9 @@
-"""`xlnet evaluate`: score a predictions file against gold data with the official metrics.
+"""`xlnet evaluate`: score a predictions file, or a fine-tuned model directory, against gold data with the
+official metrics.
+
+  xlnet evaluate --task T --data GOLD --predictions PRED [--na-probs NA]
+  xlnet evaluate --task T --data FILE --model DIR [--out OUT]   (predicts FILE with DIR, writes the predictions
+                                                                  into OUT, then scores them as above)
 
 Prediction file formats (ids as defined by the gold reader in xlnet.tasks):
   classification / regression (GLUE, CSV, JSONL, supersense):
@@ -18,8 +23,9 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from xlnet import metrics as M
 from xlnet import tasks as T
@@ -31,14 +37,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n", 2)[2]
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(sorted(T.TASKS))}")
     parser.add_argument("--data", required=True, help="gold file (RACE: a split folder or one file)")
-    parser.add_argument("--predictions", required=True, help="predictions file (formats below)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--predictions", help="predictions file (formats below)")
+    source.add_argument("--model", help="fine-tuned model directory (e.g. runs/finetune/best) to predict with")
     parser.add_argument("--na-probs", default=None, help="SQuAD 2.0: {qid: no-answer probability} JSON")
+    parser.add_argument("--out", default=None, help="--model: folder for the predictions (default: "
+                                                    "<model>-eval-<data file stem> beside the model)")
+    parser.add_argument("--device", default="auto", help="--model: cpu, cuda, cuda:1 ... (default auto)")
+    parser.add_argument("--batch-size", type=int, default=64, help="--model: rows per forward pass")
     parser.add_argument("--labels", nargs="+", default=None, help="label set for generic classification data")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of a table")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_predictions(args.task, args.data, args.predictions, args.na_probs, labels=args.labels)
+    if args.model is None:
+        result = evaluate_predictions(args.task, args.data, args.predictions, args.na_probs, labels=args.labels)
+    else:
+        if args.na_probs is not None:
+            raise XLNetError("--na-probs goes with --predictions (with --model the no-answer scores are predicted)")
+        from xlnet.finetune import evaluate_model  # torch and the model: only for this mode
+
+        model = Path(args.model)
+        stem = Path(args.data).name.split(".")[0]
+        out = Path(args.out) if args.out else model.with_name(f"{model.name}-eval-{stem}")
+        result = evaluate_model(args.task, model, args.data, out, labels=args.labels, device=args.device,
+                                batch_size=args.batch_size)
+        print(f"predictions: {out}", file=sys.stderr)
+        if result is None:
+            print(f"{args.data} has no labels: predictions written to {out}, nothing to score")
+            return 0
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -60,20 +87,23 @@ def _fmt(v: Any) -> str:
 
 def evaluate_predictions(task: str, gold_path: str | os.PathLike, pred_path: str | os.PathLike,
                          na_probs_path: str | os.PathLike | None = None,
-                         labels: Sequence[str] | None = None) -> dict[str, Any]:
+                         labels: Sequence[str] | None = None, ids: Collection[str] | None = None) -> dict[str, Any]:
     """Score predictions; returns {"task", "n", "main_metric", "main", "metrics": {name: value}}.
 
+    `ids` restricts the gold file to those examples (question ids for SQuAD/RACE, sentence numbers for CoNLL),
+    for predictions of a subsample; None scores every gold example.
     Raises XLNetError (file:line) for malformed gold or prediction files and for missing/unknown ids.
     """
     spec = T.get_task(task)
+    keep = None if ids is None else {str(i) for i in ids}
     if spec.kind in ("classification", "regression"):
-        n, scores = _eval_text(spec, Path(gold_path), Path(pred_path), labels)
+        n, scores = _eval_text(spec, Path(gold_path), Path(pred_path), labels, keep)
     elif spec.kind == "squad":
-        n, scores = _eval_squad(spec, Path(gold_path), Path(pred_path), na_probs_path)
+        n, scores = _eval_squad(spec, Path(gold_path), Path(pred_path), na_probs_path, keep)
     elif spec.kind == "race":
-        n, scores = _eval_race(Path(gold_path), Path(pred_path))
+        n, scores = _eval_race(Path(gold_path), Path(pred_path), keep)
     else:
-        n, scores = _eval_conll(Path(gold_path), Path(pred_path))
+        n, scores = _eval_conll(Path(gold_path), Path(pred_path), keep)
     main = spec.main_metric if spec.main_metric in scores else next(iter(scores))
     return {"task": spec.name, "n": n, "main_metric": main, "main": scores[main], "metrics": scores}
 
@@ -141,8 +171,13 @@ def _as_label(value: Any) -> str:
 # ---------------------------------------------------------------------------- per kind
 
 
-def _eval_text(spec: T.TaskSpec, gold: Path, pred: Path, labels: Sequence[str] | None) -> tuple[int, dict]:
-    examples = T.read_text_examples(spec, gold, labels)
+def _kept(examples: list, keep: set[str] | None, key: str = "id") -> list:
+    return examples if keep is None else [e for e in examples if getattr(e, key) in keep]
+
+
+def _eval_text(spec: T.TaskSpec, gold: Path, pred: Path, labels: Sequence[str] | None,
+               keep: set[str] | None) -> tuple[int, dict]:
+    examples = _kept(T.read_text_examples(spec, gold, labels), keep)
     unlabeled = next((e for e in examples if e.label is None), None)
     if unlabeled is not None:
         raise XLNetError(f"{unlabeled.where}: no gold label (is this a test file?)")
@@ -185,9 +220,12 @@ def _eval_text(spec: T.TaskSpec, gold: Path, pred: Path, labels: Sequence[str] |
     return len(examples), scores
 
 
-def _eval_squad(spec: T.TaskSpec, gold: Path, pred: Path, na_path: str | os.PathLike | None) -> tuple[int, dict]:
+def _eval_squad(spec: T.TaskSpec, gold: Path, pred: Path, na_path: str | os.PathLike | None,
+                keep: set[str] | None) -> tuple[int, dict]:
     data, _ = T.load_squad(gold)
-    T.read_squad(gold)  # validates answer spans with file:line messages
+    examples = _kept(T.read_squad(gold), keep, "qid")  # also validates answer spans with file:line messages
+    if keep is not None:
+        data = _squad_subset(data, keep)
     preds = _read_json_object(pred)
     for qid, text in preds.items():
         if not isinstance(text, str):
@@ -200,7 +238,6 @@ def _eval_squad(spec: T.TaskSpec, gold: Path, pred: Path, na_path: str | os.Path
                 raise XLNetError(f"{na_path}:1: no-answer probability for {qid!r} is not a number")
             na[qid] = float(p)
     if spec.squad_version == 1:
-        examples = T.read_squad(gold)
         no_answer = next((e for e in examples if not e.answers), None)
         if no_answer is not None:  # v1.1 has no "no answer"; the v1 formula is undefined there
             raise XLNetError(f"{no_answer.where}: question {no_answer.qid!r} has no answer; use --task squad2")
@@ -210,8 +247,14 @@ def _eval_squad(spec: T.TaskSpec, gold: Path, pred: Path, na_path: str | os.Path
     return int(scores["total"]), scores
 
 
-def _eval_race(gold: Path, pred: Path) -> tuple[int, dict]:
-    examples = T.read_race(gold)
+def _squad_subset(data: list[dict], keep: set[str]) -> list[dict]:
+    """The articles/paragraphs/qas structure with only the kept questions (what the official metric walks)."""
+    return [{**article, "paragraphs": [{**para, "qas": [qa for qa in para["qas"] if str(qa["id"]) in keep]}
+                                       for para in article["paragraphs"]]} for article in data]
+
+
+def _eval_race(gold: Path, pred: Path, keep: set[str] | None) -> tuple[int, dict]:
+    examples = _kept(T.read_race(gold), keep)
     gold_map = {}
     for e in examples:
         if e.label is None:
@@ -225,8 +268,8 @@ def _eval_race(gold: Path, pred: Path) -> tuple[int, dict]:
     return len(examples), scores
 
 
-def _eval_conll(gold: Path, pred: Path) -> tuple[int, dict]:
-    g = T.read_conll(gold)
+def _eval_conll(gold: Path, pred: Path, keep: set[str] | None) -> tuple[int, dict]:
+    g = _kept(T.read_conll(gold), keep)
     p = T.read_conll(pred)
     if len(g) != len(p):
         raise XLNetError(f"{pred}:1: {len(p)} sentences, but {gold} has {len(g)}")

@@ -3,13 +3,23 @@
 Flow: task files -> features (xlnet.tasks) -> head model -> AdamW with layer-wise lr decay, warmup + linear decay
 -> evaluation on dev after every epoch through the official scorer (xlnet.evaluate) -> best checkpoint kept ->
 test scores (when the test split is labeled), predictions files, metrics.jsonl/TensorBoard and PNG curves.
+
+Output directory:
+  best/          the best epoch's model (config.json + model.safetensors), its tokenizer and finetune.json
+                 (task, labels, lengths), so `xlnet evaluate --model best/` featurizes exactly as training did
+  dev/, test/    predictions of the best model in the official formats (+ SQuAD na_probs.json)
+  summary.json, metrics.jsonl, tensorboard/, loss.png, dev.png
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,25 +29,37 @@ import torch
 from torch import Tensor, nn
 
 from xlnet import tasks as T
+from xlnet import training as TR
+from xlnet.assets import default_tokenizer_dir, supersense_path
+from xlnet.checkpoint import load_model
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
 from xlnet.evaluate import evaluate_predictions, format_table
-from xlnet.fileio import atomic_write
+from xlnet.fileio import atomic_dir, atomic_write
 from xlnet.heads import (
     XLNetForMultipleChoice,
     XLNetForQuestionAnswering,
     XLNetForSequenceClassification,
     XLNetForTokenClassification,
 )
-from xlnet.assets import default_tokenizer_dir, supersense_path
-from xlnet.tokenizer import Tokenizer
-from xlnet import training as TR
+from xlnet.tokenizer import MODEL_FILE, Tokenizer
 
-HEADS = {"classification": XLNetForSequenceClassification, "regression": XLNetForSequenceClassification,
-         "race": XLNetForMultipleChoice, "squad": XLNetForQuestionAnswering, "tokens": XLNetForTokenClassification}
+HEADS: dict[str, type[nn.Module]] = {
+    "classification": XLNetForSequenceClassification, "regression": XLNetForSequenceClassification,
+    "race": XLNetForMultipleChoice, "squad": XLNetForQuestionAnswering, "tokens": XLNetForTokenClassification}
+# Lengths when the config leaves them at 0: the paper's fine-tuning settings (GLUE/CoNLL 128; SQuAD 512 with a
+# 64-token question; RACE 512 with the question+option's last 128 tokens, as run_race.py).
+TASK_DEFAULTS: dict[str, dict[str, int]] = {
+    "classification": {"max_seq_len": 128}, "regression": {"max_seq_len": 128}, "tokens": {"max_seq_len": 128},
+    "squad": {"max_seq_len": 512, "max_query_len": 64}, "race": {"max_seq_len": 512, "max_query_len": 128}}
 # Tensors that describe a row but are not model inputs.
 NOT_INPUTS = ("window_index", "word_ids")
+# What a fine-tuned directory records beside the weights (read back by `xlnet evaluate --model`).
+META_FILE = "finetune.json"
+META_FIELDS = ("task", "max_seq_len", "doc_stride", "max_query_len")
+# Tokenizer settings that travel with spiece.model (ours, then HF's).
+TOKENIZER_SETTINGS = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -49,9 +71,9 @@ class FinetuneConfig:
     tokenizer: str = ""  # "" = spiece.model in the model directory, else the embedded tokenizer
     out_dir: str = "runs/finetune"
     labels: str = ""  # comma-separated label set for generic classification data (default: from the data)
-    max_seq_len: int = 128
-    doc_stride: int = 128  # SQuAD
-    max_query_len: int = 64  # SQuAD
+    max_seq_len: int = 0  # 0 = the task's default (128; SQuAD and RACE 512)
+    doc_stride: int = 128  # SQuAD: step between windows over a long context
+    max_query_len: int = 0  # SQuAD question / RACE question+option tokens; 0 = the task's default (64 / 128)
     batch_size: int = 32
     eval_batch_size: int = 64
     epochs: int = 3
@@ -72,6 +94,24 @@ class FinetuneConfig:
     quiet: bool = False
 
 
+def resolve_config(cfg: FinetuneConfig, spec: T.TaskSpec) -> FinetuneConfig:
+    """Fill the task defaults (so summary.json records what ran) and reject values that cannot train."""
+    filled = {k: v for k, v in TASK_DEFAULTS[spec.kind].items() if getattr(cfg, k) <= 0}
+    if "max_query_len" in filled:  # leave the text at least half of a short sequence
+        filled["max_query_len"] = min(filled["max_query_len"], filled.get("max_seq_len", cfg.max_seq_len) // 2)
+    cfg = dataclasses.replace(cfg, task=spec.name, **filled)
+    checks = [(cfg.batch_size > 0 and cfg.eval_batch_size > 0, "batch sizes must be positive"),
+              (cfg.doc_stride > 0, f"doc_stride must be positive, got {cfg.doc_stride}"),
+              (cfg.epochs > 0 or cfg.max_steps > 0, "needs epochs > 0 or max_steps > 0"),
+              (0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1], got {cfg.layer_decay}"),
+              (0 <= cfg.warmup_frac < 1, f"warmup_frac must be in [0, 1), got {cfg.warmup_frac}"),
+              (cfg.lr > 0, f"lr must be positive, got {cfg.lr}")]
+    for ok, message in checks:
+        if not ok:
+            raise XLNetError(f"invalid FinetuneConfig: {message}")
+    return cfg
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # data
 
@@ -80,32 +120,54 @@ def split_file(spec: T.TaskSpec, data_dir: Path, split: str) -> Path | None:
     """The file (or RACE folder) for a split, by the names the public releases use."""
     names = {"train": ["train"], "dev": ["dev", "valid", "validation", "dev_matched"], "test": ["test"]}[split]
     for name in names:
-        candidates = [data_dir / name] if spec.fmt == "race" else sorted(data_dir.glob(f"{name}.*")) + sorted(
-            data_dir.glob(f"{name}-v*.json"))
-        for path in candidates:
-            if path.exists() and not path.name.endswith(".txt.labels"):
-                return path
+        if spec.fmt == "race":
+            candidates = [data_dir / name]
+        elif spec.fmt == "squad":  # train-v2.0.json for squad2 even when train-v1.1.json sits beside it
+            candidates = sorted(data_dir.glob(f"{name}-v{spec.squad_version}*.json")) + sorted(
+                data_dir.glob(f"{name}.*"))
+        else:  # train.tsv, dev.jsonl.gz, train.txt ...
+            candidates = sorted(data_dir.glob(f"{name}.*"))
+        found = next((p for p in candidates if p.exists()), None)
+        if found is not None:
+            return found
     return None
 
 
-def default_data_dir(spec: T.TaskSpec) -> Path:
-    if spec.name != "supersense":
+def data_files(spec: T.TaskSpec, data: str) -> dict[str, Path | None]:
+    """{split: path}; train and dev must exist."""
+    if data:
+        data_dir = Path(data)
+    elif spec.name == "supersense":
+        data_dir = Path(supersense_path("train")).parent
+    else:
         raise XLNetError(f"task {spec.name!r} needs --data DIR (only 'supersense' ships with the package)")
-    return Path(supersense_path("train")).parent
+    if not data_dir.is_dir():
+        raise XLNetError(f"{data_dir}: no such data directory")
+    files = {s: split_file(spec, data_dir, s) for s in ("train", "dev", "test")}
+    for split in ("train", "dev"):
+        if files[split] is None:
+            raise XLNetError(f"{data_dir / split}: no {split} split (expected {split}.* or, for RACE, {split}/)")
+    return files
 
 
 @dataclass
 class Split:
     """One split's features (tensors, row-aligned) plus what turns model outputs into a predictions file."""
 
-    name: str
     path: Path
+    ids: list[str]  # gold ids of the examples kept, as the scorer names them
+    subsampled: bool  # scoring must then be restricted to `ids`
     tensors: dict[str, Tensor]
     labeled: bool
     write_predictions: Callable[[dict[str, Tensor], Path], dict[str, Path]]
 
+    @property
+    def rows(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
 
 def subsample(items: list, limit: int, seed: int) -> list:
+    """A deterministic subset of `limit` items, in file order (0 = all)."""
     if limit <= 0 or len(items) <= limit:
         return items
     g = torch.Generator().manual_seed(seed)
@@ -115,41 +177,64 @@ def subsample(items: list, limit: int, seed: int) -> list:
 
 def load_split(spec: T.TaskSpec, path: Path, tok: Tokenizer, cfg: FinetuneConfig, labels: list[str] | None,
                limit: int) -> Split:
-    name = path.stem
+    """Read, subsample and featurize one split; the returned Split knows how to write its predictions."""
     if spec.kind in ("classification", "regression"):
-        examples = subsample(T.read_text_examples(spec, path, labels), limit, cfg.seed)
+        everything: list = T.read_text_examples(spec, path, labels)
+        examples = subsample(everything, limit, cfg.seed)
         tensors = T.featurize_text(examples, tok, spec, cfg.max_seq_len, labels)
-        return Split(name, path, tensors, "labels" in tensors, lambda out, d: write_text(examples, spec, labels, out, d))
-    if spec.kind == "race":
-        examples = subsample(T.read_race(path), limit, cfg.seed)
-        tensors = T.featurize_race(examples, tok, cfg.max_seq_len)
-        return Split(name, path, tensors, "labels" in tensors, lambda out, d: write_race(examples, out, d))
-    if spec.kind == "tokens":
-        examples = subsample(T.read_conll(path), limit, cfg.seed)
+        ids = [e.id for e in examples]
+        writer: Callable = lambda out, d: write_text(examples, spec, labels, out, d)
+    elif spec.kind == "race":
+        everything = T.read_race(path)
+        examples = subsample(everything, limit, cfg.seed)
+        tensors = T.featurize_race(examples, tok, cfg.max_seq_len, cfg.max_query_len)
+        ids = [e.id for e in examples]
+        writer = lambda out, d: write_race(examples, out, d)
+    elif spec.kind == "tokens":
+        everything = T.read_conll(path)
+        examples = subsample(everything, limit, cfg.seed)
         tensors = T.featurize_tokens(examples, tok, cfg.max_seq_len, labels)
-        return Split(name, path, tensors, True, lambda out, d: write_conll(examples, labels or [], tensors, out, d))
-    examples = subsample(T.read_squad(path), limit, cfg.seed)
-    feats = T.featurize_squad(examples, tok, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
-    labeled = any(e.answers for e in examples) or spec.squad_version == 2
-    return Split(name, path, feats.tensors, labeled, lambda out, d: write_squad(feats, out, d))
+        ids = [e.id for e in examples]
+        writer = lambda out, d: write_conll(examples, labels or [], tensors, out, d)
+    else:
+        everything = T.read_squad(path)
+        examples = subsample(everything, limit, cfg.seed)
+        feats = T.featurize_squad(examples, tok, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
+        tensors = feats.tensors
+        ids = [e.qid for e in examples]
+        writer = lambda out, d: write_squad(feats, out, d)
+    labeled = is_labeled(spec, examples, tensors)
+    return Split(path, ids, len(examples) < len(everything), tensors, labeled, writer)
 
 
-def write_text(examples: list, spec: T.TaskSpec, labels: list[str] | None, out: dict[str, Tensor],
-               directory: Path) -> dict[str, Path]:
+def is_labeled(spec: T.TaskSpec, examples: list, tensors: dict[str, Tensor]) -> bool:
+    """Unlabeled copies (GLUE/RACE test files, SQuAD files without answers) are predicted but not scored."""
+    if spec.kind == "squad":
+        return any(e.answers or e.is_impossible for e in examples)
+    return "labels" in tensors  # the featurizers leave labels out when any example lacks one
+
+
+def write_text(examples: list[T.TextExample], spec: T.TaskSpec, labels: list[str] | None,
+               out: dict[str, Tensor], directory: Path) -> dict[str, Path]:
+    """GLUE: the submission TSV (index<TAB>prediction); CSV/JSONL data: JSONL {"id", "prediction"}."""
     logits = out["logits"]
     if spec.kind == "regression":
         preds: list[Any] = logits.squeeze(-1).tolist()
     else:
         names = labels or list(spec.labels or [])
         preds = [names[i] for i in logits.argmax(-1).tolist()]
-    path = directory / "predictions.jsonl"
+    if spec.fmt == "glue":
+        path = directory / "predictions.tsv"
+        lines = ["index\tprediction"] + [f"{e.id}\t{p}" for e, p in zip(examples, preds)]
+    else:
+        path = directory / "predictions.jsonl"
+        lines = [json.dumps({"id": e.id, "prediction": p}) for e, p in zip(examples, preds)]
     with atomic_write(path, "w") as f:
-        for e, p in zip(examples, preds):
-            f.write(json.dumps({"id": e.id, "prediction": p}) + "\n")
+        f.write("\n".join(lines) + "\n")
     return {"predictions": path}
 
 
-def write_race(examples: list, out: dict[str, Tensor], directory: Path) -> dict[str, Path]:
+def write_race(examples: list[T.RaceExample], out: dict[str, Tensor], directory: Path) -> dict[str, Path]:
     path = directory / "predictions.json"
     answers = {e.id: "ABCD"[i] for e, i in zip(examples, out["logits"].argmax(-1).tolist())}
     with atomic_write(path, "w") as f:
@@ -157,8 +242,8 @@ def write_race(examples: list, out: dict[str, Tensor], directory: Path) -> dict[
     return {"predictions": path}
 
 
-def write_conll(examples: list, labels: list[str], tensors: dict[str, Tensor], out: dict[str, Tensor],
-                directory: Path) -> dict[str, Path]:
+def write_conll(examples: list[T.TokenExample], labels: list[str], tensors: dict[str, Tensor],
+                out: dict[str, Tensor], directory: Path) -> dict[str, Path]:
     pred_ids = out["logits"].argmax(-1)
     path = directory / "predictions.conll"
     with atomic_write(path, "w") as f:
@@ -179,14 +264,26 @@ def write_squad(feats: T.SquadFeatures, out: dict[str, Tensor], directory: Path)
     return paths
 
 
+def task_labels(spec: T.TaskSpec, cfg: FinetuneConfig, train_path: Path) -> list[str] | None:
+    """The label set, in id order: the registry's, --labels, labels.txt beside the data, or the training data's."""
+    if spec.kind in ("regression", "squad", "race"):
+        return None  # race scores 4 options with one logit each; its letters live in the writer
+    given = [s.strip() for s in cfg.labels.split(",") if s.strip()] or None
+    if spec.kind == "tokens":
+        return given or sorted({t for e in T.read_conll(train_path) for t in e.tags})
+    return T.resolve_labels(spec, train_path, given) or T.labels_from_examples(T.read_text_examples(spec, train_path))
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# model, batches, evaluation
+# model, tokenizer, optimizer
 
 
-def build_model(cfg: FinetuneConfig, spec: T.TaskSpec, num_labels: int) -> nn.Module:
+def build_model(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None) -> nn.Module:
+    """The task head on the pretrained body (`cfg.model`) or on a fresh `cfg.preset` body."""
     head = HEADS[spec.kind]
-    overrides: dict[str, Any] = dict(num_labels=num_labels, dropout=cfg.dropout, dropatt=cfg.dropout,
-                                     summary_last_dropout=cfg.dropout, mem_len=0, reuse_len=0, bi_data=False)
+    overrides: dict[str, Any] = dict(num_labels=len(labels) if labels else 1, label_names=list(labels or []),
+                                     dropout=cfg.dropout, dropatt=cfg.dropout, summary_last_dropout=cfg.dropout,
+                                     mem_len=0, reuse_len=0, bi_data=False)
     if cfg.attn_impl:
         overrides["attn_impl"] = cfg.attn_impl
     if cfg.model:
@@ -197,9 +294,39 @@ def build_model(cfg: FinetuneConfig, spec: T.TaskSpec, num_labels: int) -> nn.Mo
 def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
     if cfg.tokenizer:
         return Tokenizer.load(cfg.tokenizer)
-    if cfg.model and (Path(cfg.model) / "spiece.model").is_file():
+    if cfg.model and (Path(cfg.model) / MODEL_FILE).is_file():
         return Tokenizer.load(cfg.model)
     return Tokenizer.load(default_tokenizer_dir())
+
+
+def check_vocab(model: nn.Module, tok: Tokenizer, cfg: FinetuneConfig) -> None:
+    if model.config.vocab_size < tok.vocab_size:
+        raise XLNetError(f"{tok.model_path}: tokenizer has {tok.vocab_size} pieces but the model "
+                         f"({cfg.model or 'preset ' + cfg.preset}) only {model.config.vocab_size}")
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig, total_steps: int
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with layer-wise lr decay (each group's lr is cfg.lr * layer_decay**depth) and warmup + linear decay."""
+    groups = TR.layerwise_lr_groups(model, cfg.weight_decay, cfg.layer_decay, model.config.n_layer)
+    optimizer = TR.build_optimizer(groups, cfg.lr, eps=cfg.adam_eps)
+    return optimizer, TR.build_scheduler(optimizer, int(cfg.warmup_frac * total_steps), total_steps)
+
+
+def save_model_dir(model: nn.Module, directory: Path, tok: Tokenizer, meta: dict[str, Any]) -> Path:
+    """Weights, tokenizer and finetune.json swapped in as one directory: a crash never leaves half of them."""
+    with atomic_dir(directory) as tmp:
+        TR.unwrap(model).save_pretrained(tmp)  # replaces `tmp` itself, which is still our private temp name
+        shutil.copyfile(tok.model_path, tmp / MODEL_FILE)
+        for name in TOKENIZER_SETTINGS:  # the flags (lowercase, accents) the pieces were trained with
+            if (tok.model_path.parent / name).is_file():
+                shutil.copyfile(tok.model_path.parent / name, tmp / name)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prediction and scoring (shared with `xlnet evaluate --model`)
 
 
 def batches(tensors: dict[str, Tensor], size: int, generator: torch.Generator | None = None):
@@ -220,6 +347,7 @@ def model_inputs(batch: dict[str, Tensor], device: torch.device, train: bool) ->
 
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, cfg: FinetuneConfig, device: torch.device) -> dict[str, Tensor]:
+    was_training = model.training
     model.eval()
     keep = ("logits", "start_top_log_probs", "start_top_index", "end_top_log_probs", "end_top_index", "cls_logits")
     parts: dict[str, list[Tensor]] = {}
@@ -230,36 +358,18 @@ def predict(model: nn.Module, split: Split, cfg: FinetuneConfig, device: torch.d
             value = getattr(out, key)
             if value is not None:
                 parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
-    model.train()
+    model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def score(model: nn.Module, split: Split, spec: T.TaskSpec, cfg: FinetuneConfig, labels: list[str] | None,
           device: torch.device, directory: Path) -> dict[str, Any] | None:
     """Predict a split, write its predictions files and, when it is labeled, score them officially."""
-    directory.mkdir(parents=True, exist_ok=True)
     paths = split.write_predictions(predict(model, split, cfg, device), directory)
     if not split.labeled:
         return None
-    if cfg.max_eval_examples and spec.kind != "classification" and spec.kind != "regression":
-        return None  # the official scorers want every gold question answered
-    gold = split.path
-    if cfg.max_eval_examples and spec.kind in ("classification", "regression"):
-        return subsampled_text_scores(spec, split, labels, paths["predictions"])
-    return evaluate_predictions(spec.name, gold, paths["predictions"], paths.get("na_probs"), labels=labels)
-
-
-def subsampled_text_scores(spec: T.TaskSpec, split: Split, labels: list[str] | None, preds: Path) -> dict[str, Any]:
-    """Score a subsample through the official path: write the gold rows we kept as JSONL beside the predictions."""
-    examples = {json.loads(line)["id"] for line in preds.read_text().splitlines()}
-    gold_rows = [e for e in T.read_text_examples(spec, split.path, labels) if e.id in examples]
-    gold = preds.with_name("gold.jsonl")
-    with atomic_write(gold, "w") as f:
-        for e in gold_rows:
-            f.write(json.dumps({"id": e.id, "text": e.text_a, "label": e.label}) + "\n")
-    generic = "regression" if spec.kind == "regression" else "classification"
-    result = evaluate_predictions(generic, gold, preds, labels=labels or list(spec.labels or []) or None)
-    return {**result, "task": spec.name}
+    return evaluate_predictions(spec.name, split.path, paths["predictions"], paths.get("na_probs"), labels=labels,
+                                ids=split.ids if split.subsampled else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,98 +378,100 @@ def subsampled_text_scores(spec: T.TaskSpec, split: Split, labels: list[str] | N
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     spec = T.get_task(cfg.task)
-    data_dir = Path(cfg.data) if cfg.data else default_data_dir(spec)
-    files = {s: split_file(spec, data_dir, s) for s in ("train", "dev", "test")}
-    if files["train"] is None or files["dev"] is None:
-        raise XLNetError(f"{data_dir}: needs a train and a dev file (train.* / dev.*)")
-    out_dir = Path(cfg.out_dir)
+    cfg = resolve_config(cfg, spec)
+    files = data_files(spec, cfg.data)
     TR.set_seed(cfg.seed)
     device = TR.resolve_device(cfg.device)
-    cfg.precision = TR.resolve_precision(cfg.precision, device)
-    tok = load_tokenizer(cfg)
-
+    cfg = dataclasses.replace(cfg, precision=TR.resolve_precision(cfg.precision, device))
     labels = task_labels(spec, cfg, files["train"])
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, spec, labels).to(device)  # before featurizing: a bad --model fails fast
+    check_vocab(model, tok, cfg)
+
     train = load_split(spec, files["train"], tok, cfg, labels, cfg.max_train_examples)
     dev = load_split(spec, files["dev"], tok, cfg, labels, cfg.max_eval_examples)
+    if not dev.labeled:
+        raise XLNetError(f"{dev.path}: the dev split has no labels, and the best epoch is chosen by its score")
     test = load_split(spec, files["test"], tok, cfg, labels, cfg.max_eval_examples) if files["test"] else None
 
-    num_labels = 1 if spec.kind in ("regression", "race", "squad") else len(labels or [])
-    model = build_model(cfg, spec, max(num_labels, 1)).to(device)
-    if model.config.vocab_size < tok.vocab_size:
-        raise XLNetError(f"tokenizer has {tok.vocab_size} pieces but the model only {model.config.vocab_size}")
-    n_train = next(iter(train.tensors.values())).shape[0]
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    groups = TR.layerwise_lr_groups(model, cfg.weight_decay, cfg.layer_decay, model.config.n_layer)
-    optimizer = TR.build_optimizer(groups, cfg.lr, eps=cfg.adam_eps)
-    scheduler = TR.build_scheduler(optimizer, int(cfg.warmup_frac * total), total)
-
+    out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"task": spec.name, "labels": labels, **{k: getattr(cfg, k) for k in META_FIELDS}}
+    start = time.time()
+    best, steps = train_loop(model, train, dev, spec, cfg, labels, device, out_dir,
+                             lambda m: save_model_dir(m, out_dir / "best", tok, meta))
+    return finish(cfg, spec, labels, test, device, out_dir, best, steps, time.time() - start)
+
+
+def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg: FinetuneConfig,
+               labels: list[str] | None, device: torch.device, out_dir: Path,
+               save_best: Callable[[nn.Module], Path]) -> tuple[dict[str, Any] | None, int]:
+    """Train for max_steps (or epochs), scoring dev after every epoch; returns (best dev result, steps)."""
+    steps_per_epoch = math.ceil(train.rows / cfg.batch_size)
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    optimizer, scheduler = build_optimizer(model, cfg, total)
     logger = TR.MetricsLogger(out_dir)
     progress = TR.Progress(total, enabled=not cfg.quiet, desc=f"finetune {spec.name}")
     gen = torch.Generator().manual_seed(cfg.seed)
     best: dict[str, Any] | None = None
-    step, start = 0, time.time()
+    step = 0
     model.train()
-    while step < total:
-        for batch in batches(train.tensors, cfg.batch_size, gen):
-            with TR.autocast(device, cfg.precision):
-                loss = model(**model_inputs(batch, device, train=True)).loss
-            if not torch.isfinite(loss):
-                raise XLNetError(f"loss became {loss.item()} at step {step + 1}; lower --lr or check the data")
-            loss.backward()
-            TR.clip_grad_norm(model, cfg.clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            logger.log("train", step, loss=loss.item(), lr=scheduler.get_last_lr()[0])
-            progress.update(loss=f"{loss.item():.4f}")
-            if step % steps_per_epoch == 0 or step == total:
-                best = evaluate_epoch(model, dev, spec, cfg, labels, device, out_dir, step, logger, progress, best)
-            if step >= total:
-                break
-    progress.close()
-    logger.close()
-    return finish(cfg, spec, labels, dev, test, device, out_dir, best, step, time.time() - start)
-
-
-def task_labels(spec: T.TaskSpec, cfg: FinetuneConfig, train_path: Path) -> list[str] | None:
-    if spec.kind in ("regression", "squad"):
-        return None
-    if spec.kind == "race":
-        return list(spec.labels or [])
-    given = [s.strip() for s in cfg.labels.split(",") if s.strip()] or None
-    if spec.kind == "tokens":
-        return given or sorted({t for e in T.read_conll(train_path) for t in e.tags})
-    return T.resolve_labels(spec, train_path, given) or list(spec.labels or []) or T.labels_from_examples(
-        T.read_text_examples(spec, train_path))
+    try:
+        while step < total:
+            for batch in batches(train.tensors, cfg.batch_size, gen):
+                with TR.autocast(device, cfg.precision):
+                    loss = model(**model_inputs(batch, device, train=True)).loss
+                if not torch.isfinite(loss):
+                    raise XLNetError(f"loss became {loss.item()} at step {step + 1}; lower --lr or check the data")
+                loss.backward()
+                TR.clip_grad_norm(model, cfg.clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                logger.log("train", step, loss=loss.item(), lr=max(scheduler.get_last_lr()))  # the head's lr
+                progress.update(loss=f"{loss.item():.4f}")
+                if step % steps_per_epoch == 0 or step == total:
+                    best = evaluate_epoch(model, dev, spec, cfg, labels, device, out_dir, step, logger, progress,
+                                          best, save_best)
+                if step >= total:
+                    break
+    finally:
+        progress.close()
+        logger.close()
+    return best, step
 
 
 def evaluate_epoch(model: nn.Module, dev: Split, spec: T.TaskSpec, cfg: FinetuneConfig, labels: list[str] | None,
                    device: torch.device, out_dir: Path, step: int, logger: TR.MetricsLogger, progress: TR.Progress,
-                   best: dict[str, Any] | None) -> dict[str, Any] | None:
-    result = score(model, dev, spec, cfg, labels, device, out_dir / "dev")
-    if result is None:
-        return best
-    logger.log("valid", step, **{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
-    progress.write(f"step {step}: dev {result['main_metric']} = {result['main']:.4f}")
-    if best is None or result["main"] > best["main"]:
-        TR.unwrap(model).save_pretrained(out_dir / "best")
-        best = {**result, "step": step}
-    return best
+                   best: dict[str, Any] | None, save_best: Callable[[nn.Module], Path]) -> dict[str, Any] | None:
+    """Score dev; when it beats the best so far, keep the model in best/ and its predictions in dev/."""
+    with tempfile.TemporaryDirectory(prefix=".dev-epoch.", dir=out_dir) as scratch:
+        result = score(model, dev, spec, cfg, labels, device, Path(scratch))
+        assert result is not None  # finetune() refuses an unlabeled dev split
+        logger.log("valid", step, **{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
+        if not cfg.quiet:
+            progress.write(f"step {step}: dev {result['main_metric']} = {result['main']:.4f}")
+        if best is not None and not result["main"] > best["main"]:
+            return best
+        save_best(model)
+        with atomic_dir(out_dir / "dev") as final:
+            for f in Path(scratch).iterdir():
+                os.replace(f, final / f.name)
+    return {**result, "step": step}
 
 
-def finish(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None, dev: Split, test: Split | None,
+def finish(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None, test: Split | None,
            device: torch.device, out_dir: Path, best: dict[str, Any] | None, steps: int, seconds: float) -> dict:
+    """Score test with the best model, write summary.json and the curves."""
     summary: dict[str, Any] = {"task": spec.name, "steps": steps, "seconds": round(seconds, 1),
-                               "config": asdict(cfg), "dev": best}
+                               "config": asdict(cfg), "dev": best, "test": None, "best": str(out_dir / "best")}
     if best is not None and test is not None:
         model = HEADS[spec.kind].from_pretrained(out_dir / "best", verbose=False).to(device)
         summary["test"] = score(model, test, spec, cfg, labels, device, out_dir / "test")
     with atomic_write(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
-    from xlnet.plots import plot_loss_curves
+    from xlnet.plots import plot_loss_curves  # matplotlib is slow to import; only needed here
 
     rows = TR.read_metrics(out_dir / "metrics.jsonl")
     plot_loss_curves(rows, out_dir / "loss.png", title=f"fine-tuning {spec.name} (loss)")
@@ -367,6 +479,50 @@ def finish(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None, dev:
         plot_loss_curves(rows, out_dir / "dev.png", title=f"fine-tuning {spec.name} (dev {best['main_metric']})",
                          key=best["main_metric"])
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a fine-tuned directory on one data file (`xlnet evaluate --model`)
+
+
+def evaluate_model(task: str, model_dir: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike,
+                   labels: list[str] | None = None, device: str = "auto",
+                   batch_size: int = 64) -> dict[str, Any] | None:
+    """Featurize `data` as the model was trained (finetune.json; else the task defaults), predict, write the
+    predictions into `out_dir` and score them; None when the file is unlabeled (predictions only)."""
+    spec = T.get_task(task)
+    model_dir = Path(model_dir)
+    model = load_model(model_dir, verbose=False)
+    if not isinstance(model, HEADS[spec.kind]):
+        raise XLNetError(f"{model_dir}: holds a {type(model).__name__}, task {spec.name!r} needs "
+                         f"{HEADS[spec.kind].__name__}")
+    meta = read_meta(model_dir)
+    dev = TR.resolve_device(device)
+    lengths = {k: meta[k] for k in META_FIELDS if k in meta and k != "task"}
+    cfg = resolve_config(FinetuneConfig(task=spec.name, model=str(model_dir), eval_batch_size=batch_size,
+                                        precision=TR.resolve_precision("auto", dev), **lengths), spec)
+    labels = labels or meta.get("labels") or model.config.label_names or (list(spec.labels) if spec.labels else None)
+    if spec.kind in ("classification", "tokens") and len(labels or []) != model.config.num_labels:
+        raise XLNetError(f"{model_dir}: the model has {model.config.num_labels} labels but the label set is "
+                         f"{labels} (pass --labels)")
+    tok = load_tokenizer(cfg)
+    check_vocab(model, tok, cfg)
+    split = load_split(spec, Path(data), tok, cfg, labels, 0)
+    return score(model.to(dev), split, spec, cfg, labels, dev, Path(out_dir))
+
+
+def read_meta(model_dir: Path) -> dict[str, Any]:
+    """finetune.json of a directory written by `xlnet finetune` ({} for other directories, e.g. HF's)."""
+    path = model_dir / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise XLNetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise XLNetError(f"{path}: expected a JSON object")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,5 +540,5 @@ def run(args: argparse.Namespace) -> int:
     for split in ("dev", "test"):
         if summary.get(split):
             print(f"[{split}] " + format_table(summary[split]))
-    print(f"best model: {Path(cfg.out_dir) / 'best'}; summary: {Path(cfg.out_dir) / 'summary.json'}")
+    print(f"best model: {summary['best']}; summary: {Path(cfg.out_dir) / 'summary.json'}")
     return 0

@@ -1,0 +1,394 @@
+"""`xlnet finetune` end to end on small files in the public formats, with a 2-layer × 32 model.
+
+The model is a randomly initialised XLNetLMHeadModel saved with the embedded tokenizer beside it, so every run
+also checks that a pretrained LM directory loads into each task head.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from xlnet import tasks as T
+from xlnet.assets import default_tokenizer_dir
+from xlnet.checkpoint import load_model
+from xlnet.cli import main
+from xlnet.config import XLNetConfig
+from xlnet.errors import XLNetError
+from xlnet.evaluate import evaluate_predictions
+from xlnet.finetune import (HEADS, FinetuneConfig, build_model, build_optimizer, evaluate_model, finetune,
+                             resolve_config)
+from xlnet.model import XLNetLMHeadModel
+
+TINY = dict(vocab_size=8000, d_model=32, n_layer=2, n_head=2, d_head=16, d_inner=64)
+WORDS = ("river stone quiet bright garden window simple morning yellow music paper letter silver winter "
+         "market forest little ocean gentle north").split()
+NAMES = ["Anna", "Peter", "Maria", "John", "Clara", "David"]
+CITIES = ["Paris", "Berlin", "Madrid", "Vienna", "Prague", "Dublin"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: extra intra-op threads only contend (10x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("lm")
+    XLNetLMHeadModel(XLNetConfig(**TINY)).save_pretrained(d)
+    for name in ("spiece.model", "tokenizer.json"):
+        shutil.copyfile(default_tokenizer_dir() / name, d / name)
+    return d
+
+
+def cfg_for(lm_dir: Path, tmp_path: Path, task: str, data: Path, **kw) -> FinetuneConfig:
+    base = dict(task=task, model=str(lm_dir), data=str(data), out_dir=str(tmp_path / "out"), max_seq_len=32,
+                epochs=1, batch_size=16, lr=1e-3, quiet=True, device="cpu", seed=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def sentence(rng: random.Random, n: int = 5) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ fixture files
+
+
+def glue_sst2(d: Path, n_train: int = 32, n_dev: int = 16) -> Path:
+    rng = random.Random(1)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = [f"{sentence(rng)}\t{i % 2}" for i in range(n)]
+        write(d / f"{split}.tsv", "sentence\tlabel\n" + "\n".join(rows) + "\n")
+    write(d / "test.tsv", "index\tsentence\n" + "".join(f"{i}\t{sentence(rng)}\n" for i in range(6)))
+    return d
+
+
+def glue_stsb(d: Path) -> Path:
+    rng = random.Random(2)
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    for split, n in (("train", 32), ("dev", 12)):
+        rows = [f"{i}\tmain-captions\tMSRvid\t2012test\t{i:04d}\tnone\tnone\t{sentence(rng)}\t{sentence(rng)}\t"
+                f"{rng.uniform(0, 5):.3f}" for i in range(n)]
+        write(d / f"{split}.tsv", head + "\n".join(rows) + "\n")
+    return d
+
+
+def glue_mnli(d: Path) -> Path:
+    rng = random.Random(3)
+    labels = ["entailment", "neutral", "contradiction"]
+    parses = "( x )\t( y )\t(ROOT x)\t(ROOT y)"
+    train_head = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\t"
+                  "sentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n")
+    rows = [f"{i}\t{i}\t{i}e\tfiction\t{parses}\t{sentence(rng)}\t{sentence(rng)}\t{labels[i % 3]}\t{labels[i % 3]}"
+            for i in range(30)]
+    write(d / "train.tsv", train_head + "\n".join(rows) + "\n")
+    dev_head = train_head.replace("label1\t", "label1\tlabel2\tlabel3\tlabel4\tlabel5\t")
+    for name in ("dev_matched", "dev_mismatched"):
+        rows = [f"{i}\t{i}\t{i}e\tfiction\t{parses}\t{sentence(rng)}\t{sentence(rng)}\t"
+                + "\t".join([labels[i % 3]] * 6) for i in range(12)]
+        write(d / f"{name}.tsv", dev_head + "\n".join(rows) + "\n")
+    return d
+
+
+def table_rows(n: int, seed: int, keyword: str | None = None) -> list[dict]:
+    """Rows for generic classification; with `keyword`, label = whether the text contains it (learnable)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        text = sentence(rng, 6)
+        if keyword is None:
+            label = ["pos", "neg", "mixed"][i % 3]
+        else:
+            has = i % 2 == 0
+            words = text.split()
+            if has:
+                words[rng.randrange(len(words))] = keyword
+            text, label = " ".join(words), "yes" if has else "no"
+        rows.append({"id": f"r{seed}-{i}", "text": text, "label": label})
+    return rows
+
+
+def csv_data(d: Path) -> Path:
+    for split, n, seed in (("train", 30, 4), ("dev", 12, 5)):
+        lines = ["text,label"] + [f'"{r["text"]}, indeed",{r["label"]}' for r in table_rows(n, seed)]
+        write(d / f"{split}.csv", "\n".join(lines) + "\n")
+    return d
+
+
+def jsonl_data(d: Path, keyword: str | None = None, n_train: int = 30, n_dev: int = 12) -> Path:
+    for split, n, seed in (("train", n_train, 6), ("dev", n_dev, 7)):
+        rows = table_rows(n, seed, keyword)
+        write(d / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def squad2(d: Path, bad_answer: bool = False) -> Path:
+    for split, n in (("train", 12), ("dev", 8)):
+        paragraphs = []
+        for i in range(n):
+            name, city = NAMES[i % len(NAMES)], CITIES[(i * 5) % len(CITIES)]
+            context = f"{name} was born in {city} and later wrote about the {WORDS[i % len(WORDS)]} river there."
+            start = context.index(city) + (3 if bad_answer and split == "train" and i == 2 else 0)
+            qas = [{"id": f"{split}-{i}-a", "question": f"Where was {name} born?", "is_impossible": False,
+                    "answers": [{"text": city, "answer_start": start}]},
+                   {"id": f"{split}-{i}-b", "question": f"When did {name} die?", "is_impossible": True,
+                    "answers": [], "plausible_answers": [{"text": city, "answer_start": context.index(city)}]}]
+            paragraphs.append({"context": context, "qas": qas})
+        data = {"version": "v2.0", "data": [{"title": "People", "paragraphs": paragraphs}]}
+        write(d / f"{split}-v2.0.json", json.dumps(data, indent=1))
+    return d
+
+
+def race(d: Path) -> Path:
+    rng = random.Random(8)
+    for split, n in (("train", 4), ("dev", 2)):
+        for level in ("middle", "high"):
+            for k in range(n):
+                article = " ".join(sentence(rng, 8) + "." for _ in range(3))
+                questions = [f"What is the {rng.choice(WORDS)}?", "The writer thinks that _ ."]
+                options = [[sentence(rng, 2) for _ in range(4)] for _ in questions]
+                answers = [rng.choice("ABCD") for _ in questions]
+                write(d / split / level / f"{k + 1}.txt", json.dumps(
+                    {"answers": answers, "options": options, "questions": questions, "article": article,
+                     "id": f"{level}{k + 1}.txt"}))
+    return d
+
+
+def conll(d: Path) -> Path:
+    rng = random.Random(9)
+    for split, n in (("train", 20), ("dev", 8)):
+        sents = ["-DOCSTART- -X- -X- O\n"]
+        for _ in range(n):
+            first, last = rng.choice(NAMES), rng.choice(NAMES)
+            toks = [(first, "NNP", "B-NP", "B-PER"), (last, "NNP", "I-NP", "I-PER"), ("visited", "VBD", "B-VP", "O"),
+                    (rng.choice(CITIES), "NNP", "B-NP", "B-LOC"), (".", ".", "O", "O")]
+            sents.append("".join(" ".join(t) + "\n" for t in toks))
+        write(d / f"{split}.txt", "\n".join(sents))
+    return d
+
+
+# ------------------------------------------------------------------------------------------ every task kind
+
+
+CASES = {  # task -> (fixture writer, predictions file, extra config)
+    "sst2": (glue_sst2, "predictions.tsv", {}),
+    "stsb": (glue_stsb, "predictions.tsv", {}),
+    "mnli": (glue_mnli, "predictions.tsv", {}),
+    "classification-csv": (csv_data, "predictions.jsonl", {}),
+    "classification-jsonl": (jsonl_data, "predictions.jsonl", {}),
+    "squad2": (squad2, "predictions.json", dict(max_seq_len=48, max_query_len=12, doc_stride=8,
+                                                max_eval_examples=5)),
+    "race": (race, "predictions.json", dict(max_seq_len=40, max_query_len=12)),
+    "conll": (conll, "predictions.conll", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_task_end_to_end(case, lm_dir, tmp_path):
+    make, pred_name, extra = CASES[case]
+    task = case.split("-")[0]
+    data = make(tmp_path / "data")
+    summary = finetune(cfg_for(lm_dir, tmp_path, task, data, **extra))
+    spec = T.get_task(task)
+    out = tmp_path / "out"
+
+    dev = summary["dev"]
+    assert dev["main_metric"] == spec.main_metric and spec.main_metric in dev["metrics"]
+    assert dev["step"] == summary["steps"] >= 1
+    model = load_model(out / "best", verbose=False)
+    assert isinstance(model, HEADS[spec.kind]) and model.config.d_model == 32
+    assert {"spiece.model", "tokenizer.json", "finetune.json"} <= {p.name for p in (out / "best").iterdir()}
+    # the kept predictions are the best epoch's and rescore to the summary through the official scorer
+    pred = out / "dev" / pred_name
+    na = out / "dev" / "na_probs.json" if spec.kind == "squad" else None
+    ids = None
+    if extra.get("max_eval_examples"):
+        ids = json.loads(pred.read_text()).keys()
+        assert dev["n"] == extra["max_eval_examples"]
+    again = evaluate_predictions(task, Path(summary["config"]["data"]) / dev_name(spec, data), pred, na, ids=ids)
+    assert again["metrics"] == dev["metrics"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["split"] == "train" and "loss" in r for r in rows)
+    assert any(r["split"] == "valid" for r in rows)
+    assert (out / "loss.png").stat().st_size > 0 and (out / "dev.png").is_file()
+    assert json.loads((out / "summary.json").read_text())["dev"]["main"] == dev["main"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no scratch or temp directories left
+    if task == "sst2":  # GLUE's test.tsv has no labels: predicted in the submission format, not scored
+        assert summary["test"] is None
+        lines = (out / "test" / "predictions.tsv").read_text().splitlines()
+        assert lines[0] == "index\tprediction" and len(lines) == 7 and lines[1].split("\t")[1] in ("0", "1")
+
+    # `xlnet evaluate --model best/` featurizes and predicts through the same code: same scores on dev
+    gold = Path(summary["config"]["data"]) / dev_name(spec, data)
+    result = evaluate_model(task, out / "best", gold, tmp_path / "eval", device="cpu")
+    if ids is None:
+        assert result["metrics"] == dev["metrics"]
+        assert (tmp_path / "eval" / pred_name).read_text() == pred.read_text()
+    else:  # the model scores the whole file, training only a subsample
+        assert result["n"] > dev["n"]
+
+
+def dev_name(spec: T.TaskSpec, data: Path) -> str:
+    return {"glue": "dev_matched.tsv" if spec.name == "mnli" else "dev.tsv", "squad": "dev-v2.0.json",
+            "race": "dev", "conll": "dev.txt"}.get(spec.fmt) or next(p.name for p in data.glob("dev.*"))
+
+
+def test_model_learns_keyword_classification(lm_dir, tmp_path):
+    data = jsonl_data(tmp_path / "data", keyword="banana", n_train=64, n_dev=32)
+    summary = finetune(cfg_for(lm_dir, tmp_path, "classification", data, epochs=5, lr=5e-3, warmup_frac=0.0,
+                               dropout=0.0, max_seq_len=16))
+    # balanced dev set: the majority baseline is 0.5
+    assert summary["dev"]["metrics"]["accuracy"] >= 0.85, summary["dev"]
+
+
+# ------------------------------------------------------------------------------------------ config and optimizer
+
+
+def test_task_defaults_and_explicit_values():
+    assert resolve_config(FinetuneConfig(), T.get_task("sst2")).max_seq_len == 128
+    squad = resolve_config(FinetuneConfig(), T.get_task("squad2"))
+    assert (squad.max_seq_len, squad.max_query_len, squad.doc_stride) == (512, 64, 128)
+    race_cfg = resolve_config(FinetuneConfig(task="race"), T.get_task("race"))
+    assert (race_cfg.max_seq_len, race_cfg.max_query_len) == (512, 128)
+    assert resolve_config(FinetuneConfig(max_seq_len=64), T.get_task("conll")).max_seq_len == 64
+    short_race = resolve_config(FinetuneConfig(max_seq_len=128), T.get_task("race"))
+    assert short_race.max_query_len == 64  # the default 128 would leave no room for the article
+    with pytest.raises(XLNetError, match="layer_decay must be in"):
+        resolve_config(FinetuneConfig(layer_decay=0), T.get_task("sst2"))
+
+
+def test_layer_decay_groups(tmp_path):
+    cfg = FinetuneConfig(task="sst2", preset="tiny", lr=1e-3, layer_decay=0.75, warmup_frac=0.0)
+    spec = T.get_task("sst2")
+    model = build_model(cfg, spec, ["0", "1"])
+    optimizer, _ = build_optimizer(model, cfg, total_steps=10)
+    lr_of = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+    n = model.config.n_layer
+    assert lr_of[id(model.logits_proj.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.transformer.layer[n - 1].ff.layer_1.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.transformer.layer[0].ff.layer_1.weight)] == pytest.approx(1e-3 * 0.75 ** (n - 1))
+    assert lr_of[id(model.transformer.word_embedding.weight)] == pytest.approx(1e-3 * 0.75 ** n)
+    assert len(lr_of) == sum(1 for p in model.parameters())  # every parameter is optimised exactly once
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_finetune_then_evaluate_model(lm_dir, tmp_path, capsys):
+    data = glue_sst2(tmp_path / "data", n_train=16, n_dev=8)
+    out = tmp_path / "out"
+    args = ["finetune", "--task", "sst2", "--data", str(data), "--model", str(lm_dir), "--out-dir", str(out),
+            "--max-seq-len", "32", "--epochs", "1", "--batch-size", "16", "--layer-decay", "0.75", "--quiet", "true",
+            "--device", "cpu"]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    assert "[dev] task sst2" in stdout and "* accuracy" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["layer_decay"] == 0.75
+
+    # the fine-tuned directory scores the same dev file to the same numbers, through the same code
+    eval_out = tmp_path / "eval"
+    assert main(["evaluate", "--task", "sst2", "--model", str(out / "best"), "--data", str(data / "dev.tsv"),
+                 "--out", str(eval_out), "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metrics"] == summary["dev"]["metrics"]
+    assert (eval_out / "predictions.tsv").read_text() == (out / "dev" / "predictions.tsv").read_text()
+    # an unlabeled file: predictions only, default output folder beside the model
+    assert main(["evaluate", "--task", "sst2", "--model", str(out / "best"), "--data", str(data / "test.tsv"),
+                 "--device", "cpu"]) == 0
+    assert "nothing to score" in capsys.readouterr().out
+    assert (out / "best-eval-test" / "predictions.tsv").is_file()
+    # a classification model cannot answer SQuAD; --model and --predictions exclude each other
+    squad_dev = squad2(tmp_path / "squad") / "dev-v2.0.json"
+    assert main(["evaluate", "--task", "squad2", "--model", str(out / "best"), "--data", str(squad_dev)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds a XLNetForSequenceClassification" in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--task", "sst2", "--model", str(out / "best"), "--predictions", "p.tsv",
+              "--data", str(data / "dev.tsv")])
+
+
+def corrupt_tsv(d: Path) -> str:
+    glue_sst2(d)
+    write(d / "train.tsv", "sentence\tlabel\na fine day\t1\nno label here\n")
+    return "train.tsv:3: expected 2 columns, got 1"
+
+
+def unknown_label(d: Path) -> str:
+    glue_sst2(d)
+    write(d / "dev.tsv", "sentence\tlabel\nfine\t1\nodd\t2\n")
+    return "dev.tsv:3: unknown label '2'"
+
+
+def missing_dev(d: Path) -> str:
+    glue_sst2(d)
+    (d / "dev.tsv").unlink()
+    return "no dev split"
+
+
+def empty_train(d: Path) -> str:
+    glue_sst2(d)
+    write(d / "train.tsv", "")
+    return "train.tsv:1: empty file"
+
+
+def bad_squad(d: Path) -> str:
+    squad2(d, bad_answer=True)
+    return "train-v2.0.json:"  # ...:<line>: answer 'Prague' of question 'train-2-a' is not in the context
+
+
+BAD_INPUTS = {"corrupt_tsv": ("sst2", corrupt_tsv), "unknown_label": ("sst2", unknown_label),
+              "missing_dev": ("sst2", missing_dev), "empty_train": ("sst2", empty_train),
+              "bad_squad": ("squad2", bad_squad)}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_cli_bad_input_is_one_line(case, lm_dir, tmp_path, capsys):
+    task, make = BAD_INPUTS[case]
+    expected = make(tmp_path / "data")
+    out = tmp_path / "out"
+    code = main(["finetune", "--task", task, "--data", str(tmp_path / "data"), "--model", str(lm_dir),
+                 "--out-dir", str(out), "--max-seq-len", "48", "--quiet", "true", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("xlnet finetune: error: ")
+    assert expected in err
+    if case == "bad_squad":
+        assert re.search(r"train-v2\.0\.json:\d+: answer 'Prague' of question 'train-2-a' is not in the context", err)
+    assert not (out / "best").exists()
+
+
+def test_cli_missing_model_dir(tmp_path, capsys):
+    glue_sst2(tmp_path / "data")
+    code = main(["finetune", "--task", "sst2", "--data", str(tmp_path / "data"), "--model", str(tmp_path / "nope"),
+                 "--out-dir", str(tmp_path / "out"), "--quiet", "true", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"model directory not found: {tmp_path / 'nope'}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_loss_is_one_line(lm_dir, tmp_path, capsys):
+    glue_stsb(tmp_path / "data")
+    code = main(["finetune", "--task", "stsb", "--data", str(tmp_path / "data"), "--model", str(lm_dir),
+                 "--out-dir", str(tmp_path / "out"), "--max-seq-len", "32", "--lr", "1e30", "--clip", "0",
+                 "--warmup-frac", "0", "--max-steps", "4", "--batch-size", "16", "--quiet", "true",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "loss became nan at step" in err
+    assert not (tmp_path / "out" / "best").exists()
