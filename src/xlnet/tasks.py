@@ -672,6 +672,8 @@ def _char_span_to_tokens(offsets: Sequence[tuple[int, int]], start: int, end: in
 
 def _doc_windows(n_tokens: int, max_doc: int, stride: int) -> list[tuple[int, int]]:
     """(start, length) windows over the context tokens, each starting `stride` after the previous."""
+    if stride <= 0:
+        raise XLNetError(f"doc_stride must be positive, got {stride}")
     spans = []
     start = 0
     while True:
