@@ -23,7 +23,7 @@ from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.fileio import atomic_write
 from xlnet.finetune import FinetuneConfig, finetune, subsample
 from xlnet.pretrain import PretrainConfig, format_summary, pretrain
-from xlnet.training import read_metrics
+from xlnet.training import latest_checkpoint, read_metrics
 
 
 @dataclass
@@ -47,7 +47,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.quick:
         pre_cfg.max_steps, pre_cfg.eval_every, pre_cfg.eval_batches, pre_cfg.warmup_steps = 4, 2, 1, 1
     print(f"== 1/3 pretraining ({pre_cfg.max_steps} steps of {pre_cfg.batch_size} x {pre_cfg.seq_len} tokens)")
-    pre = pretrain(pre_cfg)
+    # A second `xlnet demo` into the same directory reuses (or finishes) the pretraining run it finds there.
+    pre = pretrain(pre_cfg, resume="latest" if latest_checkpoint(pre_cfg.out_dir) else None)
     print(format_summary(pre))
 
     runs = {}

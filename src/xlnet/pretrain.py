@@ -1,0 +1,527 @@
+"""`xlnet pretrain`: permutation-LM pretraining, resumable to the exact trajectory, torchrun-ready.
+
+    xlnet pretrain                                   # tiny model on the embedded corpus (~5 min on 2 CPU cores)
+    xlnet pretrain --config configs/pretrain-tiny.yaml --max-steps 2000 --out-dir runs/tiny
+    xlnet pretrain --out-dir runs/tiny --resume      # continue from the latest checkpoint
+    torchrun --nproc-per-node 8 -m xlnet.cli pretrain --config big.yaml --fsdp true
+
+One optimizer step = `batch_size` stream rows = world_size x grad_accum micro-batches. Every micro-batch owns
+fixed rows of the global layout (`PLMSampler.for_rank`) and its own Transformer-XL memory, so 2 ranks x 1
+micro-batch compute exactly what 1 rank x 2 micro-batches does. Run directory:
+
+    config.yaml  metrics.jsonl  tensorboard/  loss.png  data/ (embedded corpus, prepared on first use)
+    checkpoints/step_00000500/  model.safetensors config.json (from_pretrained-ready)
+                                training_state.pt (optimizer, scheduler, RNG, mems)  trainer_state.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from xlnet import training as T
+from xlnet.cliconf import add_dataclass_arguments, build_dataclass
+from xlnet.config import XLNetConfig
+from xlnet.errors import XLNetError
+from xlnet.fileio import atomic_write
+
+
+@dataclass
+class PretrainConfig:
+    # model: a preset plus optional overrides (None keeps the preset's value)
+    model: str = "tiny"
+    vocab_size: int | None = None
+    d_model: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    d_head: int | None = None
+    d_inner: int | None = None
+    dropout: float | None = None
+    dropatt: float | None = None
+    # data ("" = the embedded corpus and tokenizer)
+    data_dir: str = ""
+    tokenizer_dir: str = ""
+    seq_len: int = 128
+    reuse_len: int = 64
+    mem_len: int = 96
+    num_predict: int = 20
+    perm_size: int | None = None  # None = reuse_len (reference)
+    bi_data: bool = False
+    # optimization
+    batch_size: int = 16  # stream rows per optimizer step, over all ranks and micro-batches
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-6
+    warmup_steps: int = 20
+    max_steps: int = 240
+    clip: float = 1.0
+    # evaluation, checkpoints, logging
+    eval_every: int = 40
+    eval_batches: int = 4  # global batches of the valid split per evaluation (same ones every time)
+    save_every: int = 80
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    out_dir: str = "runs/pretrain"
+    seed: int = 0
+    # runtime (may change on resume)
+    device: str = "auto"
+    precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+    progress: bool = True
+
+    def model_config(self, vocab_size: int | None = None) -> XLNetConfig:
+        names = ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner", "dropout", "dropatt")
+        overrides = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        if "d_model" in overrides and "d_head" not in overrides:  # keep n_head * d_head == d_model
+            overrides["d_head"] = overrides["d_model"] // overrides.get("n_head", _preset(self.model)["n_head"])
+        return XLNetConfig.from_preset(self.model, mem_len=self.mem_len, reuse_len=self.reuse_len,
+                                       bi_data=self.bi_data, **overrides)
+
+    def plm_config(self, micro_batch: int, seed: int) -> "PLMConfig":
+        from xlnet.data.plm import PLMConfig
+
+        return PLMConfig(seq_len=self.seq_len, reuse_len=self.reuse_len, batch_size=micro_batch,
+                         num_predict=self.num_predict, perm_size=self.perm_size, bi_data=self.bi_data, seed=seed)
+
+
+# Fields that may differ between a checkpoint and the run resuming it: they do not change the trajectory
+# (max_steps re-stretches the schedule on purpose; grad_accum may trade against the number of processes as long
+# as the rows per micro-batch stay the same, which the sampler state checks).
+RUNTIME_FIELDS = ("out_dir", "max_steps", "grad_accum", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+                  "log_every", "device", "precision", "compile", "activation_checkpointing", "fsdp", "progress")
+
+
+def _preset(name: str) -> dict[str, Any]:
+    from xlnet.config import PRESETS
+
+    if name not in PRESETS:
+        raise XLNetError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ================================================================================================
+# data: corpus + tokenizer -> one train sampler per process (its micro-batches), a fresh valid sampler per eval
+# ================================================================================================
+
+
+def cache_dir() -> Path:
+    """$XLNET_CACHE, else $XDG_CACHE_HOME/xlnet, else ~/.cache/xlnet."""
+    if os.environ.get("XLNET_CACHE"):
+        return Path(os.environ["XLNET_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xlnet"
+
+
+def default_data_dir(tokenizer_dir: Path, cache_root: Path) -> Path:
+    """Prepare the embedded corpus with `tokenizer_dir` once into `cache_root` (keyed by both checksums)."""
+    from xlnet.assets import default_corpus_path
+    from xlnet.data.prepare import MANIFEST, prepare
+    from xlnet.fileio import sha256_file
+    from xlnet.tokenizer import Tokenizer
+
+    corpus = default_corpus_path()
+    key = sha256_file(corpus)[:10] + "-" + sha256_file(Tokenizer.load(tokenizer_dir).model_path)[:10]
+    out = cache_root / f"embedded-{key}"
+    if not (out / MANIFEST).is_file():
+        prepare(tokenizer_dir, [corpus], out, valid_fraction=0.02, progress=False)
+    return out
+
+
+@dataclass
+class Data:
+    train_tokens: Any
+    train_sent: Any
+    valid_tokens: Any
+    valid_sent: Any
+    word_start: Any
+    vocab_size: int
+    data_dir: Path
+    tokenizer_dir: Path
+
+
+def load_data(cfg: PretrainConfig, info: T.DistInfo, model_vocab: int) -> Data:
+    from xlnet.data.prepare import _read_manifest, load_corpus
+    from xlnet.fileio import sha256_file
+    from xlnet.tokenizer import Tokenizer, default_tokenizer_dir
+
+    tok_dir = Path(cfg.tokenizer_dir) if cfg.tokenizer_dir else default_tokenizer_dir()
+    if not tok_dir.exists():
+        raise XLNetError(f"tokenizer directory not found: {tok_dir}")
+    tok = Tokenizer.load(tok_dir)
+    if cfg.data_dir:
+        data_dir = Path(cfg.data_dir)
+        if not data_dir.is_dir():
+            raise XLNetError(f"data directory not found: {data_dir} (make one with `xlnet prepare`)")
+    else:
+        data_dir = default_data_dir(tok_dir, cache_dir()) if info.is_main else None
+        T.barrier()  # rank 0 prepares, the others find it ready
+        if data_dir is None:
+            data_dir = default_data_dir(tok_dir, cache_dir())
+    train = load_corpus(data_dir, "train", verify=info.is_main)
+    valid = load_corpus(data_dir, "valid", verify=info.is_main)
+    if not (tok.vocab_size == train.vocab_size == model_vocab):
+        raise XLNetError(f"vocab sizes disagree: tokenizer {tok_dir} has {tok.vocab_size}, data {data_dir} has "
+                         f"{train.vocab_size}, model has {model_vocab} (set --vocab-size or use matching files)")
+    want = _read_manifest(data_dir).get("tokenizer", {}).get("sha256")
+    if want and want != sha256_file(tok.model_path):
+        raise XLNetError(f"{data_dir} was prepared with another tokenizer than {tok.model_path} (sha256 differs)")
+    if len(valid) == 0:
+        raise XLNetError(f"{data_dir}: the valid split is empty")
+    return Data(train.tokens, train.sent_ids, valid.tokens, valid.sent_ids, tok.word_start_table(),
+                tok.vocab_size, data_dir, tok_dir)
+
+
+def make_sampler(cfg: PretrainConfig, data: Data, info: T.DistInfo, split: str) -> "PLMSampler":
+    from xlnet.data.plm import PLMSampler
+
+    micro = cfg.batch_size // (info.world_size * cfg.grad_accum)
+    tokens, sent = (data.train_tokens, data.train_sent) if split == "train" else (data.valid_tokens, data.valid_sent)
+    seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
+    try:
+        return PLMSampler.for_rank(tokens, sent, data.word_start, cfg.plm_config(micro, seed),
+                                   world_size=info.world_size, rank=info.rank, accum_steps=cfg.grad_accum)
+    except XLNetError as e:
+        raise XLNetError(f"{split} split of {data.data_dir}: {e}") from None
+
+
+MODEL_INPUTS = ("input_ids", "token_type_ids", "perm_mask", "target_mapping", "labels")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+
+
+# ================================================================================================
+# mems of every micro-batch <-> one global [batch_size, mem_len, d_model] tensor per layer (for checkpoints)
+# ================================================================================================
+
+
+def gather_mems(mems: list[list[torch.Tensor] | None]) -> list[torch.Tensor] | None:
+    """Global rows in order: rank-major, then micro-batch (the layout PLMSampler.for_rank uses)."""
+    if not mems or mems[0] is None:
+        return None
+    local = [torch.cat([m[layer] for m in mems]) for layer in range(len(mems[0]))]
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [t.cpu() for t in local]
+    out = []
+    for t in local:
+        parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts).cpu())
+    return out
+
+
+def scatter_mems(full: list[torch.Tensor] | None, info: T.DistInfo, grad_accum: int,
+                 device: torch.device) -> list[list[torch.Tensor] | None]:
+    if not full:
+        return [None] * grad_accum
+    micro = full[0].shape[0] // (info.world_size * grad_accum)
+    out = []
+    for m in range(grad_accum):
+        start = (info.rank * grad_accum + m) * micro
+        out.append([t[start:start + micro].to(device) for t in full])
+    return out
+
+
+# ================================================================================================
+# the loop
+# ================================================================================================
+
+
+def check_config(cfg: PretrainConfig, info: T.DistInfo) -> None:
+    n = info.world_size * cfg.grad_accum
+    checks = [
+        (cfg.batch_size > 0 and cfg.grad_accum > 0, "batch_size and grad_accum must be positive"),
+        (cfg.batch_size % n == 0, f"batch_size {cfg.batch_size} must be divisible by world_size x grad_accum = {n}"),
+        (not cfg.bi_data or (cfg.batch_size // max(n, 1)) % 2 == 0,
+         "bi_data needs an even micro-batch (forward + reversed rows)"),
+        (cfg.max_steps > 0, "max_steps must be positive"),
+        (0 <= cfg.warmup_steps, "warmup_steps must be >= 0"),
+        (cfg.eval_every >= 0 and cfg.save_every >= 0 and cfg.log_every > 0,
+         "eval_every/save_every must be >= 0 and log_every > 0"),
+        (cfg.mem_len >= 0, "mem_len must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise XLNetError(f"invalid pretrain config: {message}")
+
+
+def resolve_resume(cfg: PretrainConfig, resume: str | None) -> Path | None:
+    out = Path(cfg.out_dir)
+    if resume is None:
+        if T.latest_checkpoint(out) is not None:
+            raise XLNetError(f"{out} already holds checkpoints; pass --resume to continue or choose another --out-dir")
+        return None
+    if resume in ("latest", "auto", ""):
+        ckpt = T.latest_checkpoint(out)
+        if ckpt is None:
+            raise XLNetError(f"--resume: no checkpoint under {out / T.CHECKPOINT_DIR}")
+        return ckpt
+    ckpt = Path(resume)
+    if not (ckpt / T.TRAINER_STATE).is_file():
+        raise XLNetError(f"--resume: {ckpt} is not a training checkpoint (no {T.TRAINER_STATE})")
+    return ckpt
+
+
+def check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, ckpt: Path) -> None:
+    now = dataclasses.asdict(cfg)
+    diff = [k for k in now if k not in RUNTIME_FIELDS and saved.get(k) != now[k]]
+    if diff:
+        k = diff[0]
+        raise XLNetError(f"config does not match checkpoint {ckpt}: {k} is {now[k]!r}, the checkpoint has "
+                         f"{saved.get(k)!r}{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}")
+
+
+def build_model(cfg: PretrainConfig, model_cfg: XLNetConfig, ckpt: Path | None, info: T.DistInfo,
+                precision: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(plain model, wrapped model to train): AC, then FSDP2 or DDP, then compile."""
+    from xlnet.model import XLNetLMHeadModel
+
+    if ckpt is not None:
+        model = XLNetLMHeadModel.from_pretrained(ckpt, verbose=False)
+        if model.config != model_cfg:
+            raise XLNetError(f"{ckpt}/config.json does not match the model this config builds")
+    else:
+        model = XLNetLMHeadModel(model_cfg)
+    model.to(info.device)
+    wrapped: torch.nn.Module = model
+    if cfg.activation_checkpointing:
+        T.apply_activation_checkpointing(model)
+    if cfg.fsdp:
+        if not info.distributed:
+            raise XLNetError("--fsdp needs torchrun with more than one process")
+        wrapped = T.apply_fsdp(model, precision)
+    elif info.distributed:
+        wrapped = T.wrap_ddp(model, info)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    return model, wrapped
+
+
+def forward_backward(model: torch.nn.Module, sampler: "PLMSampler", mems: list, cfg: PretrainConfig,
+                     info: T.DistInfo, precision: str) -> float:
+    """One step's micro-batches: gradients accumulate (synced on the last one), each micro-batch carries its
+    own memory (`mems[m]`, updated in place). Returns the step's mean loss over all ranks."""
+    loss_sum = torch.zeros((), device=info.device)
+    for m in range(cfg.grad_accum):
+        last = m == cfg.grad_accum - 1
+        batch = to_device(next(sampler), info.device)
+        if cfg.fsdp:
+            T.set_fsdp_sync(model, last)
+        with T.no_sync(model, not last), T.autocast(info.device, precision):
+            out = model(**batch, mems=mems[m])
+            loss = out.loss / cfg.grad_accum
+        loss.backward()
+        mems[m] = out.mems
+        loss_sum += loss.detach().float()
+    return float(T.all_reduce(loss_sum, "mean"))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, cfg: PretrainConfig, data: Data, info: T.DistInfo, precision: str) -> float:
+    """Mean PLM loss over the same `eval_batches` valid batches every time, memory carried within the pass."""
+    sampler = make_sampler(cfg, data, info, "valid")
+    was_training = model.training
+    model.eval()
+    mems: list[list[torch.Tensor] | None] = [None] * cfg.grad_accum
+    total = torch.zeros((), device=info.device)
+    for _ in range(cfg.eval_batches):
+        for m in range(cfg.grad_accum):
+            batch = to_device(next(sampler), info.device)
+            with T.autocast(info.device, precision):
+                out = model(**batch, mems=mems[m])
+            mems[m] = out.mems
+            total += out.loss.float()
+    model.train(was_training)
+    total /= max(1, cfg.eval_batches * cfg.grad_accum)
+    return float(T.all_reduce(total, "mean"))
+
+
+def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | None = None,
+             stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Run (or continue) pretraining; returns the summary printed at the end. Call once per process.
+
+    `stop_after_steps` ends this run after that many steps as a signal would (checkpoint, then `--resume`):
+    time-sliced jobs on preemptible machines, and the resume tests.
+    """
+    wall_start = time.perf_counter()
+    info = info or T.init_distributed(cfg.device)
+    check_config(cfg, info)
+    precision = T.resolve_precision(cfg.precision, info.device)
+    out_dir = Path(cfg.out_dir)
+    ckpt = resolve_resume(cfg, resume)
+    saved = T.read_trainer_state(ckpt) if ckpt is not None else None
+
+    model_cfg = cfg.model_config()
+    data = load_data(cfg, info, model_cfg.vocab_size)
+    resolved = dataclasses.replace(cfg, data_dir=str(data.data_dir), tokenizer_dir=str(data.tokenizer_dir))
+    if saved is not None:
+        check_resume_config(saved["config"], resolved, ckpt)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out_dir / "config.yaml", "w") as f:
+            yaml.safe_dump(dataclasses.asdict(resolved), f, sort_keys=False)
+
+    T.set_seed(cfg.seed)  # same on every rank: dropout streams stay identical, so rank 0's RNG resumes all
+    model, wrapped = build_model(cfg, model_cfg, ckpt, info, precision)
+    optimizer = T.build_optimizer(T.decay_groups(model, cfg.weight_decay), cfg.lr, eps=cfg.adam_eps)
+    scheduler = T.build_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
+    sampler = make_sampler(resolved, data, info, "train")
+    step, tokens_seen, mems = 0, 0, [None] * cfg.grad_accum
+    if ckpt is not None:
+        tensors = T.load_training_state(ckpt, wrapped, optimizer, scheduler)
+        try:
+            sampler.load_state_dict(saved["sampler"])
+        except XLNetError as e:
+            raise XLNetError(f"{ckpt}: cannot continue with {info.world_size} process(es) x grad_accum "
+                             f"{cfg.grad_accum} (keep the rows per micro-batch): {e}") from None
+        step, tokens_seen = int(saved["step"]), int(saved["tokens"])
+        mems = scatter_mems(tensors.get("mems"), info, cfg.grad_accum, info.device)
+        if cfg.max_steps != saved["config"]["max_steps"]:  # the schedule is rebuilt for the new length
+            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                g["lr"] = base * scheduler.lr_lambdas[0](step)
+
+    start_step = step
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    throughput = T.Throughput(
+        T.xlnet_flops_per_token(model_cfg.d_model, model_cfg.n_layer, model_cfg.d_inner, model_cfg.vocab_size,
+                                cfg.seq_len, cfg.mem_len, cfg.num_predict),
+        T.peak_flops(info.device, precision))
+    logger = T.MetricsLogger(out_dir, enabled=info.is_main, resume_step=step if ckpt is not None else None)
+    bar = T.Progress(cfg.max_steps, initial=step, enabled=info.is_main and cfg.progress, desc="pretrain",
+                     echo=info.is_main)
+    last_ckpt: Path | None = ckpt
+    last_valid: float | None = None
+    first_valid: float | None = None
+    train_loss = float("nan")
+    stopped: str | None = None
+
+    def save(at: int) -> Path:
+        state = {"step": at, "tokens": tokens_seen, "config": dataclasses.asdict(resolved),
+                 "world_size": info.world_size, "sampler": sampler.state_dict(),
+                 "train_loss": train_loss, "valid_loss": last_valid, "valid_loss_start": first_valid}
+        return T.save_checkpoint(T.checkpoint_path(out_dir, at), wrapped, optimizer, scheduler, state,
+                                 {"mems": gather_mems(mems)}, is_main=info.is_main, keep_last=cfg.keep_checkpoints)
+
+    if step == 0 and cfg.eval_every > 0:
+        first_valid = last_valid = evaluate(wrapped, resolved, data, info, precision)
+        logger.log("valid", 0, loss=last_valid)
+    elif saved is not None:
+        last_valid, first_valid = saved.get("valid_loss"), saved.get("valid_loss_start")
+
+    wrapped.train()
+    try:
+        with T.StopSignal() as stop:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                train_loss = forward_backward(wrapped, sampler, mems, cfg, info, precision)
+                grad_norm = T.clip_grad_norm(wrapped, cfg.clip)
+                if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+                    raise XLNetError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at "
+                                     f"step {step + 1}; stopped without saving (last good checkpoint: "
+                                     f"{last_ckpt or 'none'}); try a lower --lr or --precision fp32")
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += tokens_per_step
+                if info.device.type == "cuda":
+                    torch.cuda.synchronize(info.device)
+                throughput.step(tokens_per_step, time.perf_counter() - t0)
+
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    logger.log("train", step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
+                               tokens_per_s=round(throughput.tokens_per_s, 1), mfu=throughput.mfu,
+                               mem_gib=T.cuda_memory_gib(info.device))
+                if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    last_valid = evaluate(wrapped, resolved, data, info, precision)
+                    first_valid = last_valid if first_valid is None else first_valid
+                    logger.log("valid", step, loss=last_valid)
+                    bar.write(f"step {step}: valid loss {last_valid:.4f}")
+                bar.update(1, loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_s:,.0f}",
+                           valid=None if last_valid is None else f"{last_valid:.3f}")
+                stop_now = stop.agreed(info.device)
+                if stop_after_steps is not None and step - start_step >= stop_after_steps and step < cfg.max_steps:
+                    stop.requested, stop_now = stop.requested or "stop_after_steps", True
+                if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.max_steps or stop_now:
+                    last_ckpt = save(step)
+                if stop_now:
+                    stopped = stop.requested or "signal"
+                    bar.write(f"{stopped}: saved {last_ckpt}; continue with --resume")
+                    break
+    finally:
+        bar.close()
+        logger.close()
+
+    plot = None
+    if info.is_main:
+        from xlnet.plots import plot_loss_curves
+
+        plot = plot_loss_curves(T.read_metrics(logger.path), out_dir / "loss.png")
+    return {
+        "steps": step, "tokens": tokens_seen, "tokens_per_s": throughput.total_tokens / max(throughput.total_time, 1e-9),
+        "mfu": throughput.mfu, "train_loss": train_loss, "valid_loss_start": first_valid, "valid_loss": last_valid,
+        "checkpoint": str(last_ckpt) if last_ckpt else None, "plot": str(plot) if plot else None,
+        "stopped": stopped, "train_s": throughput.total_time, "wall_s": time.perf_counter() - wall_start,
+        "out_dir": str(out_dir),
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    def f(v: float | None, spec: str = ".4f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        f"{'stopped by ' + s['stopped'] if s['stopped'] else 'done'}: {s['steps']} steps, {s['tokens']:,} tokens "
+        f"in {s['wall_s']:.0f}s this run ({s['tokens_per_s']:,.0f} tokens/s while training"
+        f"{', MFU ' + format(s['mfu'], '.1%') if s['mfu'] is not None else ''})",
+        f"train loss {f(s['train_loss'])}   valid loss {f(s['valid_loss_start'])} -> {f(s['valid_loss'])}",
+        f"checkpoint {s['checkpoint'] or '-'}",
+        f"plot       {s['plot'] or '-'}",
+    ]
+    return "\n".join(lines)
+
+
+# ================================================================================================
+# CLI
+# ================================================================================================
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML", help="options as YAML keys (flags override them)")
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                        help="continue the exact trajectory from CHECKPOINT (default: the latest in --out-dir)")
+    add_dataclass_arguments(parser, PretrainConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_dataclass(PretrainConfig, args.config, args)
+    info = T.init_distributed(cfg.device)
+    try:
+        summary = pretrain(cfg, resume=args.resume, info=info)
+    finally:
+        T.teardown_distributed()
+    if info.is_main:
+        print(format_summary(summary))
+    if summary["stopped"]:
+        return 130 if summary["stopped"] == "SIGINT" else 143
+    return 0
+
+
+if __name__ == "__main__":
+    from xlnet.cli import main
+
+    sys.exit(main(["pretrain", *sys.argv[1:]]))

@@ -1,0 +1,215 @@
+"""`xlnet pretrain` end to end on a very small model: resume exactness, DDP == grad accumulation, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import socket
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from xlnet import training as T
+from xlnet.cli import main as cli_main
+from xlnet.errors import XLNetError
+from xlnet.model import XLNetLMHeadModel
+from xlnet.pretrain import PretrainConfig, pretrain
+
+WORDS = ("the cat dog bird sees likes eats a red blue small big house tree river stone runs over under "
+         "and then near far old young green quick slow happy").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    """A tokenizer (vocab ~200) and a prepared corpus of generated sentences (train + valid)."""
+    from xlnet.data.prepare import prepare
+    from xlnet.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = []
+    for _ in range(120):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                 for _ in range(rng.randint(3, 8))]
+        docs.append("\n".join(lines))
+    text = root / "text.txt"
+    text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    tok = train_tokenizer([text], root / "tok", vocab_size=120, num_threads=1)
+    data = prepare(tok, [text], root / "data", valid_fraction=0.15, progress=False)
+    vocab = json.loads((data / "manifest.json").read_text())["vocab_size"]
+    return {"tokenizer_dir": str(tok), "data_dir": str(data), "vocab_size": vocab}
+
+
+def small(corpus: dict, out: Path, **kw) -> PretrainConfig:
+    base = dict(model="tiny", vocab_size=corpus["vocab_size"], d_model=32, n_layer=2, n_head=2, d_head=16,
+                d_inner=64, dropout=0.1, dropatt=0.1, data_dir=corpus["data_dir"],
+                tokenizer_dir=corpus["tokenizer_dir"], seq_len=32, reuse_len=16, mem_len=16, num_predict=6,
+                batch_size=4, lr=3e-3, warmup_steps=2, max_steps=6, eval_every=3, eval_batches=1, save_every=3,
+                keep_checkpoints=3, out_dir=str(out), device="cpu", progress=False)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def losses(out: Path) -> list[tuple[str, int, float]]:
+    return [(r["split"], r["step"], r["loss"]) for r in T.read_metrics(out / "metrics.jsonl")]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return XLNetLMHeadModel.from_pretrained(path, verbose=False).state_dict()
+
+
+def test_straight_run_equals_run_plus_resume(corpus, tmp_path, capsys):
+    # straight: 6 steps through the CLI (YAML + flag override), dropout on, so RNG restore matters
+    cfg = small(corpus, tmp_path / "a")
+    yaml_path = tmp_path / "run.yaml"
+    yaml_path.write_text(yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}))
+    assert cli_main(["pretrain", "--config", str(yaml_path), "--max-steps", "6"]) == 0
+    printed = capsys.readouterr().out
+    a = tmp_path / "a"
+    assert "done: 6 steps" in printed and "valid loss" in printed and str(a / "loss.png") in printed
+    assert (a / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert any((a / "tensorboard").iterdir())
+    assert yaml.safe_load((a / "config.yaml").read_text())["max_steps"] == 6
+    ckpt = a / "checkpoints" / "step_00000006"
+    assert {"model.safetensors", "config.json", "training_state.pt", "trainer_state.json"} <= {
+        p.name for p in ckpt.iterdir()}
+
+    # 3 steps, stop as if signalled, resume for the other 3
+    b = tmp_path / "b"
+    first = pretrain(small(corpus, b), stop_after_steps=3)
+    assert first["stopped"] and first["steps"] == 3
+    with pytest.raises(XLNetError, match="already holds checkpoints"):
+        pretrain(small(corpus, b))
+    with pytest.raises(XLNetError, match="does not match checkpoint.*lr"):
+        pretrain(small(corpus, b, lr=1e-3), resume="latest")
+    second = pretrain(small(corpus, b, activation_checkpointing=True), resume="latest")  # runtime-only flag
+    assert second["steps"] == 6 and not second["stopped"]
+
+    assert losses(a) == losses(b)  # bit-identical trajectory (train and valid losses)
+    assert len([r for r in losses(a) if r[0] == "valid"]) == 3  # steps 0, 3, 6
+    wa, wb = weights(ckpt), weights(b / "checkpoints" / "step_00000006")
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST = dict(dropout=0.0, dropatt=0.0, max_steps=4, eval_every=4, save_every=2)
+
+
+@pytest.fixture(scope="module")
+def one_process(corpus, tmp_path_factory) -> Path:
+    """The reference for the 2-process runs: 1 process, grad_accum 2 (same rows per micro-batch)."""
+    out = tmp_path_factory.mktemp("one")
+    pretrain(small(corpus, out, grad_accum=2, **DIST))
+    return out
+
+
+def torchrun(corpus, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    cfg = small(corpus, out, grad_accum=1, **DIST)
+    yaml_path = out.with_suffix(".yaml")
+    yaml_path.write_text(yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "xlnet.cli", "pretrain", "--config", str(yaml_path), *flags]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: 4 steps") == 1  # only rank 0 prints
+    return proc
+
+
+def assert_same_run(a: Path, b: Path, steps=None) -> None:
+    la, lb = losses(a), losses(b)
+    if steps is not None:
+        la, lb = [r for r in la if r[1] in steps], [r for r in lb if r[1] in steps]
+    assert [r[:2] for r in la] == [r[:2] for r in lb] and la
+    for (_, _, x), (_, _, y) in zip(la, lb):
+        assert x == pytest.approx(y, abs=1e-5)
+    wa, wb = weights(a / "checkpoints" / "step_00000004"), weights(b / "checkpoints" / "step_00000004")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_two_process_ddp_matches_one_process_grad_accum(corpus, one_process, tmp_path):
+    two = tmp_path / "two"
+    torchrun(corpus, two)
+    assert_same_run(one_process, two)
+    ckpt = two / "checkpoints" / "step_00000004"
+    assert T.read_trainer_state(ckpt)["world_size"] == 2
+    mems = torch.load(ckpt / "training_state.pt", weights_only=True)["tensors"]["mems"]
+    assert len(mems) == 2 and mems[0].shape == (4, 16, 32)  # global rows gathered from both ranks
+
+
+def test_fsdp2_matches_and_its_checkpoint_resumes_in_one_process(corpus, one_process, tmp_path):
+    fsdp = tmp_path / "fsdp"
+    torchrun(corpus, fsdp, "--fsdp", "true")
+    assert_same_run(one_process, fsdp)
+    # the step-2 checkpoint (full state, gathered from the shards) continues in 1 process x 2 micro-batches
+    resumed = tmp_path / "resumed"
+    pretrain(small(corpus, resumed, grad_accum=2, **DIST), resume=str(fsdp / "checkpoints" / "step_00000002"))
+    assert_same_run(one_process, resumed, steps={3, 4})
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = XLNetLMHeadModel.forward
+
+    def poisoned(self, *args, **kw):
+        out = forward(self, *args, **kw)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(XLNetLMHeadModel, "forward", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(XLNetError, match=r"non-finite loss at step 3; .*step_00000002"):
+        pretrain(small(corpus, out, save_every=2, eval_every=0))
+    assert [p.name for p in T.list_checkpoints(out)] == ["step_00000002"]
+
+
+def test_user_errors_are_one_line(corpus, tmp_path):
+    with pytest.raises(XLNetError, match="data directory not found"):
+        pretrain(small(corpus, tmp_path / "x", data_dir=str(tmp_path / "missing")))
+    with pytest.raises(XLNetError, match="vocab sizes disagree"):
+        pretrain(small(corpus, tmp_path / "x", vocab_size=corpus["vocab_size"] + 1))
+    with pytest.raises(XLNetError, match="no checkpoint"):
+        pretrain(small(corpus, tmp_path / "x"), resume="latest")
+    with pytest.raises(XLNetError, match="divisible"):
+        pretrain(small(corpus, tmp_path / "x", grad_accum=3))
+    assert cli_main(["pretrain", "--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "y")]) == 2
+
+
+def test_sigterm_checkpoints_then_exits(corpus, tmp_path):
+    out = tmp_path / "term"
+
+    def kill_after_first_step():
+        while not (out / "metrics.jsonl").is_file() or '"train"' not in (out / "metrics.jsonl").read_text():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=kill_after_first_step, daemon=True).start()
+    summary = pretrain(small(corpus, out, max_steps=1000, eval_every=0, save_every=0))
+    assert summary["stopped"] == "SIGTERM" and 1 <= summary["steps"] < 1000
+    assert T.latest_checkpoint(out).name == f"step_{summary['steps']:08d}"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_tiny_yaml_is_the_default():
+    path = Path(__file__).resolve().parents[1] / "configs" / "pretrain-tiny.yaml"
+    assert yaml.safe_load(path.read_text()) == {
+        k: v for k, v in dataclasses.asdict(PretrainConfig()).items() if v is not None or k == "perm_size"}

@@ -1,0 +1,184 @@
+"""Shared training pieces: optimizer groups, schedule, checkpoints, metrics, signals, wrappers."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from xlnet.config import XLNetConfig
+from xlnet.errors import XLNetError
+from xlnet.model import XLNetLMHeadModel
+from xlnet import training as T
+
+
+def tiny_model(**kw) -> XLNetLMHeadModel:
+    torch.manual_seed(0)
+    cfg = XLNetConfig(vocab_size=50, d_model=16, n_layer=2, n_head=2, d_head=8, d_inner=32, dropout=0.0,
+                      dropatt=0.0, **kw)
+    return XLNetLMHeadModel(cfg)
+
+
+def plm_batch(bsz: int = 2, seq: int = 8, npred: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(9, 50, (bsz, seq), generator=g)
+    perm = torch.zeros(bsz, seq, seq)
+    perm[:, :, -npred:] = 1.0
+    tm = torch.zeros(bsz, npred, seq)
+    for k in range(npred):
+        tm[:, k, seq - npred + k] = 1.0
+    return dict(input_ids=ids, perm_mask=perm, target_mapping=tm, labels=ids[:, -npred:].clone())
+
+
+def test_schedule_warmup_then_linear_decay():
+    f = T.warmup_linear_decay(warmup_steps=4, total_steps=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8) == pytest.approx(0.5) and f(12) == 0.0 and f(20) == 0.0
+    model = tiny_model()
+    opt = T.build_optimizer(T.decay_groups(model, 0.01), lr=1e-3)
+    sched = T.build_scheduler(opt, 4, 12)
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+    opt.step(), sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+
+
+def test_optimizer_groups_and_eps():
+    model = tiny_model()
+    opt = T.build_optimizer(T.decay_groups(model, 0.01), lr=1e-3, eps=1e-6)
+    decays = {g["weight_decay"] for g in opt.param_groups}
+    assert decays == {0.01, 0.0} and opt.defaults["eps"] == 1e-6
+    n_params = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_params == len(list(model.parameters()))  # tied embedding listed once
+
+
+def test_layerwise_lr_decay():
+    model = tiny_model()
+    groups = T.layerwise_lr_groups(model, 0.01, lr_decay=0.5, n_layer=2)
+    opt = T.build_optimizer(groups, lr=1.0)
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["transformer.word_embedding.weight"])] == 0.25  # embeddings: decay^L
+    assert by_param[id(named["transformer.layer.0.rel_attn.q"])] == 0.5
+    assert by_param[id(named["transformer.layer.1.rel_attn.q"])] == 1.0
+    assert by_param[id(named["lm_loss.bias"])] == 1.0  # heads: full lr
+    nd = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert id(named["transformer.layer.0.rel_attn.layer_norm.weight"]) in nd
+
+
+def test_clip_grad_norm_reports_and_clips():
+    model = tiny_model()
+    model(**plm_batch()).loss.backward()
+    before = T.clip_grad_norm(model, 1e-3)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert before > 1e-3 and after.item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_activation_checkpointing_same_grads_and_names():
+    a, b = tiny_model(), tiny_model()
+    T.apply_activation_checkpointing(b)
+    assert list(a.state_dict()) == list(b.state_dict())
+    batch = plm_batch()
+    la, lb = a(**batch).loss, b(**batch).loss
+    la.backward(), lb.backward()
+    assert torch.equal(la, lb)
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=0, atol=1e-7, msg=n)
+
+
+def test_checkpoint_roundtrip_restores_everything(tmp_path):
+    model = tiny_model()
+    opt = T.build_optimizer(T.decay_groups(model, 0.01), lr=1e-2)
+    sched = T.build_scheduler(opt, 2, 10)
+    for seed in range(3):
+        model(**plm_batch(seed=seed)).loss.backward()
+        opt.step(), sched.step(), opt.zero_grad()
+    T.set_seed(123)
+    mems = [torch.randn(2, 4, 16)]
+    path = T.save_checkpoint(T.checkpoint_path(tmp_path, 3), model, opt, sched, {"step": 3, "sampler": {"pos": 7}},
+                             {"mems": mems})
+    assert path.name == "step_00000003" and (path / "model.safetensors").is_file()
+    expect_rand = torch.rand(3)
+
+    # weights load with from_pretrained; the rest with load_training_state
+    fresh = XLNetLMHeadModel.from_pretrained(path)
+    for (n, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(p, q), n
+    opt2 = T.build_optimizer(T.decay_groups(fresh, 0.01), lr=1e-2)
+    sched2 = T.build_scheduler(opt2, 2, 10)
+    torch.manual_seed(999)
+    tensors = T.load_training_state(path, fresh, opt2, sched2)
+    assert torch.equal(torch.rand(3), expect_rand)
+    assert torch.equal(tensors["mems"][0], mems[0])
+    assert sched2.last_epoch == 3 and T.read_trainer_state(path)["sampler"] == {"pos": 7}
+    batch = plm_batch(seed=5)
+    for m, o, s in ((model, opt, sched), (fresh, opt2, sched2)):
+        m(**batch).loss.backward()
+        o.step(), s.step()
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_listing_and_keep_last(tmp_path):
+    model = tiny_model()
+    opt = T.build_optimizer(T.decay_groups(model, 0.0), lr=1e-3)
+    for step in (1, 2, 3):
+        T.save_checkpoint(T.checkpoint_path(tmp_path, step), model, opt, None, {"step": step}, keep_last=2)
+    (tmp_path / "checkpoints" / ".step_00000004.abc.tmp").mkdir()  # an interrupted write is ignored
+    assert [p.name for p in T.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    assert T.latest_checkpoint(tmp_path).name == "step_00000003"
+    with pytest.raises(XLNetError, match="not a training checkpoint"):
+        T.read_trainer_state(tmp_path)
+
+
+def test_metrics_logger_jsonl_tensorboard_and_resume(tmp_path):
+    log = T.MetricsLogger(tmp_path)
+    for step in (1, 2, 3):
+        log.log("train", step, loss=5.0 - step, lr=1e-3)
+    log.log("valid", 3, loss=4.5)
+    log.close()
+    rows = T.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["split"] for r in rows] == ["train"] * 3 + ["valid"] and rows[0]["loss"] == 4.0
+    assert any(f.name.startswith("events.out.tfevents") for f in (tmp_path / "tensorboard").iterdir())
+    log = T.MetricsLogger(tmp_path, resume_step=2)  # the cut-off run's step 3 is dropped
+    log.log("train", 3, loss=1.0)
+    log.close()
+    assert [(r["step"], r["loss"]) for r in T.read_metrics(tmp_path / "metrics.jsonl")] == [(1, 4.0), (2, 3.0), (3, 1.0)]
+
+    from xlnet.plots import plot_loss_curves
+
+    png = plot_loss_curves(T.read_metrics(tmp_path / "metrics.jsonl"), tmp_path / "loss.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_stop_signal_sets_flag_then_second_ctrl_c_interrupts():
+    with T.StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM" and stop.agreed(torch.device("cpu"))
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_flops_and_throughput():
+    f = T.xlnet_flops_per_token(256, 4, 1024, 8000, 128, 64, 21)
+    dense = 6 * 4 * (4 * 256 * 256 + 2 * 256 * 1024)  # 6N for the blocks' matmuls
+    assert dense < f < 3 * dense
+    tp = T.Throughput(f, peak=1e12, window=2)
+    tp.step(100, 1.0), tp.step(300, 1.0), tp.step(500, 1.0)
+    assert tp.tokens_per_s == 400 and tp.total_tokens == 900 and tp.mfu == pytest.approx(400 * f / 1e12)
+    assert T.peak_flops(torch.device("cpu"), "bf16") is None
+
+
+def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    T.set_seed(7)
+    state = T.rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    T.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
