@@ -50,6 +50,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     # A second `xlnet demo` into the same directory reuses (or finishes) the pretraining run it finds there.
     pre = pretrain(pre_cfg, resume="latest" if latest_checkpoint(pre_cfg.out_dir) else None)
     print(format_summary(pre))
+    if pre["stopped"]:  # SIGTERM / Ctrl-C: the checkpoint is saved; a rerun continues from it
+        raise KeyboardInterrupt
 
     runs = {}
     for name, model in (("pretrained", pre["checkpoint"]), ("random init", "")):

@@ -6,6 +6,11 @@ onto Hugging Face's XLNet so checkpoints move between the two without renaming.
 
 Reading order: relative positions -> masks -> RelativeAttention (content stream h, query stream g) ->
 FeedForward -> Layer -> XLNetModel (the `transformer`) -> XLNetLMHeadModel (permutation LM).
+
+Two implementations of the attention, chosen once at construction from `config.attn_impl`: "reference" (this
+file: the formulation of the paper and HF, three score tensors and dense masks, easy to read) and "fast"
+(fast_attention.py: one score tensor per stream, query stream only at the targets, cheaper dropout). Same
+parameters, same function; tests/test_fast_attention.py holds them to each other and to HF.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor, nn
 
 from xlnet.checkpoint import PretrainedMixin
 from xlnet.config import XLNetConfig
+from xlnet.fast_attention import FastDropout, FastInputs, fast_forward, fast_inputs, fast_layer
 
 NEG_INF = 1e30  # subtracted from masked scores (HF's constant: rows with every key masked stay finite)
 
@@ -140,7 +146,8 @@ class RelativeAttention(nn.Module):
         self.r_s_bias = nn.Parameter(torch.empty(n, dh))  # b: segment bias
         self.seg_embed = nn.Parameter(torch.empty(2, n, dh))  # s+ (same segment), s- (different)
         self.layer_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.fast = config.attn_impl == "fast"
+        self.dropout = (FastDropout if self.fast else nn.Dropout)(config.dropout)
         self.dropatt = nn.Dropout(config.dropatt)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, k_r: Tensor, seg: Tensor | None, mask: Tensor | None) -> Tensor:
@@ -161,8 +168,11 @@ class RelativeAttention(nn.Module):
         out = torch.einsum("bind,hnd->bih", attn_vec, self.o)
         return self.layer_norm(x + self.dropout(out))
 
-    def forward(self, h: Tensor, g: Tensor | None, pos_emb: Tensor, seg: Tensor | None, mask_h: Tensor | None,
-                mask_g: Tensor | None, mem: Tensor | None, target_mapping: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, h: Tensor, g: Tensor | None, pos_emb: Tensor, mem: Tensor | None, seg: Tensor | None = None,
+                mask_h: Tensor | None = None, mask_g: Tensor | None = None, target_mapping: Tensor | None = None,
+                fast: FastInputs | None = None) -> tuple[Tensor, Tensor | None]:
+        if self.fast:
+            return fast_forward(self, h, g, pos_emb, fast, mem)
         cat = h if mem is None else torch.cat([mem, h], dim=1)
         k = torch.einsum("bjh,hnd->bjnd", cat, self.k)
         v = torch.einsum("bjh,hnd->bjnd", cat, self.v)
@@ -188,7 +198,7 @@ class FeedForward(nn.Module):
         self.layer_1 = nn.Linear(config.d_model, config.d_inner)
         self.layer_2 = nn.Linear(config.d_inner, config.d_model)
         self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = (FastDropout if config.attn_impl == "fast" else nn.Dropout)(config.dropout)
         self.activation = ACTIVATIONS[config.ff_activation]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -201,8 +211,11 @@ class Layer(nn.Module):
         super().__init__()
         self.rel_attn = RelativeAttention(config)
         self.ff = FeedForward(config)
+        self.fast = config.attn_impl == "fast"
 
     def forward(self, h: Tensor, g: Tensor | None, **attn: Any) -> tuple[Tensor, Tensor | None]:
+        if self.fast:  # both streams through one FFN call
+            return fast_layer(self, h, g, **attn)
         h, g = self.rel_attn(h, g, **attn)
         return self.ff(h), (None if g is None else self.ff(g))
 
@@ -220,7 +233,7 @@ class XLNetModel(PretrainedMixin, nn.Module):
         self.word_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.mask_emb = nn.Parameter(torch.empty(1, 1, config.d_model))  # w: query stream input g^(0)
         self.layer = nn.ModuleList(Layer(config) for _ in range(config.n_layer))
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = (FastDropout if config.attn_impl == "fast" else nn.Dropout)(config.dropout)
         if not config.untie_r:  # one set of relative biases shared by every layer (original TF `untie_r=False`)
             first = self.layer[0].rel_attn
             for layer in self.layer[1:]:
@@ -262,21 +275,25 @@ class XLNetModel(PretrainedMixin, nn.Module):
             raise ValueError(f"bi_data needs an even batch, got {bsz}")
 
         mask_h, mask_g = attention_masks(self.config, qlen, mlen, attention_mask, perm_mask, device)
-        seg = segment_matrix(token_type_ids, mlen)
         pos_emb = self.dropout(relative_positions(self.config, qlen, mlen + qlen, bsz, device))
         h = self.dropout(self.word_embedding(input_ids))  # content stream h^(0) = e(x)
         g = None
         if target_mapping is not None:  # query stream g^(0) = w at every prediction slot
             target_mapping = target_mapping.to(h.dtype)
             g = self.dropout(self.mask_emb.expand(bsz, target_mapping.shape[1], -1))
+        if self.config.attn_impl == "fast":  # bool masks gathered at the targets, one-hot segments
+            rlen = pos_emb.shape[1]
+            attn = dict(fast=fast_inputs(qlen, mlen, rlen, mask_h, mask_g, token_type_ids, target_mapping, h.dtype))
+        else:
+            attn = dict(seg=segment_matrix(token_type_ids, mlen), mask_h=mask_h, mask_g=mask_g,
+                        target_mapping=target_mapping)
 
         new_mems = []
         for i, layer in enumerate(self.layer):
             mem = mems[i] if mems else None
             if use_mems:
                 new_mems.append(self.cache_mem(h, mem))
-            h, g = layer(h, g, pos_emb=pos_emb, seg=seg, mask_h=mask_h, mask_g=mask_g, mem=mem,
-                         target_mapping=target_mapping)
+            h, g = layer(h, g, pos_emb=pos_emb, mem=mem, **attn)
         out = self.dropout(h if g is None else g)
         return XLNetOutput(last_hidden_state=out, mems=new_mems if use_mems else None)
 

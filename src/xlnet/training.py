@@ -446,8 +446,9 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
+        if resume_step is None:  # a fresh run: no curves from an earlier run in the same directory
             self.path.unlink(missing_ok=True)
+            shutil.rmtree(Path(out_dir) / "tensorboard", ignore_errors=True)
         elif self.path.is_file():
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]

@@ -1,0 +1,362 @@
+"""Training / inference throughput: ours (fast), ours (reference), HF XLNet, HF BERT at the same shape.
+
+    python benchmarks/throughput.py                      # CPU, tiny model, seq 256, batch 8, 42 targets, mem 128
+    python benchmarks/throughput.py --quick              # smoke run (small shape, 2 steps)
+    python benchmarks/throughput.py --device cuda        # base model, seq 512, batch 16, 85 targets, mem 384, bf16
+
+One table per run. Modes:
+- plm:      permutation-LM training step with memory (two streams, AdamW). BERT: BertForMaskedLM, 15% masked.
+- finetune: sequence-classification training step (content stream only, no memory, AdamW).
+- infer:    sequence-classification forward in eval mode under inference_mode.
+
+Batches are random tokens in the PLM layout (not the data pipeline): segments A | B | <cls> (ids 0, 1, 2), the
+targets are `--targets` random positions with random permutation ranks above every non-target (non-targets are
+seen by everyone), perm_mask[i, j] = 1 iff j is a target with rank(j) >= rank(i), target_mapping one-hot.
+Memory (plm) is the previous step's `mems`, so every timed step attends over mem + seq keys.
+
+Timing: all implementations of a mode live in one process and their steps are interleaved round by round (the
+machine is shared, so a burst of load hits all of them alike); the table gives the median step. Memory: CPU peak
+RSS delta (ru_maxrss at the end minus RSS before the model is built) from a fresh subprocess per implementation
+and mode; CUDA torch.cuda.max_memory_allocated in-process.
+
+FLOPs (analytic, matrix products only, 2 per multiply-add; the same "useful" count for every XLNet
+implementation, so HF's extra work on non-target query rows is not credited). Per layer, with L tokens, M memory,
+K = M + L keys, R = K + L distances (bi), P targets, d = d_model = n_head * d_head, F = d_inner, V = vocab:
+  content stream  2·L·d² (q) + 4·K·d² (k, v) + 2·R·d² (r, once per step) + 2·L·K·d (q·k) + 2·L·R·d (q·r)
+                  + 2·L·K·d (p·v) + 2·L·d² (o) + 4·L·d·F (FFN)
+  query stream    the same with P rows: 2·P·d² + 2·P·K·d + 2·P·R·d + 2·P·K·d + 2·P·d² + 4·P·d·F
+  LM head         2·P·d·V
+BERT MLM per layer 8·L·d² + 4·L²·d + 4·L·d·F, head 2·L·d² + 2·L·d·V (HF computes logits at all L positions).
+Training = 3 x forward; classification heads (< 0.1%) are left out. TFLOP/s = FLOPs / median step time;
+MFU (CUDA only) = TFLOP/s / --peak-tflops (H100 SXM dense bf16: 989).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+IMPLS = ["fast", "reference", "hf_xlnet", "hf_bert"]
+LABELS = {"fast": "ours (fast)", "reference": "ours (reference)", "hf_xlnet": "HF XLNet", "hf_bert": "HF BERT"}
+MODES = ["plm", "finetune", "infer"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--preset", default=None, help="model preset (default: tiny on cpu, base on cuda)")
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--targets", type=int, default=None)
+    ap.add_argument("--mem", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed rounds per implementation (median reported)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our models (measured, not default)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--quick", action="store_true", help="small shape, 2 steps: a smoke run")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ap.add_argument("--_memory_child", nargs=2, metavar=("MODE", "IMPL"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    cuda = args.device == "cuda"
+    defaults = dict(preset="base" if cuda else "tiny", seq=512 if cuda else 256, batch=16 if cuda else 8,
+                    targets=85 if cuda else 42, mem=384 if cuda else 128, steps=20 if cuda else 7)
+    if args.quick:
+        defaults.update(seq=64, batch=2, targets=10, mem=32, steps=2)
+        args.warmup = 1
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------
+# batches and models
+
+
+def plm_batch(args, vocab: int, device: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    B, L, P = args.batch, args.seq, args.targets
+    ids = torch.randint(9, vocab, (B, L), generator=g)
+    seg = torch.zeros(B, L, dtype=torch.long)
+    seg[:, L // 2:] = 1
+    seg[:, -1] = 2
+    ids[:, -1] = 3  # <cls>
+    perm = torch.zeros(B, L, L)
+    tm = torch.zeros(B, P, L)
+    for b in range(B):
+        pos = torch.randperm(L - 1, generator=g)[:P]  # <cls> is never a target
+        rank = torch.zeros(L)
+        rank[pos] = 1 + torch.randperm(P, generator=g).float()  # targets above every non-target (rank 0)
+        is_t = torch.zeros(L, dtype=torch.bool)
+        is_t[pos] = True
+        perm[b] = (is_t[None, :] & (rank[None, :] >= rank[:, None])).float()
+        tm[b, torch.arange(P), pos] = 1
+    labels = torch.gather(ids, 1, tm.argmax(-1))
+    batch = dict(input_ids=ids, token_type_ids=seg, attention_mask=torch.ones(B, L), perm_mask=perm,
+                 target_mapping=tm, labels=labels)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def cls_batch(args, vocab: int, device: str, seed: int = 0) -> dict:
+    b = plm_batch(args, vocab, device, seed)
+    b = {k: b[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+    b["attention_mask"][::2, : args.seq // 8] = 0  # left padding on half the rows
+    b["labels"] = torch.arange(args.batch, device=device) % 2
+    return b
+
+
+def mlm_batch(args, vocab: int, device: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(9, vocab, (args.batch, args.seq), generator=g)
+    labels = torch.full_like(ids, -100)
+    chosen = torch.rand(ids.shape, generator=g) < 0.15
+    labels[chosen] = ids[chosen]
+    ids = ids.masked_fill(chosen, 6)
+    return {k: v.to(device) for k, v in dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                              labels=labels).items()}
+
+
+def our_config(args, impl: str):
+    from xlnet.config import XLNetConfig
+
+    return XLNetConfig.from_preset(args.preset, mem_len=args.mem, attn_impl=impl, dropout=0.1, dropatt=0.1,
+                                   summary_last_dropout=0.1, num_labels=2)
+
+
+def build(args, mode: str, impl: str):
+    """A zero-argument `step` for this mode and implementation (a training step, or an inference forward)."""
+    import transformers
+
+    torch.manual_seed(0)
+    dev = args.device
+    ours_cfg = our_config(args, "fast" if impl == "fast" else "reference")
+    hf_xcfg = transformers.XLNetConfig(**ours_cfg.to_hf_dict())
+    bert_cfg = transformers.BertConfig(vocab_size=ours_cfg.vocab_size, hidden_size=ours_cfg.d_model,
+                                       num_hidden_layers=ours_cfg.n_layer, num_attention_heads=ours_cfg.n_head,
+                                       intermediate_size=ours_cfg.d_inner, max_position_embeddings=max(512, args.seq),
+                                       hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, num_labels=2)
+    if mode == "plm":
+        if impl in ("fast", "reference"):
+            from xlnet.model import XLNetLMHeadModel
+            model = XLNetLMHeadModel(ours_cfg)
+        elif impl == "hf_xlnet":
+            model = transformers.XLNetLMHeadModel(hf_xcfg)
+        else:
+            model = transformers.BertForMaskedLM(bert_cfg)
+    else:
+        if impl in ("fast", "reference"):
+            from xlnet.heads import XLNetForSequenceClassification
+            model = XLNetForSequenceClassification(ours_cfg)
+        elif impl == "hf_xlnet":
+            model = transformers.XLNetForSequenceClassification(hf_xcfg)
+        else:
+            model = transformers.BertForSequenceClassification(bert_cfg)
+    model.to(dev)
+    call = torch.compile(model) if args.compile and impl in ("fast", "reference") else model
+    vocab = ours_cfg.vocab_size
+    if impl == "hf_bert":
+        batch = mlm_batch(args, vocab, dev) if mode == "plm" else cls_batch(args, vocab, dev)
+        batch.pop("token_type_ids", None)
+    else:
+        batch = plm_batch(args, vocab, dev) if mode == "plm" else cls_batch(args, vocab, dev)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
+
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), amp:
+                call(**{k: v for k, v in batch.items() if k != "labels"})
+        return step
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    state = {"mems": None}
+
+    def step():
+        kw = dict(batch)
+        if mode == "plm" and impl != "hf_bert":
+            kw["mems"] = state["mems"]
+            if impl == "hf_xlnet":
+                kw["use_mems"] = True
+        with amp:
+            out = call(**kw)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if mode == "plm" and impl != "hf_bert":
+            state["mems"] = out.mems
+    return step
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def flops(args, mode: str, impl: str) -> float:
+    from xlnet.config import XLNetConfig
+
+    c = XLNetConfig.from_preset(args.preset)
+    d, F, V, n = c.d_model, c.d_inner, c.vocab_size, c.n_layer
+    L, B = args.seq, args.batch
+    if impl == "hf_bert":
+        per_layer = 8 * L * d * d + 4 * L * L * d + 4 * L * d * F
+        fwd = B * (n * per_layer + (2 * L * d * d + 2 * L * d * V if mode == "plm" else 0))
+        return fwd * (1 if mode == "infer" else 3)
+    M = args.mem if mode == "plm" else 0
+    K = M + L
+    R = K + L
+    P = args.targets if mode == "plm" else 0
+    content = 2 * L * d * d + 4 * K * d * d + 2 * L * K * d + 2 * L * R * d + 2 * L * K * d + 2 * L * d * d + 4 * L * d * F
+    query = 2 * P * d * d + 2 * P * K * d + 2 * P * R * d + 2 * P * K * d + 2 * P * d * d + 4 * P * d * F
+    fwd = B * n * (content + query) + n * 2 * R * d * d + B * 2 * P * d * V
+    return fwd * (1 if mode == "infer" else 3)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# measurement
+
+
+def sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_mode(args, mode: str, impls: list[str]) -> dict[str, float]:
+    steps = {impl: build(args, mode, impl) for impl in impls}
+    for impl, step in steps.items():
+        for _ in range(args.warmup):
+            step()
+    sync(args.device)
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(args.steps):  # interleaved rounds
+        for impl, step in steps.items():
+            sync(args.device)
+            t0 = time.perf_counter()
+            step()
+            sync(args.device)
+            times[impl].append(time.perf_counter() - t0)
+    return {impl: statistics.median(ts) for impl, ts in times.items()}
+
+
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def memory_child(args, mode: str, impl: str) -> None:
+    """Peak RSS of building + 3 steps, minus RSS after the imports. Linux: writing 5 to clear_refs resets the
+    high-water mark (VmHWM), so the import peak does not hide the step's."""
+    torch.set_num_threads(args.threads)
+    import transformers  # noqa: F401  (imports outside the measured delta)
+    import xlnet.heads  # noqa: F401
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base, field = status_kb("VmRSS"), "VmHWM"
+    except OSError:  # no procfs: ru_maxrss (includes the import peak)
+        base, field = 0, None
+    step = build(args, mode, impl)
+    for _ in range(3):
+        step()
+    peak = status_kb(field) if field else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_delta_mb": (peak - base) / 1024}))
+
+
+def memory(args, mode: str, impl: str) -> float | None:
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        step = build(args, mode, impl)
+        for _ in range(3):
+            step()
+        sync("cuda")
+        return torch.cuda.max_memory_allocated() / 2**20
+    cmd = [sys.executable, __file__, "--_memory_child", mode, impl, "--device", args.device,
+           "--preset", args.preset, "--seq", str(args.seq), "--batch", str(args.batch), "--targets",
+           str(args.targets), "--mem", str(args.mem), "--threads", str(args.threads)]
+    if args.compile:
+        cmd.append("--compile")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta_mb"]
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return name
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args._memory_child:
+        memory_child(args, *args._memory_child)
+        return
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    modes = [m for m in args.modes.split(",") if m]
+    impls = [i for i in args.impls.split(",") if i]
+    rows = []
+    for mode in modes:
+        med = time_mode(args, mode, impls)
+        for impl in impls:
+            t = med[impl]
+            fl = flops(args, mode, impl)
+            row = dict(mode=mode, impl=impl, step_s=t, tokens_per_s=args.batch * args.seq / t,
+                       tflops=fl / t / 1e12, mfu=(fl / t / 1e12 / args.peak_tflops if args.device == "cuda" else None),
+                       memory_mb=None if args.no_memory else memory(args, mode, impl))
+            rows.append(row)
+        ref = next((r for r in rows if r["mode"] == mode and r["impl"] == "hf_xlnet"), None)
+        for r in rows:
+            if r["mode"] == mode and ref:
+                r["speed_vs_hf_xlnet"] = r["tokens_per_s"] / ref["tokens_per_s"]
+                if r["memory_mb"] is not None and ref["memory_mb"]:
+                    r["memory_vs_hf_xlnet"] = r["memory_mb"] / ref["memory_mb"]
+    meta = dict(device=args.device, machine=machine(), threads=args.threads, torch=torch.__version__,
+                preset=args.preset, seq=args.seq, batch=args.batch, targets=args.targets, mem=args.mem,
+                steps=args.steps, compile=args.compile, date=time.strftime("%Y-%m-%d"),
+                load=os.getloadavg()[0])
+    if args.json:
+        print(json.dumps(dict(meta=meta, rows=rows), indent=2))
+        return
+    mem_name = "peak RSS Δ MiB" if args.device == "cpu" else "max alloc MiB"
+    print(f"# {meta['date']} {meta['machine']}, {args.device}, {args.threads} threads, torch {meta['torch']}; "
+          f"preset {args.preset}, seq {args.seq}, batch {args.batch}, targets {args.targets}, mem {args.mem}, "
+          f"median of {args.steps} interleaved steps; load avg {meta['load']:.1f}")
+    print(f"| mode | implementation | step ms | tokens/s | TFLOP/s | MFU | {mem_name} | speed vs HF XLNet "
+          f"| memory vs HF XLNet |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "–"
+        mem = f"{r['memory_mb']:.0f}" if r["memory_mb"] is not None else "–"
+        sp = f"{r['speed_vs_hf_xlnet']:.2f}×" if "speed_vs_hf_xlnet" in r else "–"
+        mr = f"{r['memory_vs_hf_xlnet']:.2f}×" if "memory_vs_hf_xlnet" in r else "–"
+        print(f"| {r['mode']} | {LABELS[r['impl']]} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:,.0f} | "
+              f"{r['tflops']:.3f} | {mfu} | {mem} | {sp} | {mr} |")
+
+
+if __name__ == "__main__":
+    main()

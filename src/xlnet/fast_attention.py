@@ -1,0 +1,323 @@
+"""The fast path of two-stream relative attention (`XLNetConfig.attn_impl = "fast"`).
+
+Same function as `RelativeAttention.attend` in model.py (the reference, kept for reading and parity), computed
+with one score-sized tensor per stream and no float masks:
+
+- Content and segment terms in one matrix product. The segment term (q_i + b)·s_{same/diff} equals
+  e_i^diff + (e_i^same - e_i^diff)·[seg_i = seg_j], and [seg_i = seg_j] = onehot(seg_i)·onehot(seg_j). The row
+  constant e_i^diff cancels in the softmax, so q gets C extra dims (e^same - e^diff)·onehot(seg_i) and k gets
+  onehot(seg_j): (q + u, extra)·(k, onehot) is content + segment at once (C = number of segment ids in the batch).
+- The position term is one product against the distance table, read by distance i - j through a view
+  (`rel_shift`, content stream) or a gather (query stream), masked in the same pass that makes it contiguous
+  (`masked_bias`: -1e30 where masked, the reference's constant; its gradient is the identity, as the
+  reference's `score - 1e30 * mask`), and the content/segment product is accumulated into it in place
+  (`baddbmm_`). One [B, n, L, K] tensor, then softmax, then dropout, then the product with v.
+- Query stream only for the P target slots: the rows of the mask, the segment ids and the distance table are
+  gathered at each slot's position (target_mapping one-hot; a zero row gives attention vector 0, as the
+  reference's scatter/gather does). HF and the reference run it for all L positions.
+- Dropout from 16-bit random lanes (`fast_dropout`): on CPU `bernoulli_` dominated HF's step (23%); one 64-bit
+  draw gives four 16-bit uniforms, so the keep mask costs ~1/10 of `F.dropout`. The drop probability is p
+  rounded to a multiple of 1/65536 and survivors are scaled by the exact 1/(1 - p') (unbiased). CUDA uses
+  the native fused dropout.
+
+Two cores, picked per call: "manual" (the steps above; CPU training) and "sdpa" (the same bias handed to
+`scaled_dot_product_attention`: on CUDA the memory-efficient kernel takes a float bias with gradient and fused
+dropout; on CPU, SDPA's flash kernel takes no dropout and no bias gradient, and lost to the manual core even for
+inference, so the CPU uses the manual core and the tests run the sdpa core through SDPA's math kernel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NEG_INF = 1e30  # the reference's constant (model.NEG_INF)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dropout
+
+
+class _Dropout16(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.where(keep, x, 0.0).mul_(scale)  # where, not mul: no float copy of the bool mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
+
+
+def dropout_keep(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
+    """Bool keep mask with P(drop) = round(p * 65536) / 65536, and the unbiased survivor scale."""
+    drop = min(max(round(p * 65536), 0), 65535)
+    n = 1
+    for s in shape:
+        n *= s
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
+    keep = bits.view(torch.int16)[:n].view(shape) >= drop - 32768
+    return keep, 65536.0 / (65536 - drop)
+
+
+def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    if not training or p <= 0:
+        return x
+    if x.device.type != "cpu" or p >= 1:
+        return F.dropout(x, p, True)
+    keep, scale = dropout_keep(x.shape, p, x.device)
+    return _Dropout16.apply(x, keep, scale)
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout (same repr and state) drawing its mask from 16-bit random lanes on CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# masks and per-forward inputs
+
+
+class _MaskedBias(torch.autograd.Function):
+    """x.masked_fill(mask, -1e30) whose gradient is the identity (the reference subtracts 1e30 * mask: where a
+    whole row is masked, the softmax is uniform and the reference's gradient still reaches the scores)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mask: Tensor) -> Tensor:
+        return x.masked_fill(mask, -NEG_INF)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+class _ShiftMaskQK(torch.autograd.Function):
+    """The whole pre-softmax score in one fresh tensor, for the bidirectional table (R = K + L, where the shifted
+    view does not overlap itself): rel_shift(table) masked with -1e30, plus scale · qc·kcᵀ accumulated in place.
+
+    table [.., Lq, R] holds the rows of each (b, n) pair at strides (sb, sn); score entry (i, j) reads
+    table[.., i, L - i + j] (flat offset L + i·(R - 1) + j within the pair's block, exactly rel_shift). Backward:
+    the masking is the identity (as the reference's `score - 1e30 * mask`), the table's gradient is written
+    through the same strided view into a fresh buffer whose L - 1 uncovered entries per row are zeroed, and the
+    q/k gradients are two batched products. (Autograd's own view backward zero-fills the whole table, copies,
+    and re-lays it out; an in-place baddbmm_ on a view adds two more copies.)"""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, mask: Tensor | None, qc: Tensor, kc: Tensor, scale: float,
+                geom: tuple[int, ...]) -> Tensor:
+        bsz, n_head, sb, sn, klen = geom
+        qlen, rlen = table.shape[-2:]
+        ctx.geom, ctx.scale, ctx.qlen, ctx.rlen = geom, scale, qlen, rlen
+        view = table.as_strided((bsz, n_head, qlen, klen), (sb, sn, rlen - 1, 1), table.storage_offset() + qlen)
+        score = torch.empty((bsz, n_head, qlen, klen), dtype=table.dtype, device=table.device)
+        if mask is not None:
+            torch.where(mask, view.new_full((), -NEG_INF), view, out=score)  # one pass over the strided view
+        else:
+            score.copy_(view)
+        score.view(-1, qlen, klen).baddbmm_(qc, kc.transpose(1, 2), alpha=scale)
+        ctx.save_for_backward(qc, kc)
+        return score
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        bsz, n_head, sb, sn, klen = ctx.geom
+        qlen, rlen = ctx.qlen, ctx.rlen
+        qc, kc = ctx.saved_tensors
+        g_table = g_q = g_k = None
+        if ctx.needs_input_grad[0]:
+            g_table = grad.new_empty(bsz * n_head * qlen * rlen)
+            g_table.as_strided((bsz, n_head, qlen, klen), (sb, sn, rlen - 1, 1), qlen).copy_(grad)
+            blocks = g_table.view(bsz * n_head, qlen * rlen)
+            blocks[:, :qlen].zero_()  # before row 0's first key
+            gap = rlen - 1 - klen  # = qlen - 1 entries after each row's last key
+            if gap > 0:
+                blocks.as_strided((bsz * n_head, qlen, gap), (qlen * rlen, rlen - 1, 1), qlen + klen).zero_()
+            g_table = g_table.view(-1, qlen, rlen)
+        grad3 = grad.reshape(-1, qlen, klen)
+        if ctx.needs_input_grad[2]:
+            g_q = torch.bmm(grad3, kc).mul_(ctx.scale)
+        if ctx.needs_input_grad[3]:
+            g_k = torch.bmm(grad3.transpose(1, 2), qc).mul_(ctx.scale)
+        return g_table, None, g_q, g_k, None, None
+
+
+def masked_bias(x: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return x.contiguous()
+    return _MaskedBias.apply(x, mask)
+
+
+@dataclass
+class FastInputs:
+    """What every layer's fast attention shares within one forward (built once by `fast_inputs`)."""
+
+    klen: int
+    mask_h: Tensor | None = None  # [B|1, 1, L, K] bool, True = masked
+    mask_g: Tensor | None = None  # [B|1, 1, P, K] bool
+    seg_q: Tensor | None = None  # [B, 1, L, C] one-hot segment of each query position (float)
+    seg_qg: Tensor | None = None  # [B, 1, P, C] the same at the target slots
+    seg_k: Tensor | None = None  # [B, 1, K, C] one-hot segment of each key (memory = segment 0)
+    shift_g: Tensor | None = None  # [B, 1, P, K] column of the distance table holding distance pos_p - j
+    valid: Tensor | None = None  # [B, P, 1, 1] 1 for a real slot, 0 for a zero (padded) row of target_mapping
+
+
+def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: Tensor | None,
+                token_type_ids: Tensor | None, target_mapping: Tensor | None, dtype: torch.dtype) -> FastInputs:
+    """Masks (from model.attention_masks, bool [B|1, L, K]) and segment/target gathers for the fast path; rlen
+    is the length of the distance table (klen + qlen for bi, klen for uni)."""
+    klen = mlen + qlen
+    out = FastInputs(klen=klen, mask_h=None if mask_h is None else mask_h[:, None])
+    pos = None
+    if target_mapping is not None:
+        bsz, n_pred, _ = target_mapping.shape
+        pos = target_mapping.argmax(-1)  # [B, P]; a zero row gives 0, zeroed by `valid`
+        out.valid = target_mapping.sum(-1).to(dtype)[:, :, None, None]
+        cols = torch.arange(klen, device=pos.device)
+        # table row r holds distance klen - r. uni: the table stops at distance 1, and the future keys beyond it
+        # (masked) are clamped to the last row (the reference's rel_shift reads the next query's row there: the
+        # same forward, and the same gradient unless a target row sees no key at all)
+        out.shift_g = ((qlen - pos)[:, None, :, None] + cols).clamp(max=rlen - 1)
+        if mask_g is not None:
+            rows = pos[:, :, None].expand(-1, -1, klen)
+            out.mask_g = mask_g.expand(bsz, -1, -1).gather(1, rows)[:, None]
+    if token_type_ids is not None:
+        n_seg = int(token_type_ids.max().clamp(min=0)) + 1  # one host sync per forward
+        if token_type_ids.device.type == "cuda":  # SDPA's fused kernels want q/k head dims in multiples of 8
+            n_seg = -(-n_seg // 8) * 8  # the extra one-hot columns are all zero
+        keys = F.pad(token_type_ids, (mlen, 0), value=0)
+        out.seg_k = F.one_hot(keys, n_seg).to(dtype)[:, None]
+        out.seg_q = out.seg_k[:, :, mlen:]
+        if pos is not None:
+            out.seg_qg = F.one_hot(token_type_ids.gather(1, pos), n_seg).to(dtype)[:, None]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the attention core
+
+
+def pick_core(device: torch.device) -> str:
+    """sdpa on CUDA (memory-efficient kernel: float bias with gradient, fused dropout); the manual core on CPU,
+    where SDPA's flash kernel takes neither dropout nor a bias that needs a gradient, and was slower than the
+    manual core even for inference (measured at the benchmark shape, torch 2.13)."""
+    return "sdpa" if device.type == "cuda" else "manual"
+
+
+def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: Tensor, k_r: Tensor,
+                seg_q: Tensor | None, seg_k: Tensor | None, mask: Tensor | None, shift: Tensor | None, klen: int,
+                core: str | None = None) -> Tensor:
+    """q [B, Lq, n, dh] (Lq = L for the content stream, P target slots for the query stream); coef [B, Lq, n]
+    the segment coefficient (q + b)·(s_same - s_diff) (None without segments); k, v [B, n, K, dh]; k_r
+    [B|1, R, n, dh]; seg_q [B, 1, Lq, C]; seg_k [B, 1, K, C]; mask [B|1, 1, Lq, K] bool; shift None (content:
+    row i reads distance i - j through rel_shift) or [B, 1, Lq, K] gather columns. -> [B, Lq, n, dh]."""
+    from xlnet.model import rel_shift
+
+    bsz, qlen, n_head, d_head = q.shape
+    scale = attn.scale
+    # position term, pre-scaled, against the distance table: [B, n, Lq, R] (a view when k_r is shared)
+    q_r = (q + attn.r_r_bias) * scale
+    rlen = k_r.shape[1]
+    if k_r.shape[0] == 1:  # one table for the batch: one product per head, no per-sample copies of the table
+        q_r = q_r.permute(2, 0, 1, 3).reshape(n_head, bsz * qlen, d_head)
+        table = torch.matmul(q_r, k_r[0].permute(1, 2, 0))  # [n, B·Lq, R]
+        sb, sn = qlen * rlen, bsz * qlen * rlen
+    else:  # bi_data: a table per sample
+        table = torch.matmul(q_r.transpose(1, 2), k_r.permute(0, 2, 3, 1))  # [B, n, Lq, R]
+        sb, sn = n_head * qlen * rlen, qlen * rlen
+    # content + segment in one product
+    qc = (q + attn.r_w_bias).transpose(1, 2)  # [B, n, Lq, dh]
+    kc = k
+    if coef is not None:
+        qc = torch.cat([qc, coef.transpose(1, 2)[..., None] * seg_q], dim=-1)
+        kc = torch.cat([k, seg_k.expand(-1, n_head, -1, -1)], dim=-1)
+    core = core or pick_core(q.device)
+    p = attn.dropatt.p if attn.training else 0.0
+    if core == "manual" and shift is None and rlen == klen + qlen:
+        # the position term read by distance i - j, masked, plus the content/segment product: one fresh tensor
+        qc3, kc3 = qc.reshape(-1, qlen, qc.shape[-1]), kc.reshape(-1, klen, kc.shape[-1])
+        score = _ShiftMaskQK.apply(table.view(-1, qlen, rlen), mask, qc3, kc3, scale,
+                                   (bsz, n_head, sb, sn, klen))
+    else:
+        bd = table.view(bsz, n_head, qlen, rlen) if k_r.shape[0] != 1 else \
+            table.view(n_head, bsz, qlen, rlen).transpose(0, 1)
+        bd = rel_shift(bd, klen) if shift is None else bd.gather(-1, shift.expand(-1, n_head, -1, -1))
+        bias = masked_bias(bd, mask)
+        if core == "sdpa":
+            out = F.scaled_dot_product_attention(qc, kc, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=scale)
+            return out.transpose(1, 2)
+        score = torch.baddbmm(bias.reshape(-1, qlen, klen), qc.reshape(-1, qlen, qc.shape[-1]),
+                              kc.reshape(-1, klen, kc.shape[-1]).transpose(1, 2), alpha=scale)
+        score = score.view(bsz, n_head, qlen, klen)
+    prob = torch.softmax(score, dim=-1)
+    if p > 0 and prob.device.type == "cpu":
+        keep, drop_scale = dropout_keep(prob.shape, p, prob.device)
+        # where (not prob * keep: that casts the bool mask to float, forward and backward); the survivor scale
+        # goes on the [.., dh] output instead of the probabilities
+        out = torch.matmul(torch.where(keep, prob, 0.0), v).mul_(drop_scale)
+    else:
+        out = torch.matmul(F.dropout(prob, p, attn.training) if p > 0 else prob, v)
+    return out.transpose(1, 2)
+
+
+def fast_forward(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
+                 mem: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """RelativeAttention.forward on the fast path (same parameters, same results as the reference)."""
+    return _split(attend_flat(attn, h, g, pos_emb, fast, mem), h, g)
+
+
+def fast_layer(layer: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
+               mem: Tensor | None, **_: object) -> tuple[Tensor, Tensor | None]:
+    """Layer.forward on the fast path: both streams share one [B·L + B·P, d] tensor from the query projection to
+    the end of the FFN (one call of each position-wise op instead of two)."""
+    return _split(layer.ff(attend_flat(layer.rel_attn, h, g, pos_emb, fast, mem)), h, g)
+
+
+def _split(x: Tensor, h: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    n_h = h.shape[0] * h.shape[1]
+    if g is None:
+        return x.view(h.shape), None
+    return x[:n_h].view(h.shape), x[n_h:].view(g.shape)
+
+
+def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
+                mem: Tensor | None) -> Tensor:
+    """Post-LN attention output of both streams, stacked: [B·L (+ B·P), d]."""
+    bsz, qlen, d = h.shape
+    n, dh = attn.n_head, attn.d_head
+    x = h.reshape(-1, d) if g is None else torch.cat([h.reshape(-1, d), g.reshape(-1, d)])
+    n_h = bsz * qlen
+    h = x[:n_h].view(bsz, qlen, d)
+    cat = h if mem is None else torch.cat([mem, h], dim=1)
+    klen = cat.shape[1]
+    w_kv = torch.cat([attn.k, attn.v], dim=1).reshape(d, 2 * n * dh)  # one product for k and v
+    kv = torch.matmul(cat, w_kv).view(bsz, klen, 2, n, dh)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B, n, K, dh]
+    k_r = torch.matmul(pos_emb, attn.r.reshape(d, n * dh)).view(pos_emb.shape[0], -1, n, dh)  # [B|1, R, n, dh]
+    w_q = attn.q.reshape(d, n * dh)
+    if fast.seg_k is not None:  # the segment coefficient (q + b)·(s_same - s_diff) as n extra columns of q's product
+        diff = attn.seg_embed[0] - attn.seg_embed[1]
+        w_q = torch.cat([w_q, torch.einsum("hnd,nd->hn", attn.q, diff)], dim=1)
+        qa = torch.matmul(x, w_q)
+        q, coef = qa[:, : n * dh].reshape(-1, n, dh), qa[:, n * dh:] + (attn.r_s_bias * diff).sum(-1)
+    else:
+        q, coef = torch.matmul(x, w_q).view(-1, n, dh), None
+    vec = torch.empty(x.shape[0], n, dh, dtype=q.dtype, device=q.device)  # attention vectors of both streams
+    q_h = q[:n_h].view(bsz, qlen, n, dh)
+    coef_h = None if coef is None else coef[:n_h].view(bsz, qlen, n)
+    attn_h = fast_attend(attn, q_h, coef_h, k, v, k_r, fast.seg_q, fast.seg_k, fast.mask_h, None, klen)
+    vec[:n_h].view(bsz, qlen, n, dh).copy_(attn_h)
+    if g is not None:
+        n_pred = g.shape[1]
+        q_g = q[n_h:].view(bsz, n_pred, n, dh)
+        coef_g = None if coef is None else coef[n_h:].view(bsz, n_pred, n)
+        attn_g = fast_attend(attn, q_g, coef_g, k, v, k_r, fast.seg_qg, fast.seg_k, fast.mask_g, fast.shift_g, klen)
+        vec[n_h:].view(bsz, n_pred, n, dh).copy_(attn_g * fast.valid)
+    out = torch.matmul(vec.view(-1, n * dh), attn.o.reshape(d, n * dh).t())
+    return attn.layer_norm(x + attn.dropout(out))

@@ -1,0 +1,262 @@
+"""attn_impl="fast" against the reference path (and HF): outputs, mems and parameter gradients in float32."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from xlnet.config import XLNetConfig
+from xlnet.fast_attention import FastDropout, fast_dropout
+from xlnet.heads import XLNetForSequenceClassification
+from xlnet.model import XLNetLMHeadModel, XLNetModel
+
+TOL = 1e-5
+B, L, P, V = 4, 9, 3, 61
+
+
+def tiny_config(**kw) -> XLNetConfig:
+    base = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_head=8, d_inner=64, dropout=0.0, dropatt=0.0,
+                summary_last_dropout=0.0, num_labels=3)
+    return XLNetConfig(**{**base, **kw})
+
+
+def pair(cls, config: XLNetConfig, seed: int = 0):
+    """The same weights twice: reference and fast."""
+    torch.manual_seed(seed)
+    ref = cls(dataclasses.replace(config, attn_impl="reference"))
+    fast = cls(dataclasses.replace(config, attn_impl="fast"))
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def inputs(seed: int = 1, padding: bool = True, segments: bool = True, two_stream: bool = True, bsz: int = B,
+           n_pred: int = P) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    x = {"input_ids": torch.randint(9, V, (bsz, L), generator=g)}
+    if segments:  # A, B and <cls> (segment 2)
+        x["token_type_ids"] = (torch.arange(L) >= L // 2).long().expand(bsz, L).clone()
+        x["token_type_ids"][:, -1] = 2
+    if padding:  # left padding of varying length
+        mask = torch.ones(bsz, L)
+        for b in range(bsz):
+            mask[b, : b % 3] = 0
+        x["attention_mask"] = mask
+    if two_stream:
+        rank = torch.stack([torch.randperm(L, generator=g) for _ in range(bsz)])
+        x["perm_mask"] = (rank[:, None, :] >= rank[:, :, None]).float()  # rank-0 rows are fully masked
+        tm = torch.zeros(bsz, n_pred, L)
+        for b in range(bsz):
+            pos = torch.randperm(L, generator=g)[:n_pred]
+            tm[b, torch.arange(n_pred), pos] = 1
+        tm[0, -1] = 0  # a padded prediction slot
+        x["target_mapping"] = tm
+    return x
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = TOL) -> float:
+    diff = (a.float() - b.float()).abs().max().item()
+    assert diff <= tol, f"{what}: max abs diff {diff:.3g}"
+    return diff
+
+
+def assert_grads_close(ref, fast) -> None:
+    grads = dict(fast.named_parameters())
+    checked = 0
+    for name, p in ref.named_parameters():
+        if p.grad is None:
+            assert grads[name].grad is None or grads[name].grad.abs().max() == 0, name
+            continue
+        assert grads[name].grad is not None, name
+        assert_close(grads[name].grad, p.grad, f"grad {name}")
+        checked += 1
+    assert checked > 10
+
+
+CONFIGS = {
+    "bi": {},
+    "uni": {"attn_type": "uni"},
+    "uni_same_length": {"attn_type": "uni", "same_length": True},
+    "bi_data": {"bi_data": True},
+    "clamp_len": {"clamp_len": 3},
+    "tied_r": {"untie_r": False},
+}
+
+
+@pytest.mark.parametrize("variant", list(CONFIGS))
+@pytest.mark.parametrize("two_stream", [True, False])
+def test_fast_matches_reference_with_mems_and_grads(variant: str, two_stream: bool) -> None:
+    config = tiny_config(mem_len=12, reuse_len=5, **CONFIGS[variant])
+    ref, fast = pair(XLNetLMHeadModel, config)
+    ref.train(), fast.train()  # dropout 0: the training code path
+    # start from memory: with uni attention and no memory, the rank-0 target of the query stream sees no key
+    # at all, and the reference's gradient there reaches another query's distance row (see fast_inputs)
+    torch.manual_seed(3)
+    mems_r = mems_f = [torch.randn(B, 4, config.d_model) for _ in range(config.n_layer)]
+    for step in range(2):
+        x = inputs(seed=10 + step, two_stream=two_stream)
+        labels = (x["input_ids"][:, :P] if two_stream else x["input_ids"]).clone()
+        labels[0, -1] = -100
+        r = ref(**x, labels=labels, mems=mems_r)
+        f = fast(**x, labels=labels, mems=mems_f)
+        assert_close(f.logits, r.logits, f"step {step} logits")
+        for mf, mr in zip(f.mems, r.mems):
+            assert_close(mf, mr, f"step {step} mems")
+        ref.zero_grad(), fast.zero_grad()
+        r.loss.backward()
+        f.loss.backward()
+        assert_grads_close(ref, fast)
+        mems_r, mems_f = r.mems, f.mems
+
+
+@pytest.mark.parametrize("core", ["manual", "sdpa"])
+def test_both_cores_match_reference(core: str, monkeypatch) -> None:
+    """The CPU training core and the SDPA core (CUDA's; on CPU its math kernel) give the reference's numbers."""
+    import xlnet.fast_attention as fa
+
+    monkeypatch.setattr(fa, "pick_core", lambda device: core)
+    config = tiny_config(mem_len=12)
+    ref, fast = pair(XLNetLMHeadModel, config)
+    mems = [torch.randn(B, 5, config.d_model) for _ in range(config.n_layer)]
+    x = inputs()
+    labels = x["input_ids"][:, :P]
+    r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
+    assert_close(f.logits, r.logits, "logits")
+    r.loss.backward(), f.loss.backward()
+    assert_grads_close(ref, fast)
+
+
+def test_inference_no_grad_matches_reference() -> None:
+    config = tiny_config(num_labels=3)
+    ref, fast = pair(XLNetForSequenceClassification, config)
+    ref.eval(), fast.eval()
+    x = inputs(two_stream=False)
+    with torch.inference_mode():
+        assert_close(fast(**x).logits, ref(**x).logits, "logits")
+        assert_close(fast.transformer(**x).last_hidden_state, ref.transformer(**x).last_hidden_state, "hidden")
+
+
+def test_fine_tuning_head_grads_match_reference() -> None:
+    config = tiny_config()
+    ref, fast = pair(XLNetForSequenceClassification, config)
+    x = inputs(two_stream=False)
+    labels = torch.tensor([0, 2, 1, 1])
+    r, f = ref(**x, labels=labels), fast(**x, labels=labels)
+    assert_close(f.loss, r.loss, "loss")
+    r.loss.backward(), f.loss.backward()
+    assert_grads_close(ref, fast)
+
+
+def test_no_segments_no_mask() -> None:
+    ref, fast = pair(XLNetModel, tiny_config())
+    x = inputs(padding=False, segments=False, two_stream=False)
+    assert_close(fast(**x).last_hidden_state, ref(**x).last_hidden_state, "hidden")
+
+
+def test_zero_target_row_gives_zero_attention() -> None:
+    """A padded slot (zero row of target_mapping): the attention vector is 0, so g = LN(w) after layer 1 etc."""
+    ref, fast = pair(XLNetModel, tiny_config(n_layer=1))
+    x = inputs()
+    x["target_mapping"][1] = 0
+    r, f = ref(**x).last_hidden_state, fast(**x).last_hidden_state
+    assert_close(f, r, "query stream")
+    assert_close(f[1], f[1, :1].expand_as(f[1]), "all-zero rows identical")
+
+
+def test_fast_matches_hf() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config(mem_len=12)
+    torch.manual_seed(0)
+    fast = XLNetLMHeadModel(dataclasses.replace(config, attn_impl="fast"))
+    hf = transformers.XLNetLMHeadModel(transformers.XLNetConfig(**config.to_hf_dict()))
+    hf.load_state_dict(fast.state_dict(), strict=False)
+    x = inputs()
+    labels = x["input_ids"][:, :P].clone()
+    labels[0, -1] = -100
+    f, h = fast(**x, labels=labels), hf(**x, labels=labels)
+    assert_close(f.logits, h.logits, "logits")
+    assert_close(f.loss, h.loss, "loss")
+    f.loss.backward(), h.loss.backward()
+    hf_grads = dict(hf.named_parameters())
+    for name, p in fast.named_parameters():
+        assert_close(p.grad, hf_grads[name].grad, f"grad {name}")
+
+
+def test_activation_checkpointing() -> None:
+    """torch.utils.checkpoint around each layer (as training.apply_activation_checkpointing does), with dropout
+    on: recomputation must redraw the same masks, so gradients equal the un-checkpointed run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    config = tiny_config(mem_len=12, dropout=0.1, dropatt=0.1, attn_impl="fast")
+    torch.manual_seed(0)
+    plain = XLNetLMHeadModel(config)
+    ckpt = XLNetLMHeadModel(config)
+    ckpt.load_state_dict(plain.state_dict())
+    for layer in ckpt.transformer.layer:
+        inner = layer.forward
+        layer.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+    x = inputs()
+    labels = x["input_ids"][:, :P]
+    losses = []
+    for model in (plain, ckpt):
+        torch.manual_seed(5)
+        out = model(**x, labels=labels)
+        out.loss.backward()
+        losses.append(out.loss)
+    assert_close(losses[1], losses[0], "loss")
+    assert_grads_close(plain, ckpt)
+
+
+def test_fast_dropout_rate_and_scale() -> None:
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = fast_dropout(x, 0.1, True)
+    kept = (y > 0).float().mean().item()
+    assert abs(kept - 0.9) < 3e-3
+    assert abs(y.mean().item() - 1.0) < 5e-3  # unbiased
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # gradient = mask * scale
+    assert fast_dropout(x, 0.1, False) is x
+    module = FastDropout(0.25)
+    assert module(torch.ones(3)).shape == (3,) and "p=0.25" in repr(module)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_fast_close_to_reference() -> None:
+    config = tiny_config(mem_len=12)
+    ref, fast = pair(XLNetLMHeadModel, config)
+    ref, fast = ref.cuda(), fast.cuda()
+    x = {k: v.cuda() for k, v in inputs().items()}
+    labels = x["input_ids"][:, :P]
+    r = ref(**x, labels=labels)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        f = fast(**x, labels=labels)
+    rel = (f.logits.float() - r.logits).norm() / r.logits.norm()
+    assert rel < 2e-2, rel
+    f32 = fast(**x, labels=labels)
+    assert_close(f32.logits, r.logits, "fp32 logits", tol=1e-4)  # TF32 may be on
+
+
+def test_relative_attention_module_fast_forward() -> None:
+    """RelativeAttention.forward itself (outside Layer's fused path) on the fast path equals the reference."""
+    from xlnet.model import attention_masks, relative_positions, segment_matrix
+    from xlnet.fast_attention import fast_inputs
+
+    config = tiny_config()
+    ref, fast = pair(XLNetModel, config)
+    x = inputs()
+    bsz = x["input_ids"].shape[0]
+    torch.manual_seed(2)
+    h, g = torch.randn(bsz, L, config.d_model), torch.randn(bsz, P, config.d_model)
+    mem = torch.randn(bsz, 4, config.d_model)
+    mask_h, mask_g = attention_masks(config, L, 4, x["attention_mask"], x["perm_mask"], h.device)
+    pos = relative_positions(config, L, 4 + L, bsz, h.device)
+    tm = x["target_mapping"]
+    r = ref.layer[0].rel_attn(h, g, pos, mem, seg=segment_matrix(x["token_type_ids"], 4), mask_h=mask_h,
+                              mask_g=mask_g, target_mapping=tm)
+    f = fast.layer[0].rel_attn(h, g, pos, mem, fast=fast_inputs(L, 4, pos.shape[1], mask_h, mask_g,
+                                                                x["token_type_ids"], tm, h.dtype))
+    assert_close(f[0], r[0], "h")
+    assert_close(f[1], r[1], "g")
