@@ -210,6 +210,6 @@ def test_sigterm_checkpoints_then_exits(corpus, tmp_path):
 
 
 def test_tiny_yaml_is_the_default():
-    path = Path(__file__).resolve().parents[1] / "configs" / "pretrain-tiny.yaml"
+    path = Path(__file__).resolve().parents[1] / "configs" / "pretrain-mini.yaml"
     assert yaml.safe_load(path.read_text()) == {
         k: v for k, v in dataclasses.asdict(PretrainConfig()).items() if v is not None or k == "perm_size"}

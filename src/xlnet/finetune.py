@@ -67,6 +67,7 @@ class FinetuneConfig:
     task: str = "supersense"
     model: str = ""  # pretrained directory (ours or HF); "" = random initialisation from `preset`
     preset: str = "tiny"  # model size when training from scratch
+    random_init: bool = False  # with --model: its architecture and tokenizer, but random weights (baseline)
     data: str = ""  # directory with train/dev[/test] files; "" = the embedded WordNet supersense task
     tokenizer: str = ""  # "" = spiece.model in the model directory, else the embedded tokenizer
     out_dir: str = "runs/finetune"
@@ -286,6 +287,8 @@ def build_model(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None)
                                      mem_len=0, reuse_len=0, bi_data=False)
     if cfg.attn_impl:
         overrides["attn_impl"] = cfg.attn_impl
+    if cfg.model and cfg.random_init:  # the checkpoint's architecture, fresh weights: what pretraining buys
+        return head(XLNetConfig(**{**XLNetConfig.load(cfg.model).to_dict(), **overrides}))
     if cfg.model:
         return head.from_pretrained(cfg.model, verbose=not cfg.quiet, **overrides)
     return head(XLNetConfig.from_preset(cfg.preset, **overrides))

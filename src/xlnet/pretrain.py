@@ -1,7 +1,7 @@
 """`xlnet pretrain`: permutation-LM pretraining, resumable to the exact trajectory, torchrun-ready.
 
     xlnet pretrain                                   # tiny model on the embedded corpus (~5 min on 2 CPU cores)
-    xlnet pretrain --config configs/pretrain-tiny.yaml --max-steps 2000 --out-dir runs/tiny
+    xlnet pretrain --config configs/pretrain-mini.yaml --max-steps 5000 --out-dir runs/mini
     xlnet pretrain --out-dir runs/tiny --resume      # continue from the latest checkpoint
     torchrun --nproc-per-node 8 -m xlnet.cli pretrain --config big.yaml --fsdp true
 
@@ -39,7 +39,7 @@ from xlnet.fileio import atomic_write
 @dataclass
 class PretrainConfig:
     # model: a preset plus optional overrides (None keeps the preset's value)
-    model: str = "tiny"
+    model: str = "mini"
     vocab_size: int | None = None
     d_model: int | None = None
     n_layer: int | None = None
@@ -51,25 +51,25 @@ class PretrainConfig:
     # data ("" = the embedded corpus and tokenizer)
     data_dir: str = ""
     tokenizer_dir: str = ""
-    seq_len: int = 128
-    reuse_len: int = 64
-    mem_len: int = 96
-    num_predict: int = 20
+    seq_len: int = 64
+    reuse_len: int = 32
+    mem_len: int = 48
+    num_predict: int = 16
     perm_size: int | None = None  # None = reuse_len (reference)
     bi_data: bool = False
     # optimization
-    batch_size: int = 16  # stream rows per optimizer step, over all ranks and micro-batches
+    batch_size: int = 32  # stream rows per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.01
     adam_eps: float = 1e-6
-    warmup_steps: int = 20
-    max_steps: int = 240
+    warmup_steps: int = 100
+    max_steps: int = 1000
     clip: float = 1.0
     # evaluation, checkpoints, logging
-    eval_every: int = 40
+    eval_every: int = 100
     eval_batches: int = 4  # global batches of the valid split per evaluation (same ones every time)
-    save_every: int = 80
+    save_every: int = 250
     keep_checkpoints: int = 2
     log_every: int = 1
     out_dir: str = "runs/pretrain"
