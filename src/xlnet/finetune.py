@@ -33,7 +33,7 @@ from xlnet import training as TR
 from xlnet.assets import default_tokenizer_dir, supersense_path
 from xlnet.checkpoint import load_model
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
-from xlnet.config import XLNetConfig
+from xlnet.config import XLNetConfig, read_config_json
 from xlnet.errors import XLNetError
 from xlnet.evaluate import evaluate_predictions, format_table
 from xlnet.fileio import atomic_dir, atomic_write
@@ -517,15 +517,7 @@ def evaluate_model(task: str, model_dir: str | os.PathLike, data: str | os.PathL
 def read_meta(model_dir: Path) -> dict[str, Any]:
     """finetune.json of a directory written by `xlnet finetune` ({} for other directories, e.g. HF's)."""
     path = model_dir / META_FILE
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise XLNetError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise XLNetError(f"{path}: expected a JSON object")
-    return meta
+    return read_config_json(path)[0] if path.is_file() else {}
 
 
 # ---------------------------------------------------------------------------------------------------------------
