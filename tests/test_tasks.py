@@ -56,7 +56,7 @@ def write(path, text):
 
 def test_registry():
     assert T.get_task("SST-2").name == "sst2"
-    assert T.get_task("mnli-mm").name == "mnli"
+    assert T.get_task("MNLI-MM").dev_names == ("dev_mismatched",)
     with pytest.raises(XLNetError, match="unknown task"):
         T.get_task("nope")
 

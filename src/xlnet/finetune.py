@@ -119,7 +119,7 @@ def resolve_config(cfg: FinetuneConfig, spec: T.TaskSpec) -> FinetuneConfig:
 
 def split_file(spec: T.TaskSpec, data_dir: Path, split: str) -> Path | None:
     """The file (or RACE folder) for a split, by the names the public releases use."""
-    names = {"train": ["train"], "dev": ["dev", "valid", "validation", "dev_matched"], "test": ["test"]}[split]
+    names = {"train": ("train",), "dev": spec.dev_names, "test": ("test",)}[split]
     for name in names:
         if spec.fmt == "race":
             candidates = [data_dir / name]

@@ -62,6 +62,7 @@ class TaskSpec:
     glue: GlueLayout | None = None
     squad_version: int | None = None
     description: str = ""
+    dev_names: tuple[str, ...] = ("dev", "valid", "validation", "dev_matched")  # file stems tried for dev
 
 
 _BIN = ("0", "1")
@@ -82,7 +83,10 @@ TASKS: dict[str, TaskSpec] = {
                  GlueLayout("question1", "is_duplicate", "question2"), description="GLUE QQP"),
         TaskSpec("mnli", "classification", ("contradiction", "entailment", "neutral"), ("accuracy",), "accuracy",
                  "glue", GlueLayout("sentence1", "gold_label", "sentence2"),
-                 description="GLUE MNLI (dev_matched.tsv or dev_mismatched.tsv)"),
+                 description="GLUE MNLI, evaluated on dev_matched.tsv"),
+        TaskSpec("mnli-mm", "classification", ("contradiction", "entailment", "neutral"), ("accuracy",), "accuracy",
+                 "glue", GlueLayout("sentence1", "gold_label", "sentence2"), dev_names=("dev_mismatched",),
+                 description="GLUE MNLI, evaluated on dev_mismatched.tsv"),
         TaskSpec("qnli", "classification", _NLI2, ("accuracy",), "accuracy", "glue",
                  GlueLayout("question", "label", "sentence"), description="GLUE QNLI"),
         TaskSpec("rte", "classification", _NLI2, ("accuracy",), "accuracy", "glue",
@@ -105,7 +109,7 @@ TASKS: dict[str, TaskSpec] = {
                  description="CoNLL token-per-line, BIO/IOB2 tags in the last column"),
     ]
 }
-_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-mm": "mnli", "squad": "squad1", "squad1.1": "squad1",
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "squad": "squad1", "squad1.1": "squad1",
             "squad2.0": "squad2", "ner": "conll", "conll2003": "conll"}
 
 
