@@ -7,19 +7,14 @@ import dataclasses
 import pytest
 import torch
 
+from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, tiny_config  # noqa: E402
 from xlnet.config import XLNetConfig
 from xlnet.fast_attention import FastDropout, fast_dropout
 from xlnet.heads import XLNetForSequenceClassification
 from xlnet.model import XLNetLMHeadModel, XLNetModel
 
-TOL = 1e-5
-B, L, P, V = 4, 9, 3, 61
 
 
-def tiny_config(**kw) -> XLNetConfig:
-    base = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_head=8, d_inner=64, dropout=0.0, dropatt=0.0,
-                summary_last_dropout=0.0, num_labels=3)
-    return XLNetConfig(**{**base, **kw})
 
 
 def pair(cls, config: XLNetConfig, seed: int = 0):
@@ -55,10 +50,6 @@ def inputs(seed: int = 1, padding: bool = True, segments: bool = True, two_strea
     return x
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = TOL) -> float:
-    diff = (a.float() - b.float()).abs().max().item()
-    assert diff <= tol, f"{what}: max abs diff {diff:.3g}"
-    return diff
 
 
 def assert_grads_close(ref, fast) -> None:
@@ -74,14 +65,7 @@ def assert_grads_close(ref, fast) -> None:
     assert checked > 10
 
 
-CONFIGS = {
-    "bi": {},
-    "uni": {"attn_type": "uni"},
-    "uni_same_length": {"attn_type": "uni", "same_length": True},
-    "bi_data": {"bi_data": True},
-    "clamp_len": {"clamp_len": 3},
-    "tied_r": {"untie_r": False},
-}
+CONFIGS = SHARED_CONFIGS
 
 
 @pytest.mark.parametrize("variant", list(CONFIGS))

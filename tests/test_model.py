@@ -7,6 +7,7 @@ import torch
 
 import transformers  # noqa: E402
 
+from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, tiny_config  # noqa: E402
 from xlnet.config import XLNetConfig  # noqa: E402
 from xlnet.heads import (  # noqa: E402
     XLNetForMultipleChoice,
@@ -16,14 +17,8 @@ from xlnet.heads import (  # noqa: E402
 )
 from xlnet.model import XLNetLMHeadModel, XLNetModel  # noqa: E402
 
-TOL = 1e-5
-B, L, P, V = 4, 9, 3, 61
 
 
-def tiny_config(**kw) -> XLNetConfig:
-    base = dict(vocab_size=V, d_model=32, n_layer=2, n_head=4, d_head=8, d_inner=64, dropout=0.0, dropatt=0.0,
-                summary_last_dropout=0.0, num_labels=3, attn_impl="reference")
-    return XLNetConfig(**{**base, **kw})
 
 
 def twins(ours_cls, config: XLNetConfig, seed: int = 0):
@@ -65,9 +60,6 @@ def hf_compatible(x: dict, config: XLNetConfig) -> dict:
     return {k: v[1:2] for k, v in x.items()} if config.attn_type == "uni" else x
 
 
-def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    diff = (a.float() - b.float()).abs().max().item()
-    assert diff <= TOL, f"{what}: max abs diff {diff:.3g}"
 
 
 def assert_grads_match(ours, hf, config: XLNetConfig) -> None:
@@ -88,15 +80,7 @@ def assert_grads_match(ours, hf, config: XLNetConfig) -> None:
     assert checked > 10
 
 
-CONFIGS = {
-    "bi": {},
-    "uni": {"attn_type": "uni"},
-    "uni_same_length": {"attn_type": "uni", "same_length": True},
-    "bi_data": {"bi_data": True},
-    "clamp_len": {"clamp_len": 3},
-    "tied_r": {"untie_r": False},
-    "relu": {"ff_activation": "relu"},
-}
+CONFIGS = {**SHARED_CONFIGS, "relu": {"ff_activation": "relu"}}
 
 
 @pytest.mark.parametrize("variant", list(CONFIGS))
