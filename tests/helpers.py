@@ -30,3 +30,29 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = TOL) 
     diff = (a.float() - b.float()).abs().max().item()
     assert diff <= tol, f"{what}: max abs diff {diff:.3g}"
     return diff
+
+
+def plm_inputs(seed: int = 1, padding: bool = False, segments: bool = True, two_stream: bool = True,
+               bsz: int = B, n_pred: int = P) -> dict:
+    """Random tokens, A/B/<cls> segments, optional left padding, and a random factorization order with
+    n_pred target slots (the last slot of row 0 left empty, as a padded slot)."""
+    g = torch.Generator().manual_seed(seed)
+    x = {"input_ids": torch.randint(9, V, (bsz, L), generator=g)}
+    if segments:  # A, B and <cls> (segment 2)
+        x["token_type_ids"] = (torch.arange(L) >= L // 2).long().expand(bsz, L).clone()
+        x["token_type_ids"][:, -1] = 2
+    if padding:  # left padding of varying length
+        mask = torch.ones(bsz, L)
+        for b in range(bsz):
+            mask[b, : b % 3] = 0
+        x["attention_mask"] = mask
+    if two_stream:
+        rank = torch.stack([torch.randperm(L, generator=g) for _ in range(bsz)])
+        x["perm_mask"] = (rank[:, None, :] >= rank[:, :, None]).float()  # rank-0 rows are fully masked
+        tm = torch.zeros(bsz, n_pred, L)
+        for b in range(bsz):
+            pos = torch.randperm(L, generator=g)[:n_pred]
+            tm[b, torch.arange(n_pred), pos] = 1
+        tm[0, -1] = 0  # a padded prediction slot
+        x["target_mapping"] = tm
+    return x

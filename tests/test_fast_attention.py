@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, tiny_config  # noqa: E402
+from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, plm_inputs, tiny_config  # noqa: E402
 from xlnet.config import XLNetConfig
 from xlnet.fast_attention import FastDropout, fast_dropout
 from xlnet.heads import XLNetForSequenceClassification
@@ -26,28 +26,9 @@ def pair(cls, config: XLNetConfig, seed: int = 0):
     return ref, fast
 
 
-def inputs(seed: int = 1, padding: bool = True, segments: bool = True, two_stream: bool = True, bsz: int = B,
-           n_pred: int = P) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    x = {"input_ids": torch.randint(9, V, (bsz, L), generator=g)}
-    if segments:  # A, B and <cls> (segment 2)
-        x["token_type_ids"] = (torch.arange(L) >= L // 2).long().expand(bsz, L).clone()
-        x["token_type_ids"][:, -1] = 2
-    if padding:  # left padding of varying length
-        mask = torch.ones(bsz, L)
-        for b in range(bsz):
-            mask[b, : b % 3] = 0
-        x["attention_mask"] = mask
-    if two_stream:
-        rank = torch.stack([torch.randperm(L, generator=g) for _ in range(bsz)])
-        x["perm_mask"] = (rank[:, None, :] >= rank[:, :, None]).float()  # rank-0 rows are fully masked
-        tm = torch.zeros(bsz, n_pred, L)
-        for b in range(bsz):
-            pos = torch.randperm(L, generator=g)[:n_pred]
-            tm[b, torch.arange(n_pred), pos] = 1
-        tm[0, -1] = 0  # a padded prediction slot
-        x["target_mapping"] = tm
-    return x
+def inputs(**kw) -> dict:
+    """PLM inputs with left padding by default (the fast path's masks are what is under test)."""
+    return plm_inputs(**{"padding": True, **kw})
 
 
 

@@ -7,7 +7,7 @@ import torch
 
 import transformers  # noqa: E402
 
-from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, tiny_config  # noqa: E402
+from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, plm_inputs, tiny_config  # noqa: E402
 from xlnet.config import XLNetConfig  # noqa: E402
 from xlnet.heads import (  # noqa: E402
     XLNetForMultipleChoice,
@@ -31,35 +31,21 @@ def twins(ours_cls, config: XLNetConfig, seed: int = 0):
     return ours, hf
 
 
-def plm_inputs(seed: int = 1, padding: bool = False, segments: bool = True, two_stream: bool = True) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    x = {"input_ids": torch.randint(9, V, (B, L), generator=g)}
-    if segments:
-        x["token_type_ids"] = (torch.arange(L) >= L // 2).long().expand(B, L).clone()
-        x["token_type_ids"][:, -1] = 2
-    if padding:  # left padding of varying length
-        mask = torch.ones(B, L)
-        for b in range(B):
-            mask[b, : b % 3] = 0
-        x["attention_mask"] = mask
-    if two_stream:
-        rank = torch.stack([torch.randperm(L, generator=g) for _ in range(B)])
-        x["perm_mask"] = (rank[:, None, :] >= rank[:, :, None]).float()  # may not see later-or-same ranks
-        tm = torch.zeros(B, P, L)
-        for b in range(B):
-            pos = torch.randperm(L, generator=g)[:P]
-            tm[b, torch.arange(P), pos] = 1
-        tm[0, -1] = 0  # a padded prediction slot
-        x["target_mapping"] = tm
-    return x
-
-
 def hf_compatible(x: dict, config: XLNetConfig) -> dict:
     """HF's uni attention adds the data mask in place and breaks for batch > 1 (a broadcast error), so uni
     cases run on one padded row."""
     return {k: v[1:2] for k, v in x.items()} if config.attn_type == "uni" else x
 
 
+
+
+def assert_head_matches(ours, hf, config: XLNetConfig, x: dict, labels: torch.Tensor) -> None:
+    """Logits, loss and every parameter gradient of one training step agree with the HF twin."""
+    o, h = ours(**x, labels=labels), hf(**x, labels=labels)
+    assert_close(o.logits, h.logits, "logits")
+    assert_close(o.loss, h.loss, "loss")
+    o.loss.backward(), h.loss.backward()
+    assert_grads_match(ours, hf, config)
 
 
 def assert_grads_match(ours, hf, config: XLNetConfig) -> None:
@@ -92,12 +78,7 @@ def test_lm_head_matches_hf_with_grads(variant: str, two_stream: bool) -> None:
     labels = x["input_ids"][:, :P].clone() if two_stream else x["input_ids"].clone()
     if two_stream and config.attn_type == "bi":
         labels[0, -1] = -100
-    o, h = ours(**x, labels=labels), hf(**x, labels=labels)
-    assert_close(o.logits, h.logits, "logits")
-    assert_close(o.loss, h.loss, "loss")
-    o.loss.backward()
-    h.loss.backward()
-    assert_grads_match(ours, hf, config)
+    assert_head_matches(ours, hf, config, x, labels)
 
 
 @pytest.mark.parametrize("variant", ["bi", "uni", "uni_same_length", "bi_data", "clamp_len", "tied_r"])
@@ -137,11 +118,7 @@ def test_sequence_classification_and_regression(num_labels: int) -> None:
     ours, hf = twins(XLNetForSequenceClassification, config)
     x = plm_inputs(padding=True, two_stream=False)
     labels = torch.tensor([0, 2, 1, 1]) if num_labels > 1 else torch.tensor([0.5, -1.0, 2.0, 0.0])
-    o, h = ours(**x, labels=labels), hf(**x, labels=labels)
-    assert_close(o.logits, h.logits, "logits")
-    assert_close(o.loss, h.loss, "loss")
-    o.loss.backward(), h.loss.backward()
-    assert_grads_match(ours, hf, config)
+    assert_head_matches(ours, hf, config, x, labels)
 
 
 def test_multiple_choice() -> None:
@@ -150,11 +127,7 @@ def test_multiple_choice() -> None:
     x = plm_inputs(padding=True, two_stream=False)
     x = {k: v.view(2, 2, L) for k, v in x.items()}  # 2 questions x 2 choices
     labels = torch.tensor([1, 0])
-    o, h = ours(**x, labels=labels), hf(**x, labels=labels)
-    assert_close(o.logits, h.logits, "logits")
-    assert_close(o.loss, h.loss, "loss")
-    o.loss.backward(), h.loss.backward()
-    assert_grads_match(ours, hf, config)
+    assert_head_matches(ours, hf, config, x, labels)
 
 
 def test_token_classification() -> None:
@@ -163,11 +136,7 @@ def test_token_classification() -> None:
     x = plm_inputs(padding=True, two_stream=False)
     labels = torch.randint(0, 3, (B, L))
     labels[:, 0] = -100
-    o, h = ours(**x, labels=labels), hf(**x, labels=labels)
-    assert_close(o.logits, h.logits, "logits")
-    assert_close(o.loss, h.loss, "loss")
-    o.loss.backward(), h.loss.backward()
-    assert_grads_match(ours, hf, config)
+    assert_head_matches(ours, hf, config, x, labels)
 
 
 def test_question_answering_training_loss_and_beam() -> None:

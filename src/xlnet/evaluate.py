@@ -131,10 +131,7 @@ def read_id_predictions(path: Path) -> dict[str, tuple[Any, str]]:
         for n, line in rows:
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise XLNetError(f"{path}:{n}: bad JSON: {e.msg} (column {e.colno})") from None
+            obj = T.json_line(path, n, line)
             key = "id" if isinstance(obj, dict) and "id" in obj else "index"
             if not isinstance(obj, dict) or key not in obj or "prediction" not in obj:
                 raise XLNetError(f"{path}:{n}: expected {{\"id\": ..., \"prediction\": ...}}")

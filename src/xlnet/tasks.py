@@ -155,6 +155,14 @@ def _load_json(path: Path) -> Any:
         raise _json_error(path, e) from None
 
 
+def json_line(path: Path, n: int, line: str) -> Any:
+    """One JSONL record, or an XLNetError naming file:line and the column."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise XLNetError(f"{path}:{n}: bad JSON: {e.msg} (column {e.colno})") from None
+
+
 def _line_of(text: str, needle: str) -> int:
     """Line of the first occurrence of `needle` in a JSON file's text (1 if absent): JSON parsers forget
     positions, and error messages must still point at a line."""
@@ -278,10 +286,7 @@ def read_table(spec: TaskSpec, path: str | os.PathLike, labels: Sequence[str] | 
         for n, line in _lines(path):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise XLNetError(f"{path}:{n}: bad JSON: {e.msg} (column {e.colno})") from None
+            row = json_line(path, n, line)
             if not isinstance(row, dict):
                 raise XLNetError(f"{path}:{n}: expected a JSON object per line")
             examples.append(_table_example(spec, row, f"{path}:{n}", len(examples), labels))
