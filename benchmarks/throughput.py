@@ -46,8 +46,10 @@ import time
 
 import torch
 
-IMPLS = ["fast", "reference", "hf_xlnet", "hf_bert"]
-LABELS = {"fast": "ours (fast)", "reference": "ours (reference)", "hf_xlnet": "HF XLNet", "hf_bert": "HF BERT"}
+IMPLS = ["fast", "reference", "hf_xlnet", "hf_bert"]  # the default set; also "fast_compile": fast + torch.compile
+LABELS = {"fast": "ours (fast)", "fast_compile": "ours (fast, compiled)", "reference": "ours (reference)",
+          "hf_xlnet": "HF XLNet", "hf_bert": "HF BERT"}
+OURS = ("fast", "fast_compile", "reference")
 MODES = ["plm", "finetune", "infer"]
 
 
@@ -66,9 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
     ap.add_argument("--compile", action="store_true", help="torch.compile our models (measured, not default)")
+    ap.add_argument("--activation-checkpointing", action="store_true", help="checkpoint each of our layers")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--quick", action="store_true", help="small shape, 2 steps: a smoke run")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    ap.add_argument("--json-out", default=None, help="also write the results as JSON to this file")
+    ap.add_argument("--profile", default=None, metavar="IMPL",
+                    help="after timing, profile 3 steps of IMPL in each mode and print its top kernels")
     ap.add_argument("--_memory_child", nargs=2, metavar=("MODE", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
@@ -143,14 +149,14 @@ def build(args, mode: str, impl: str):
 
     torch.manual_seed(0)
     dev = args.device
-    ours_cfg = our_config(args, "fast" if impl == "fast" else "reference")
+    ours_cfg = our_config(args, "reference" if impl == "reference" else "fast")
     hf_xcfg = transformers.XLNetConfig(**ours_cfg.to_hf_dict())
     bert_cfg = transformers.BertConfig(vocab_size=ours_cfg.vocab_size, hidden_size=ours_cfg.d_model,
                                        num_hidden_layers=ours_cfg.n_layer, num_attention_heads=ours_cfg.n_head,
                                        intermediate_size=ours_cfg.d_inner, max_position_embeddings=max(512, args.seq),
                                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, num_labels=2)
     if mode == "plm":
-        if impl in ("fast", "reference"):
+        if impl in OURS:
             from xlnet.model import XLNetLMHeadModel
             model = XLNetLMHeadModel(ours_cfg)
         elif impl == "hf_xlnet":
@@ -158,7 +164,7 @@ def build(args, mode: str, impl: str):
         else:
             model = transformers.BertForMaskedLM(bert_cfg)
     else:
-        if impl in ("fast", "reference"):
+        if impl in OURS:
             from xlnet.heads import XLNetForSequenceClassification
             model = XLNetForSequenceClassification(ours_cfg)
         elif impl == "hf_xlnet":
@@ -166,7 +172,11 @@ def build(args, mode: str, impl: str):
         else:
             model = transformers.BertForSequenceClassification(bert_cfg)
     model.to(dev)
-    call = torch.compile(model) if args.compile and impl in ("fast", "reference") else model
+    if args.activation_checkpointing and impl in OURS:
+        from xlnet.training import apply_activation_checkpointing
+        apply_activation_checkpointing(model)
+    compiled = impl == "fast_compile" or (args.compile and impl in OURS)
+    call = torch.compile(model) if compiled else model
     vocab = ours_cfg.vocab_size
     if impl == "hf_bert":
         batch = mlm_batch(args, vocab, dev) if mode == "plm" else cls_batch(args, vocab, dev)
@@ -184,7 +194,7 @@ def build(args, mode: str, impl: str):
         return step
 
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=dev == "cuda" or None)
     state = {"mems": None}
 
     def step():
@@ -251,6 +261,24 @@ def time_mode(args, mode: str, impls: list[str]) -> dict[str, float]:
             sync(args.device)
             times[impl].append(time.perf_counter() - t0)
     return {impl: statistics.median(ts) for impl, ts in times.items()}
+
+
+def profile(args, mode: str, impl: str, top: int = 25) -> None:
+    """Top operators by device time (self) over 3 steps after warm-up."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    step = build(args, mode, impl)
+    for _ in range(args.warmup):
+        step()
+    sync(args.device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        sync(args.device)
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(f"## profile: {mode}, {LABELS[impl]}")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
 def status_kb(field: str) -> int:
@@ -321,6 +349,8 @@ def main(argv=None) -> None:
     impls = [i for i in args.impls.split(",") if i]
     rows = []
     for mode in modes:
+        if args.profile:
+            profile(args, mode, args.profile)
         med = time_mode(args, mode, impls)
         for impl in impls:
             t = med[impl]
@@ -339,6 +369,9 @@ def main(argv=None) -> None:
                 preset=args.preset, seq=args.seq, batch=args.batch, targets=args.targets, mem=args.mem,
                 steps=args.steps, compile=args.compile, date=time.strftime("%Y-%m-%d"),
                 load=os.getloadavg()[0])
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=2)
     if args.json:
         print(json.dumps(dict(meta=meta, rows=rows), indent=2))
         return

@@ -204,6 +204,54 @@ def test_cuda_bf16_fast_close_to_reference() -> None:
     assert_close(f32.logits, r.logits, "fp32 logits", tol=1e-4)  # TF32 may be on
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["bi", "uni", "bi_data"])
+def test_cuda_fast_training_matches_reference_fp32(variant: str) -> None:
+    """The CUDA core (SDPA with the masked position bias, its gradient through the bias) in float32 against the
+    reference on the same GPU: logits, mems and every parameter gradient, with memory, padding, segments."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = tiny_config(mem_len=12, **CONFIGS[variant])
+    ref, fast = pair(XLNetLMHeadModel, config)
+    ref, fast = ref.cuda().train(), fast.cuda().train()
+    torch.manual_seed(3)
+    mems = [torch.randn(B, 4, config.d_model, device="cuda") for _ in range(config.n_layer)]
+    x = {k: v.cuda() for k, v in inputs().items()}
+    labels = x["input_ids"][:, :P]
+    r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
+    assert_close(f.logits, r.logits, "logits", tol=1e-4)
+    for mf, mr in zip(f.mems, r.mems):
+        assert_close(mf, mr, "mems", tol=1e-4)
+    r.loss.backward(), f.loss.backward()
+    grads = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.grad is not None:
+            assert_close(grads[name].grad, p.grad, f"grad {name}", tol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_attention_dropout_matches_reference_in_distribution(device: str) -> None:
+    """dropatt on the fast path (CPU: 16-bit lanes; CUDA: SDPA's fused dropout): outputs vary from call to
+    call, eval mode is deterministic, and over 300 draws the fast path's noise and mean agree with the
+    reference path's (the same post-LN bias on both sides, so a wrong keep rate or survivor scale shows)."""
+    config = tiny_config(dropatt=0.3, n_layer=1)
+    ref, fast = pair(XLNetModel, config)
+    ref, fast = ref.to(device), fast.to(device)
+    x = {k: v.to(device) for k, v in inputs(two_stream=False).items()}
+    with torch.no_grad():
+        fast.eval()
+        clean = fast(**x).last_hidden_state
+        assert torch.equal(fast(**x).last_hidden_state, clean)
+        fast.train(), ref.train()
+        runs_f = torch.stack([fast(**x).last_hidden_state for _ in range(300)])
+        runs_r = torch.stack([ref(**x).last_hidden_state for _ in range(300)])
+    assert not torch.equal(runs_f[0], runs_f[1])
+    spread = (runs_r - clean).abs().mean()
+    assert abs((runs_f - clean).abs().mean() / spread - 1) < 0.05  # the same amount of noise
+    assert (runs_f.mean(0) - runs_r.mean(0)).abs().mean() < 0.25 * spread
+
+
 def test_relative_attention_module_fast_forward() -> None:
     """RelativeAttention.forward itself (outside Layer's fused path) on the fast path equals the reference."""
     from xlnet.model import attention_masks, relative_positions, segment_matrix

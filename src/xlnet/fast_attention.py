@@ -100,7 +100,8 @@ class _MaskedBias(torch.autograd.Function):
 
 class _ShiftMaskQK(torch.autograd.Function):
     """The whole pre-softmax score in one fresh tensor, for the bidirectional table (R = K + L, where the shifted
-    view does not overlap itself): rel_shift(table) masked with -1e30, plus scale · qc·kcᵀ accumulated in place.
+    view does not overlap itself): rel_shift(table) masked with -1e30, plus scale · qc·kcᵀ accumulated in place
+    (qc = kc = None: the masked position term alone, the bias handed to SDPA).
 
     table [.., Lq, R] holds the rows of each (b, n) pair at strides (sb, sn); score entry (i, j) reads
     table[.., i, L - i + j] (flat offset L + i·(R - 1) + j within the pair's block, exactly rel_shift). Backward:
@@ -116,20 +117,25 @@ class _ShiftMaskQK(torch.autograd.Function):
         qlen, rlen = table.shape[-2:]
         ctx.geom, ctx.scale, ctx.qlen, ctx.rlen = geom, scale, qlen, rlen
         view = table.as_strided((bsz, n_head, qlen, klen), (sb, sn, rlen - 1, 1), table.storage_offset() + qlen)
-        score = torch.empty((bsz, n_head, qlen, klen), dtype=table.dtype, device=table.device)
-        if mask is not None:
-            torch.where(mask, view.new_full((), -NEG_INF), view, out=score)  # one pass over the strided view
+        if torch.compiler.is_compiling():  # inductor mis-lays `out=` over a strided view: plain ops, it fuses them
+            score = (view if mask is None else view.masked_fill(mask, -NEG_INF)).contiguous()
         else:
-            score.copy_(view)
-        score.view(-1, qlen, klen).baddbmm_(qc, kc.transpose(1, 2), alpha=scale)
-        ctx.save_for_backward(qc, kc)
+            score = torch.empty((bsz, n_head, qlen, klen), dtype=table.dtype, device=table.device)
+            if mask is not None:
+                torch.where(mask, view.new_full((), -NEG_INF), view, out=score)  # one pass over the strided view
+            else:
+                score.copy_(view)
+        if qc is not None:
+            score.view(-1, qlen, klen).baddbmm_(qc, kc.transpose(1, 2), alpha=scale)
+            ctx.save_for_backward(qc, kc)
         return score
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         bsz, n_head, sb, sn, klen = ctx.geom
         qlen, rlen = ctx.qlen, ctx.rlen
-        qc, kc = ctx.saved_tensors
+        saved = ctx.saved_tensors  # read once (activation checkpointing allows one unpack)
+        qc, kc = saved if saved else (None, None)
         g_table = g_q = g_k = None
         if ctx.needs_input_grad[0]:
             g_table = grad.new_empty(bsz * n_head * qlen * rlen)
@@ -245,10 +251,14 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
         score = _ShiftMaskQK.apply(table.view(-1, qlen, rlen), mask, qc3, kc3, scale,
                                    (bsz, n_head, sb, sn, klen))
     else:
-        bd = table.view(bsz, n_head, qlen, rlen) if k_r.shape[0] != 1 else \
-            table.view(n_head, bsz, qlen, rlen).transpose(0, 1)
-        bd = rel_shift(bd, klen) if shift is None else bd.gather(-1, shift.expand(-1, n_head, -1, -1))
-        bias = masked_bias(bd, mask)
+        if shift is None and rlen == klen + qlen:  # one pass: rel_shift's strided view, masked
+            bias = _ShiftMaskQK.apply(table.view(-1, qlen, rlen), mask, None, None, scale,
+                                      (bsz, n_head, sb, sn, klen))
+        else:
+            bd = table.view(bsz, n_head, qlen, rlen) if k_r.shape[0] != 1 else \
+                table.view(n_head, bsz, qlen, rlen).transpose(0, 1)
+            bd = rel_shift(bd, klen) if shift is None else bd.gather(-1, shift.expand(-1, n_head, -1, -1))
+            bias = masked_bias(bd, mask)
         if core == "sdpa":
             out = F.scaled_dot_product_attention(qc, kc, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=scale)
             return out.transpose(1, 2)

@@ -202,7 +202,11 @@ def build_optimizer(groups: list[dict[str, Any]], lr: float, eps: float = 1e-6,
                     betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW over param groups; a group's `lr_scale` (layer-wise decay) multiplies `lr`."""
     groups = [dict(g, lr=lr * g.get("lr_scale", 1.0)) for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    params = [p for g in groups for p in g["params"]]
+    # the fused CUDA kernel: one launch per step instead of a few per tensor (7 ms of a 146 ms XLNet-base step
+    # on an H100 with the for-each kernels); plain tensors only (FSDP2's DTensors keep the default)
+    fused = all(p.is_cuda and type(p.data) is torch.Tensor for p in params) or None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def warmup_linear_decay(warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> Callable[[int], float]:

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device-machine call: GPU tests, the throughput table, compiled variant, largest batch for XLNet-large.
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|bench|profile|compile|maxbatch]...
+set -u
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+steps=${*:-tests bench maxbatch}
+for s in $steps; do
+  case $s in
+    tests) timeout 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+    bench) timeout 200 python3 benchmarks/throughput.py --device cuda --impls fast,hf_xlnet,hf_bert --steps 10 \
+             --json-out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1; tail -14 "$OUT/bench.txt" ;;
+    profile) timeout 150 python3 benchmarks/throughput.py --device cuda --impls fast --steps 5 --no-memory \
+             --profile fast > "$OUT/profile.txt" 2>&1; tail -40 "$OUT/profile.txt" ;;
+    compile) timeout 200 python3 benchmarks/throughput.py --device cuda --impls fast,fast_compile --no-memory \
+             --json-out "$OUT/compile.json" > "$OUT/compile.txt" 2>&1; tail -9 "$OUT/compile.txt" ;;
+    maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1
+             tail -6 "$OUT/maxbatch.txt" ;;
+  esac
+done
