@@ -5,9 +5,9 @@
 
 For each setting the model (ours, attn_impl="fast", dropout 0.1) and a fused AdamW are built once; batches are
 probed by doubling from 1 until a step runs out of memory, then by bisection between the last batch that fitted
-and the first that did not. A batch "fits" when two full training steps (forward with last step's memory,
-backward, optimizer step) finish; the table gives that batch, its tokens/s (median of 3 more steps) and
-torch.cuda.max_memory_allocated. Batches come from throughput.plm_batch (random tokens in the PLM layout).
+and the first that did not. A batch "fits" when four full training steps (forward with last step's memory,
+backward, optimizer step) finish; the table gives that batch, its tokens/s (median of steps 2-4 of the
+probe) and torch.cuda.max_memory_allocated. Batches come from throughput.plm_batch (random tokens in the PLM layout).
 """
 
 from __future__ import annotations
@@ -68,33 +68,42 @@ def steps(model, opt, args, batch: int, n: int) -> list[float]:
     return times
 
 
-def fits(model, opt, args, batch: int) -> bool:
+def fits(model, opt, args, batch: int) -> float | None:
+    """Median seconds of steps 2-4 at this batch, or None when it runs out of memory (the timing comes from the
+    probe itself: a second run after failed probes could fail on a fragmented cache)."""
     try:
-        steps(model, opt, args, batch, 2)
-        return True
+        torch.cuda.reset_peak_memory_stats()
+        return statistics.median(steps(model, opt, args, batch, 4)[1:])
     except torch.OutOfMemoryError:
-        return False
+        return None
     finally:
         opt.zero_grad(set_to_none=True)
         gc.collect()
         torch.cuda.empty_cache()
 
 
-def largest(model, opt, args) -> tuple[int, bool]:
-    """(largest batch that fits, whether the search stopped at --max-batch with everything fitting)."""
-    ok, bad = 0, None
-    b = 1
+def largest(model, opt, args) -> dict:
+    """The largest batch that fits, its step time and peak memory, and whether the search stopped at
+    --max-batch with everything fitting."""
+    best, bad, b = dict(max_batch=0), None, 1
+
+    def probe(batch: int) -> bool:
+        t = fits(model, opt, args, batch)
+        if t is not None and batch > best["max_batch"]:
+            best.update(max_batch=batch, step_s=t, tokens_per_s=batch * args.seq / t,
+                        max_alloc_gib=torch.cuda.max_memory_allocated() / 2**30)
+        return t is not None
+
     while b <= args.max_batch:
-        if not fits(model, opt, args, b):
+        if not probe(b):
             bad = b
             break
-        ok, b = b, b * 2
-    if bad is None:
-        return ok, True
-    while bad - ok > 1:
-        mid = (ok + bad) // 2
-        ok, bad = (mid, bad) if fits(model, opt, args, mid) else (ok, mid)
-    return ok, False
+        b *= 2
+    while bad is not None and bad - best["max_batch"] > 1:
+        mid = (best["max_batch"] + bad) // 2
+        if not probe(mid):
+            bad = mid
+    return dict(best, capped=bad is None)
 
 
 def main(argv=None) -> None:
@@ -104,13 +113,7 @@ def main(argv=None) -> None:
     rows = []
     for checkpointing in (False, True):
         model, opt = build(args, checkpointing)
-        best, capped = largest(model, opt, args)
-        row = dict(preset=args.preset, activation_checkpointing=checkpointing, max_batch=best, capped=capped)
-        if best:
-            torch.cuda.reset_peak_memory_stats()
-            t = statistics.median(steps(model, opt, args, best, 3))
-            row.update(tokens_per_s=best * args.seq / t, step_s=t,
-                       max_alloc_gib=torch.cuda.max_memory_allocated() / 2**30)
+        row = dict(preset=args.preset, activation_checkpointing=checkpointing, **largest(model, opt, args))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json_out:  # after each setting, so a run cut short keeps what it measured
