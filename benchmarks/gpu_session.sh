@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device-machine call: GPU tests, the throughput table, compiled variant, largest batch for XLNet-large.
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|bench|profile|compile|maxbatch]...
+# One device-machine call: GPU tests, SDPA backends, the throughput table, profile, compiled variant, largest batch
+# for XLNet-large.
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -10,6 +11,7 @@ for s in $steps; do
     tests) timeout 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
     bench) timeout 200 python3 benchmarks/throughput.py --device cuda --impls fast,hf_xlnet,hf_bert --steps 10 \
              --json-out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1; tail -14 "$OUT/bench.txt" ;;
+    sdpa) timeout 60 python3 benchmarks/sdpa_backends.py 2>&1 | tee "$OUT/sdpa.txt" | tail -12 ;;
     profile) timeout 150 python3 benchmarks/throughput.py --device cuda --impls fast --steps 5 --no-memory \
              --profile fast > "$OUT/profile.txt" 2>&1; tail -40 "$OUT/profile.txt" ;;
     compile) timeout 200 python3 benchmarks/throughput.py --device cuda --impls fast,fast_compile --no-memory \

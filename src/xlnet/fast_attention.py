@@ -101,7 +101,8 @@ class _MaskedBias(torch.autograd.Function):
 class _ShiftMaskQK(torch.autograd.Function):
     """The whole pre-softmax score in one fresh tensor, for the bidirectional table (R = K + L, where the shifted
     view does not overlap itself): rel_shift(table) masked with -1e30, plus scale · qc·kcᵀ accumulated in place
-    (qc = kc = None: the masked position term alone, the bias handed to SDPA).
+    (qc = kc = None: the bias handed to SDPA, the masked position term plus, given seg = (coef [.., Lq], same
+    [B, 1, Lq, K]), the segment term coef_i·[seg_i = seg_j] added in the same pass).
 
     table [.., Lq, R] holds the rows of each (b, n) pair at strides (sb, sn); score entry (i, j) reads
     table[.., i, L - i + j] (flat offset L + i·(R - 1) + j within the pair's block, exactly rel_shift). Backward:
@@ -111,23 +112,28 @@ class _ShiftMaskQK(torch.autograd.Function):
     and re-lays it out; an in-place baddbmm_ on a view adds two more copies.)"""
 
     @staticmethod
-    def forward(ctx, table: Tensor, mask: Tensor | None, qc: Tensor, kc: Tensor, scale: float,
-                geom: tuple[int, ...]) -> Tensor:
+    def forward(ctx, table: Tensor, mask: Tensor | None, qc: Tensor | None, kc: Tensor | None, scale: float,
+                geom: tuple[int, ...], coef: Tensor | None = None, same: Tensor | None = None) -> Tensor:
         bsz, n_head, sb, sn, klen = geom
         qlen, rlen = table.shape[-2:]
         ctx.geom, ctx.scale, ctx.qlen, ctx.rlen = geom, scale, qlen, rlen
         view = table.as_strided((bsz, n_head, qlen, klen), (sb, sn, rlen - 1, 1), table.storage_offset() + qlen)
+        if coef is not None:  # segment term: fresh tensor, then masked in place
+            view = torch.addcmul(view, coef[..., None], same)
         if torch.compiler.is_compiling():  # inductor mis-lays `out=` over a strided view: plain ops, it fuses them
             score = (view if mask is None else view.masked_fill(mask, -NEG_INF)).contiguous()
         else:
-            score = torch.empty((bsz, n_head, qlen, klen), dtype=table.dtype, device=table.device)
+            score = view if coef is not None else torch.empty((bsz, n_head, qlen, klen), dtype=table.dtype,
+                                                                 device=table.device)
             if mask is not None:
                 torch.where(mask, view.new_full((), -NEG_INF), view, out=score)  # one pass over the strided view
-            else:
+            elif coef is None:
                 score.copy_(view)
         if qc is not None:
             score.view(-1, qlen, klen).baddbmm_(qc, kc.transpose(1, 2), alpha=scale)
             ctx.save_for_backward(qc, kc)
+        elif coef is not None:
+            ctx.save_for_backward(same)
         return score
 
     @staticmethod
@@ -135,8 +141,10 @@ class _ShiftMaskQK(torch.autograd.Function):
         bsz, n_head, sb, sn, klen = ctx.geom
         qlen, rlen = ctx.qlen, ctx.rlen
         saved = ctx.saved_tensors  # read once (activation checkpointing allows one unpack)
-        qc, kc = saved if saved else (None, None)
-        g_table = g_q = g_k = None
+        qc, kc = saved if len(saved) == 2 else (None, None)
+        g_table = g_q = g_k = g_coef = None
+        if len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]:
+            g_coef = (grad * saved[0]).sum(-1)
         if ctx.needs_input_grad[0]:
             g_table = grad.new_empty(bsz * n_head * qlen * rlen)
             g_table.as_strided((bsz, n_head, qlen, klen), (sb, sn, rlen - 1, 1), qlen).copy_(grad)
@@ -151,7 +159,7 @@ class _ShiftMaskQK(torch.autograd.Function):
             g_q = torch.bmm(grad3, kc).mul_(ctx.scale)
         if ctx.needs_input_grad[3]:
             g_k = torch.bmm(grad3.transpose(1, 2), qc).mul_(ctx.scale)
-        return g_table, None, g_q, g_k, None, None
+        return g_table, None, g_q, g_k, None, None, g_coef, None
 
 
 def masked_bias(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -195,8 +203,6 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
             out.mask_g = mask_g.expand(bsz, -1, -1).gather(1, rows)[:, None]
     if token_type_ids is not None:
         n_seg = int(token_type_ids.max().clamp(min=0)) + 1  # one host sync per forward
-        if token_type_ids.device.type == "cuda":  # SDPA's fused kernels want q/k head dims in multiples of 8
-            n_seg = -(-n_seg // 8) * 8  # the extra one-hot columns are all zero
         keys = F.pad(token_type_ids, (mlen, 0), value=0)
         out.seg_k = F.one_hot(keys, n_seg).to(dtype)[:, None]
         out.seg_q = out.seg_k[:, :, mlen:]
@@ -237,27 +243,31 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     else:  # bi_data: a table per sample
         table = torch.matmul(q_r.transpose(1, 2), k_r.permute(0, 2, 3, 1))  # [B, n, Lq, R]
         sb, sn = n_head * qlen * rlen, qlen * rlen
-    # content + segment in one product
-    qc = (q + attn.r_w_bias).transpose(1, 2)  # [B, n, Lq, dh]
-    kc = k
-    if coef is not None:
-        qc = torch.cat([qc, coef.transpose(1, 2)[..., None] * seg_q], dim=-1)
-        kc = torch.cat([k, seg_k.expand(-1, n_head, -1, -1)], dim=-1)
     core = core or pick_core(q.device)
     p = attn.dropatt.p if attn.training else 0.0
+    qc = (q + attn.r_w_bias).transpose(1, 2)  # [B, n, Lq, dh]
+    kc = k
+    seg = ()
+    if coef is not None and core == "sdpa":  # segment term in the bias: q/k keep head dim 64, SDPA's faster tiles
+        seg = (coef.transpose(1, 2) * scale, torch.matmul(seg_q, seg_k.transpose(-1, -2)))  # [B, n, Lq], [B, 1, Lq, K]
+    elif coef is not None:  # content + segment in one product
+        qc = torch.cat([qc, coef.transpose(1, 2)[..., None] * seg_q], dim=-1)
+        kc = torch.cat([k, seg_k.expand(-1, n_head, -1, -1)], dim=-1)
     if core == "manual" and shift is None and rlen == klen + qlen:
         # the position term read by distance i - j, masked, plus the content/segment product: one fresh tensor
         qc3, kc3 = qc.reshape(-1, qlen, qc.shape[-1]), kc.reshape(-1, klen, kc.shape[-1])
         score = _ShiftMaskQK.apply(table.view(-1, qlen, rlen), mask, qc3, kc3, scale,
                                    (bsz, n_head, sb, sn, klen))
     else:
-        if shift is None and rlen == klen + qlen:  # one pass: rel_shift's strided view, masked
+        if shift is None and rlen == klen + qlen:  # one pass: rel_shift's strided view (+ segment term), masked
             bias = _ShiftMaskQK.apply(table.view(-1, qlen, rlen), mask, None, None, scale,
-                                      (bsz, n_head, sb, sn, klen))
+                                      (bsz, n_head, sb, sn, klen), *seg)
         else:
             bd = table.view(bsz, n_head, qlen, rlen) if k_r.shape[0] != 1 else \
                 table.view(n_head, bsz, qlen, rlen).transpose(0, 1)
             bd = rel_shift(bd, klen) if shift is None else bd.gather(-1, shift.expand(-1, n_head, -1, -1))
+            if seg:
+                bd = torch.addcmul(bd, seg[0][..., None], seg[1])
             bias = masked_bias(bd, mask)
         if core == "sdpa":
             out = F.scaled_dot_product_attention(qc, kc, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=scale)
