@@ -118,22 +118,24 @@ class _ShiftMaskQK(torch.autograd.Function):
         bsz, n_head, sb, sn, klen = geom
         qlen, rlen = table.shape[-2:]
         ctx.geom, ctx.scale, ctx.qlen, ctx.rlen = geom, scale, qlen, rlen
+        ctx.with_qk, ctx.with_seg = qc is not None, coef is not None  # the manual core's, or SDPA's bias
         view = table.as_strided((bsz, n_head, qlen, klen), (sb, sn, rlen - 1, 1), table.storage_offset() + qlen)
-        if coef is not None:  # segment term: fresh tensor, then masked in place
+        if ctx.with_seg:  # a fresh tensor with the segment term: the mask then goes on in place
             view = torch.addcmul(view, coef[..., None], same)
         if torch.compiler.is_compiling():  # inductor mis-lays `out=` over a strided view: plain ops, it fuses them
             score = (view if mask is None else view.masked_fill(mask, -NEG_INF)).contiguous()
+        elif ctx.with_seg:
+            score = view if mask is None else view.masked_fill_(mask, -NEG_INF)
         else:
-            score = view if coef is not None else torch.empty((bsz, n_head, qlen, klen), dtype=table.dtype,
-                                                                 device=table.device)
+            score = torch.empty((bsz, n_head, qlen, klen), dtype=table.dtype, device=table.device)
             if mask is not None:
                 torch.where(mask, view.new_full((), -NEG_INF), view, out=score)  # one pass over the strided view
-            elif coef is None:
+            else:
                 score.copy_(view)
-        if qc is not None:
+        if ctx.with_qk:
             score.view(-1, qlen, klen).baddbmm_(qc, kc.transpose(1, 2), alpha=scale)
             ctx.save_for_backward(qc, kc)
-        elif coef is not None:
+        elif ctx.with_seg:
             ctx.save_for_backward(same)
         return score
 
@@ -142,9 +144,9 @@ class _ShiftMaskQK(torch.autograd.Function):
         bsz, n_head, sb, sn, klen = ctx.geom
         qlen, rlen = ctx.qlen, ctx.rlen
         saved = ctx.saved_tensors  # read once (activation checkpointing allows one unpack)
-        qc, kc = saved if len(saved) == 2 else (None, None)
+        qc, kc = saved if ctx.with_qk else (None, None)
         g_table = g_q = g_k = g_coef = None
-        if len(ctx.needs_input_grad) > 6 and ctx.needs_input_grad[6]:
+        if ctx.with_seg and ctx.needs_input_grad[6]:
             g_coef = (grad * saved[0]).sum(-1)
         if ctx.needs_input_grad[0]:
             g_table = grad.new_empty(bsz * n_head * qlen * rlen)
