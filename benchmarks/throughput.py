@@ -5,8 +5,8 @@
     python benchmarks/throughput.py --device cuda        # base model, seq 512, batch 16, 85 targets, mem 384, bf16
 
 One table per run. Modes:
-- plm:      permutation-LM training step with memory (two streams, AdamW). BERT: BertForMaskedLM, 15% masked.
-- finetune: sequence-classification training step (content stream only, no memory, AdamW).
+- plm:      permutation-LM training step with memory (two streams, fused AdamW). BERT: BertForMaskedLM, 15% masked.
+- finetune: sequence-classification training step (content stream only, no memory, fused AdamW).
 - infer:    sequence-classification forward in eval mode under inference_mode.
 
 Batches are random tokens in the PLM layout (not the data pipeline): segments A | B | <cls> (ids 0, 1, 2), the
@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="bf16 autocast for every implementation (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our models (measured, not default)")
     ap.add_argument("--activation-checkpointing", action="store_true", help="checkpoint each of our layers")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
@@ -78,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--_memory_child", nargs=2, metavar=("MODE", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
-    defaults = dict(preset="base" if cuda else "tiny", seq=512 if cuda else 256, batch=16 if cuda else 8,
+    defaults = dict(precision="bf16" if cuda else "fp32", preset="base" if cuda else "tiny", seq=512 if cuda else 256, batch=16 if cuda else 8,
                     targets=85 if cuda else 42, mem=384 if cuda else 128, steps=20 if cuda else 7)
     if args.quick:
         defaults.update(seq=64, batch=2, targets=10, mem=32, steps=2)
@@ -183,7 +185,7 @@ def build(args, mode: str, impl: str):
         batch.pop("token_type_ids", None)
     else:
         batch = plm_batch(args, vocab, dev) if mode == "plm" else cls_batch(args, vocab, dev)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     if mode == "infer":
         model.eval()
@@ -194,7 +196,7 @@ def build(args, mode: str, impl: str):
         return step
 
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=dev == "cuda" or None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)  # every impl alike
     state = {"mems": None}
 
     def step():
@@ -317,8 +319,7 @@ def memory(args, mode: str, impl: str) -> float | None:
     cmd = [sys.executable, __file__, "--_memory_child", mode, impl, "--device", args.device,
            "--preset", args.preset, "--seq", str(args.seq), "--batch", str(args.batch), "--targets",
            str(args.targets), "--mem", str(args.mem), "--threads", str(args.threads)]
-    if args.compile:
-        cmd.append("--compile")
+    cmd += ["--precision", args.precision] + ["--compile"] * args.compile
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         print(out.stderr[-2000:], file=sys.stderr)
@@ -347,6 +348,10 @@ def main(argv=None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     modes = [m for m in args.modes.split(",") if m]
     impls = [i for i in args.impls.split(",") if i]
+    unknown = sorted(set(modes) - set(MODES)) + sorted(set(impls) - set(LABELS))
+    if unknown:
+        sys.exit(f"throughput.py: unknown mode/implementation {', '.join(unknown)} "
+                 f"(modes: {', '.join(MODES)}; implementations: {', '.join(LABELS)})")
     rows = []
     for mode in modes:
         if args.profile:

@@ -96,7 +96,7 @@ def test_uni_same_length_query_stream_grads_when_every_row_sees_a_key() -> None:
 
 
 @pytest.mark.parametrize("variant", ["bi", "uni", "bi_data"])
-@pytest.mark.parametrize("core", ["manual", "sdpa"])
+@pytest.mark.parametrize("core", ["manual", "math", "sdpa"])
 def test_both_cores_match_reference(core: str, variant: str, monkeypatch) -> None:
     """The CPU training core and the SDPA core (CUDA's; on CPU its math kernel) give the reference's numbers."""
     import xlnet.fast_attention as fa
@@ -108,6 +108,22 @@ def test_both_cores_match_reference(core: str, variant: str, monkeypatch) -> Non
     x = inputs()
     labels = x["input_ids"][:, :P]
     r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
+    assert_close(f.logits, r.logits, "logits")
+    r.loss.backward(), f.loss.backward()
+    assert_grads_close(ref, fast)
+
+
+def test_compiles_as_one_graph_and_matches_reference() -> None:
+    """torch.compile(fullgraph=True) traces the whole PLM forward and backward (no host sync for the segment
+    count, no untraceable strided views: the math core on CPU) and gives the reference's numbers. aot_eager runs
+    dynamo and AOT autograd without inductor's C++ build, which takes most of a minute here."""
+    config = tiny_config(mem_len=12)
+    ref, fast = pair(XLNetLMHeadModel, config)
+    mems = [torch.randn(B, 5, config.d_model) for _ in range(config.n_layer)]
+    x = inputs()
+    labels = x["input_ids"][:, :P]
+    f = torch.compile(fast, fullgraph=True, backend="aot_eager")(**x, labels=labels, mems=mems)
+    r = ref(**x, labels=labels, mems=mems)
     assert_close(f.logits, r.logits, "logits")
     r.loss.backward(), f.loss.backward()
     assert_grads_close(ref, fast)
@@ -291,9 +307,24 @@ def test_relative_attention_module_fast_forward() -> None:
     r = ref.layer[0].rel_attn(h, g, pos, mem, seg=segment_matrix(x["token_type_ids"], 4), mask_h=mask_h,
                               mask_g=mask_g, target_mapping=tm)
     f = fast.layer[0].rel_attn(h, g, pos, mem, fast=fast_inputs(L, 4, pos.shape[1], mask_h, mask_g,
-                                                                x["token_type_ids"], tm, h.dtype))
+                                                                x["token_type_ids"], tm, h.dtype, h.device))
     assert_close(f[0], r[0], "h")
     assert_close(f[1], r[1], "g")
+
+
+@pytest.mark.parametrize("two_stream", [True, False])
+def test_manual_core_under_cpu_bf16_autocast(two_stream: bool) -> None:
+    """`--precision bf16` on CPU: the manual core's in-place product takes bf16 q/k (the r_w_bias and segment
+    terms come out float32 under autocast) and gives the reference's loss to bf16 accuracy."""
+    config = tiny_config(mem_len=12)
+    ref, fast = pair(XLNetLMHeadModel, config)
+    x = inputs(two_stream=two_stream)
+    labels = (x["input_ids"][:, :P] if two_stream else x["input_ids"]).clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r, f = ref(**x, labels=labels), fast(**x, labels=labels)
+    f.loss.backward()
+    assert abs(f.loss.item() - r.loss.item()) < 2e-2 * abs(r.loss.item())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in fast.parameters())
 
 
 def test_sdpa_core_bias_in_autocast_dtype_and_head_dim(monkeypatch) -> None:

@@ -53,6 +53,23 @@ def test_optimizer_groups_and_eps():
     assert n_params == len(list(model.parameters()))  # tied embedding listed once
 
 
+def test_optimizer_is_fused_and_steps_like_for_each_adamw():
+    torch.manual_seed(0)
+    model, ref = tiny_model(), tiny_model()
+    ref.load_state_dict(model.state_dict())
+    opt = T.build_optimizer(T.decay_groups(model, 0.01), lr=1e-2)
+    ref_opt = torch.optim.AdamW(T.decay_groups(ref, 0.01), lr=1e-2, eps=1e-6, foreach=True)
+    assert opt.defaults["fused"]
+    for step in range(3):
+        for m in (model, ref):
+            torch.manual_seed(step)
+            for p in m.parameters():
+                p.grad = torch.randn_like(p)
+        opt.step(), ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_layerwise_lr_decay():
     model = tiny_model()
     groups = T.layerwise_lr_groups(model, 0.01, lr_decay=0.5, n_layer=2)

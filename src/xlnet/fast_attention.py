@@ -66,10 +66,16 @@ def dropout_keep(shape: torch.Size, p: float, device: torch.device) -> tuple[Ten
     return keep, 65536.0 / (65536 - drop)
 
 
+def native_dropout(x: Tensor) -> bool:
+    """F.dropout instead of 16-bit lanes: off the CPU (CUDA's is fused), and under torch.compile (inductor draws
+    the mask inside the fused kernel)."""
+    return x.device.type != "cpu" or torch.compiler.is_compiling()
+
+
 def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if not training or p <= 0:
         return x
-    if x.device.type != "cpu" or p >= 1:
+    if native_dropout(x) or p >= 1:
         return F.dropout(x, p, True)
     keep, scale = dropout_keep(x.shape, p, x.device)
     return _Dropout16.apply(x, keep, scale)
@@ -86,31 +92,29 @@ class FastDropout(nn.Dropout):
 # masks and per-forward inputs
 
 
-class _MaskedBias(torch.autograd.Function):
-    """x.masked_fill(mask, -1e30) whose gradient is the identity (the reference subtracts 1e30 * mask: where a
-    whole row is masked, the softmax is uniform and the reference's gradient still reaches the scores)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, mask: Tensor) -> Tensor:
-        return x.masked_fill(mask, -NEG_INF)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad, None
+def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """bool mask (True = masked) -> the reference's -1e30 as a term added to the scores: one vectorized add that
+    fuses into the pass laying out the position term (a bool select over a score-sized tensor takes ~4× as
+    long on CPU), and its gradient is the identity, as the reference's `score - 1e30 * mask` (where a whole row
+    is masked the softmax is uniform and the gradient still reaches the scores). |score| < 1e22, so a masked
+    entry is exactly -1e30 in float32, as in the reference."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -NEG_INF)
 
 
 class _ShiftMaskQK(torch.autograd.Function):
     """The whole pre-softmax score in one fresh tensor, for the bidirectional table (R = K + L, where the shifted
-    view does not overlap itself): rel_shift(table) masked with -1e30, plus scale · qc·kcᵀ accumulated in place
-    (qc = kc = None: the bias handed to SDPA, the masked position term plus, given seg = (coef [.., Lq], same
-    [B, 1, Lq, K]), the segment term coef_i·[seg_i = seg_j] added in the same pass).
+    view does not overlap itself): rel_shift(table) plus the additive mask, plus scale · qc·kcᵀ accumulated in
+    place (qc = kc = None: the bias handed to SDPA, the masked position term plus, given seg = (coef [.., Lq],
+    same [B, 1, Lq, K]), the segment term coef_i·[seg_i = seg_j] added in the same pass).
 
     table [.., Lq, R] holds the rows of each (b, n) pair at strides (sb, sn); score entry (i, j) reads
     table[.., i, L - i + j] (flat offset L + i·(R - 1) + j within the pair's block, exactly rel_shift). Backward:
-    the masking is the identity (as the reference's `score - 1e30 * mask`), the table's gradient is written
-    through the same strided view into a fresh buffer whose L - 1 uncovered entries per row are zeroed, and the
-    q/k gradients are two batched products. (Autograd's own view backward zero-fills the whole table, copies,
-    and re-lays it out; an in-place baddbmm_ on a view adds two more copies.)"""
+    the mask is a constant term, the table's gradient is written through the same strided view into a fresh
+    buffer whose L - 1 uncovered entries per row are zeroed, and the q/k gradients are two batched products.
+    (Autograd's own view backward zero-fills the whole table, copies, and re-lays it out; an in-place baddbmm_ on
+    a view adds two more copies.)"""
 
     @staticmethod
     def forward(ctx, table: Tensor, mask: Tensor | None, qc: Tensor | None, kc: Tensor | None, scale: float,
@@ -122,14 +126,12 @@ class _ShiftMaskQK(torch.autograd.Function):
         view = table.as_strided((bsz, n_head, qlen, klen), (sb, sn, rlen - 1, 1), table.storage_offset() + qlen)
         if ctx.with_seg:  # a fresh tensor with the segment term: the mask then goes on in place
             view = torch.addcmul(view, coef[..., None], same)
-        if torch.compiler.is_compiling():  # inductor mis-lays `out=` over a strided view: plain ops, it fuses them
-            score = (view if mask is None else view.masked_fill(mask, -NEG_INF)).contiguous()
-        elif ctx.with_seg:
-            score = view if mask is None else view.masked_fill_(mask, -NEG_INF)
+        if ctx.with_seg:
+            score = view if mask is None else view.add_(mask)
         else:
             score = torch.empty((bsz, n_head, qlen, klen), dtype=table.dtype, device=table.device)
             if mask is not None:
-                torch.where(mask, view.new_full((), -NEG_INF), view, out=score)  # one pass over the strided view
+                torch.add(view, mask, out=score)  # one pass over the strided view
             else:
                 score.copy_(view)
         if ctx.with_qk:
@@ -166,9 +168,7 @@ class _ShiftMaskQK(torch.autograd.Function):
 
 
 def masked_bias(x: Tensor, mask: Tensor | None) -> Tensor:
-    if mask is None:
-        return x.contiguous()
-    return _MaskedBias.apply(x, mask)
+    return x.contiguous() if mask is None else x + mask
 
 
 @dataclass
@@ -176,21 +176,27 @@ class FastInputs:
     """What every layer's fast attention shares within one forward (built once by `fast_inputs`)."""
 
     klen: int
-    mask_h: Tensor | None = None  # [B|1, 1, L, K] bool, True = masked
-    mask_g: Tensor | None = None  # [B|1, 1, P, K] bool
-    seg_q: Tensor | None = None  # [B, 1, L, C] one-hot segment of each query position (float)
-    seg_qg: Tensor | None = None  # [B, 1, P, C] the same at the target slots
-    seg_k: Tensor | None = None  # [B, 1, K, C] one-hot segment of each key (memory = segment 0)
+    core: str  # "manual" | "math" | "sdpa" (pick_core)
+    mask_h: Tensor | None = None  # [B|1, 1, L, K] additive: -1e30 where masked, else 0 (in the scores' dtype)
+    mask_g: Tensor | None = None  # [B|1, 1, P, K] the same for the query stream
+    # segments: one-hots [B, 1, Lq|K, C] (float) for the manual core, which folds them into q·k; ids [B, Lq|K]
+    # for the others, which add the segment term to the bias
+    seg_q: Tensor | None = None  # each query position
+    seg_qg: Tensor | None = None  # the target slots' positions
+    seg_k: Tensor | None = None  # each key (memory = segment 0)
     shift_g: Tensor | None = None  # [B, 1, P, K] column of the distance table holding distance pos_p - j
     valid: Tensor | None = None  # [B, P, 1, 1] 1 for a real slot, 0 for a zero (padded) row of target_mapping
 
 
 def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: Tensor | None,
-                token_type_ids: Tensor | None, target_mapping: Tensor | None, dtype: torch.dtype) -> FastInputs:
+                token_type_ids: Tensor | None, target_mapping: Tensor | None, dtype: torch.dtype,
+                device: torch.device) -> FastInputs:
     """Masks (from model.attention_masks, bool [B|1, L, K]) and segment/target gathers for the fast path; rlen
-    is the length of the distance table (klen + qlen for bi, klen for uni)."""
+    is the length of the distance table (klen + qlen for bi, klen for uni); dtype that of the model's inputs."""
     klen = mlen + qlen
-    out = FastInputs(klen=klen, mask_h=None if mask_h is None else mask_h[:, None])
+    score_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+    out = FastInputs(klen=klen, core=pick_core(device),
+                     mask_h=None if mask_h is None else additive_mask(mask_h[:, None], score_dtype))
     pos = None
     if target_mapping is not None:
         bsz, n_pred, _ = target_mapping.shape
@@ -203,14 +209,18 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
         out.shift_g = ((qlen - pos)[:, None, :, None] + cols).clamp(max=rlen - 1)
         if mask_g is not None:
             rows = pos[:, :, None].expand(-1, -1, klen)
-            out.mask_g = mask_g.expand(bsz, -1, -1).gather(1, rows)[:, None]
+            out.mask_g = additive_mask(mask_g.expand(bsz, -1, -1).gather(1, rows)[:, None], score_dtype)
     if token_type_ids is not None:
-        n_seg = int(token_type_ids.max().clamp(min=0)) + 1  # one host sync per forward
         keys = F.pad(token_type_ids, (mlen, 0), value=0)
-        out.seg_k = F.one_hot(keys, n_seg).to(dtype)[:, None]
-        out.seg_q = out.seg_k[:, :, mlen:]
+        out.seg_k, out.seg_q = keys, token_type_ids
         if pos is not None:
-            out.seg_qg = F.one_hot(token_type_ids.gather(1, pos), n_seg).to(dtype)[:, None]
+            out.seg_qg = token_type_ids.gather(1, pos)
+        if out.core == "manual":
+            n_seg = int(token_type_ids.max().clamp(min=0)) + 1  # one host sync per forward
+            out.seg_k = F.one_hot(keys, n_seg).to(dtype)[:, None]
+            out.seg_q = out.seg_k[:, :, mlen:]
+            if pos is not None:
+                out.seg_qg = F.one_hot(out.seg_qg, n_seg).to(dtype)[:, None]
     return out
 
 
@@ -219,76 +229,96 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
 
 
 def pick_core(device: torch.device) -> str:
-    """sdpa on CUDA (memory-efficient kernel: float bias with gradient, fused dropout); the manual core on CPU,
+    """sdpa on CUDA (memory-efficient kernel: float bias with gradient, fused dropout); on CPU the manual core,
     where SDPA's flash kernel takes neither dropout nor a bias that needs a gradient, and was slower than the
-    manual core even for inference (measured at the benchmark shape, torch 2.13)."""
-    return "sdpa" if device.type == "cuda" else "manual"
+    manual core even for inference (measured at the benchmark shape, torch 2.13); under torch.compile on CPU
+    the math core, plain ops that inductor fuses from the position bias to the dropout."""
+    if device.type == "cuda":
+        return "sdpa"
+    return "math" if torch.compiler.is_compiling() else "manual"
+
+
+def distance_scores(q_r: Tensor, k_r: Tensor) -> tuple[Tensor, int, int]:
+    """q_r [B, Lq, n, dh] (q + v, pre-scaled) against distance rows k_r [B|1, R, n, dh]: [n, B·Lq, R] when k_r is
+    shared by the batch (one product per head, no per-sample copies of the table), else [B, n, Lq, R] (bi_data);
+    and the strides (sb, sn) of each (b, n) block of rows."""
+    bsz, qlen, n_head, d_head = q_r.shape
+    rlen = k_r.shape[1]
+    if k_r.shape[0] == 1:
+        q_r = q_r.permute(2, 0, 1, 3).reshape(n_head, bsz * qlen, d_head)
+        return torch.matmul(q_r, k_r[0].permute(1, 2, 0)), qlen * rlen, bsz * qlen * rlen
+    table = torch.matmul(q_r.transpose(1, 2), k_r.permute(0, 2, 3, 1))
+    return table, n_head * qlen * rlen, qlen * rlen
+
+
+def position_bias(table: Tensor, geom: tuple[int, ...], qlen: int, shift: Tensor | None, seg: tuple[Tensor, ...],
+                  mask: Tensor | None, scale: float) -> Tensor:
+    """The masked pre-softmax bias [B, n, Lq, K]: the position term read by distance i - j (content stream:
+    rel_shift; query stream: the gather columns `shift`) plus, given seg = (coef [B, n, Lq], same [B, 1, Lq, K]),
+    the segment term coef_i·[seg_i = seg_j]."""
+    from xlnet.model import rel_shift  # the reference's view (model.py imports this module)
+
+    bsz, n_head, _, _, klen = geom
+    rlen = table.shape[-1]
+    if shift is None and rlen == klen + qlen and not torch.compiler.is_compiling():  # one strided pass
+        return _ShiftMaskQK.apply(table.view(-1, qlen, rlen), mask, None, None, scale, geom, *seg)
+    bd = table.view(n_head, bsz, qlen, rlen).transpose(0, 1) if table.dim() == 3 else table
+    bd = rel_shift(bd, klen) if shift is None else bd.gather(-1, shift.expand(-1, n_head, -1, -1))
+    if seg:
+        bd = torch.addcmul(bd, seg[0][..., None], seg[1])
+    return masked_bias(bd, mask)
 
 
 def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: Tensor, k_r: Tensor,
                 seg_q: Tensor | None, seg_k: Tensor | None, mask: Tensor | None, shift: Tensor | None, klen: int,
-                core: str | None = None) -> Tensor:
+                core: str) -> Tensor:
     """q [B, Lq, n, dh] (Lq = L for the content stream, P target slots for the query stream); coef [B, Lq, n]
     the segment coefficient (q + b)·(s_same - s_diff) (None without segments); k, v [B, n, K, dh]; k_r
-    [B|1, R, n, dh]; seg_q [B, 1, Lq, C]; seg_k [B, 1, K, C]; mask [B|1, 1, Lq, K] bool; shift None (content:
-    row i reads distance i - j through rel_shift) or [B, 1, Lq, K] gather columns. -> [B, Lq, n, dh]."""
-    from xlnet.model import rel_shift
-
+    [B|1, R, n, dh]; seg_q, seg_k, mask as in FastInputs; shift None (content: row i reads
+    distance i - j through rel_shift) or [B, 1, Lq, K] gather columns. -> [B, Lq, n, dh]."""
     bsz, qlen, n_head, d_head = q.shape
     scale = attn.scale
-    # position term, pre-scaled, against the distance table: [B, n, Lq, R] (a view when k_r is shared)
     q_r = (q + attn.r_r_bias) * scale
-    rlen = k_r.shape[1]
-    if k_r.shape[0] == 1:  # one table for the batch: one product per head, no per-sample copies of the table
-        q_r = q_r.permute(2, 0, 1, 3).reshape(n_head, bsz * qlen, d_head)
-        table = torch.matmul(q_r, k_r[0].permute(1, 2, 0))  # [n, B·Lq, R]
-        sb, sn = qlen * rlen, bsz * qlen * rlen
-    else:  # bi_data: a table per sample
-        table = torch.matmul(q_r.transpose(1, 2), k_r.permute(0, 2, 3, 1))  # [B, n, Lq, R]
-        sb, sn = n_head * qlen * rlen, qlen * rlen
-    core = core or pick_core(q.device)
-    p = attn.dropatt.p if attn.training else 0.0
     qc = (q + attn.r_w_bias).transpose(1, 2)  # [B, n, Lq, dh]
     kc = k
-    seg = ()
-    if coef is not None and core == "sdpa":  # segment term in the bias: q/k keep head dim 64, SDPA's faster tiles
-        same = torch.matmul(seg_q, seg_k.transpose(-1, -2)).to(q.dtype)  # [B, 1, Lq, K]
-        # coef is float32 under autocast (r_s_bias is added in float32): cast, or the bias becomes float32
-        seg = ((coef.transpose(1, 2) * scale).to(same.dtype), same)  # [B, n, Lq]
-    elif coef is not None:  # content + segment in one product
+    seg: tuple[Tensor, ...] = ()
+    if coef is not None and core == "manual":  # content + segment in one product (one-hots: FastInputs)
         qc = torch.cat([qc, coef.transpose(1, 2)[..., None] * seg_q], dim=-1)
         kc = torch.cat([k, seg_k.expand(-1, n_head, -1, -1)], dim=-1)
-    if core == "manual" and shift is None and rlen == klen + qlen:
+    elif coef is not None:  # segment term in the bias: q/k keep the head dim (SDPA's faster tiles)
+        same = (seg_q[:, None, :, None] == seg_k[:, None, None, :]).to(q.dtype)  # [B, 1, Lq, K]
+        # coef is float32 under autocast (r_s_bias is added in float32): cast, or the bias becomes float32
+        seg = ((coef.transpose(1, 2) * scale).to(same.dtype), same)  # [B, n, Lq]
+    p = attn.dropatt.p if attn.training else 0.0
+    table, sb, sn = distance_scores(q_r, k_r)
+    geom = (bsz, n_head, sb, sn, klen)
+    qc, kc = qc.to(table.dtype), kc.to(table.dtype)  # under autocast the biases made them float32
+    if core == "manual" and shift is None and table.shape[-1] == klen + qlen:
         # the position term read by distance i - j, masked, plus the content/segment product: one fresh tensor
-        qc3, kc3 = qc.reshape(-1, qlen, qc.shape[-1]), kc.reshape(-1, klen, kc.shape[-1])
-        score = _ShiftMaskQK.apply(table.view(-1, qlen, rlen), mask, qc3, kc3, scale,
-                                   (bsz, n_head, sb, sn, klen))
+        score = _ShiftMaskQK.apply(table.view(-1, qlen, table.shape[-1]), mask, flat3(qc), flat3(kc), scale, geom)
     else:
-        if shift is None and rlen == klen + qlen:  # one pass: rel_shift's strided view (+ segment term), masked
-            bias = _ShiftMaskQK.apply(table.view(-1, qlen, rlen), mask, None, None, scale,
-                                      (bsz, n_head, sb, sn, klen), *seg)
-        else:
-            bd = table.view(bsz, n_head, qlen, rlen) if k_r.shape[0] != 1 else \
-                table.view(n_head, bsz, qlen, rlen).transpose(0, 1)
-            bd = rel_shift(bd, klen) if shift is None else bd.gather(-1, shift.expand(-1, n_head, -1, -1))
-            if seg:
-                bd = torch.addcmul(bd, seg[0][..., None], seg[1])
-            bias = masked_bias(bd, mask)
+        bias = position_bias(table, geom, qlen, shift, seg, mask, scale)
         if core == "sdpa":
             out = F.scaled_dot_product_attention(qc, kc, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=scale)
             return out.transpose(1, 2)
-        score = torch.baddbmm(bias.reshape(-1, qlen, klen), qc.reshape(-1, qlen, qc.shape[-1]),
-                              kc.reshape(-1, klen, kc.shape[-1]).transpose(1, 2), alpha=scale)
-        score = score.view(bsz, n_head, qlen, klen)
+        score = torch.baddbmm(bias.reshape(-1, qlen, klen), flat3(qc), flat3(kc).transpose(1, 2), alpha=scale)
+    return probs_times_v(score.view(bsz, n_head, qlen, klen), v, p).transpose(1, 2)
+
+
+def flat3(x: Tensor) -> Tensor:
+    """[B, n, L, d] -> [B·n, L, d] for the batched products."""
+    return x.reshape(-1, *x.shape[-2:])
+
+
+def probs_times_v(score: Tensor, v: Tensor, p: float) -> Tensor:
+    """softmax(score) with attention dropout p, times v: [B, n, Lq, K] x [B, n, K, dh] -> [B, n, Lq, dh]."""
     prob = torch.softmax(score, dim=-1)
-    if p > 0 and prob.device.type == "cpu":
+    if p > 0 and not native_dropout(prob):
         keep, drop_scale = dropout_keep(prob.shape, p, prob.device)
         # where (not prob * keep: that casts the bool mask to float, forward and backward); the survivor scale
         # goes on the [.., dh] output instead of the probabilities
-        out = torch.matmul(torch.where(keep, prob, 0.0), v).mul_(drop_scale)
-    else:
-        out = torch.matmul(F.dropout(prob, p, attn.training) if p > 0 else prob, v)
-    return out.transpose(1, 2)
+        return torch.matmul(torch.where(keep, prob, 0.0), v).mul_(drop_scale)
+    return torch.matmul(F.dropout(prob, p, True) if p > 0 else prob, v)
 
 
 def fast_forward(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
@@ -336,13 +366,14 @@ def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, f
     vec = torch.empty(x.shape[0], n, dh, dtype=q.dtype, device=q.device)  # attention vectors of both streams
     q_h = q[:n_h].view(bsz, qlen, n, dh)
     coef_h = None if coef is None else coef[:n_h].view(bsz, qlen, n)
-    attn_h = fast_attend(attn, q_h, coef_h, k, v, k_r, fast.seg_q, fast.seg_k, fast.mask_h, None, klen)
+    attn_h = fast_attend(attn, q_h, coef_h, k, v, k_r, fast.seg_q, fast.seg_k, fast.mask_h, None, klen, fast.core)
     vec[:n_h].view(bsz, qlen, n, dh).copy_(attn_h)
     if g is not None:
         n_pred = g.shape[1]
         q_g = q[n_h:].view(bsz, n_pred, n, dh)
         coef_g = None if coef is None else coef[n_h:].view(bsz, n_pred, n)
-        attn_g = fast_attend(attn, q_g, coef_g, k, v, k_r, fast.seg_qg, fast.seg_k, fast.mask_g, fast.shift_g, klen)
+        attn_g = fast_attend(attn, q_g, coef_g, k, v, k_r, fast.seg_qg, fast.seg_k, fast.mask_g, fast.shift_g, klen,
+                             fast.core)
         vec[n_h:].view(bsz, n_pred, n, dh).copy_(attn_g * fast.valid)
     out = torch.matmul(vec.view(-1, n * dh), attn.o.reshape(d, n * dh).t())
     return attn.layer_norm(x + attn.dropout(out))
