@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, plm_inputs, tiny_config  # noqa: E402
 from xlnet.config import XLNetConfig
-from xlnet.fast_attention import FastDropout, fast_dropout
+from xlnet.fast_attention import FastDropout, dropout_linear, fast_dropout, residual_dropout
 from xlnet.heads import XLNetForSequenceClassification
 from xlnet.model import XLNetLMHeadModel, XLNetModel
 
@@ -108,6 +108,29 @@ def test_both_cores_match_reference(core: str, variant: str, monkeypatch) -> Non
     x = inputs()
     labels = x["input_ids"][:, :P]
     r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
+    assert_close(f.logits, r.logits, "logits")
+    r.loss.backward(), f.loss.backward()
+    assert_grads_close(ref, fast)
+
+
+@pytest.mark.parametrize("variant", list(CONFIGS))
+@pytest.mark.parametrize("core", ["manual", "math", "sdpa"])
+def test_cls_only_final_layer_matches_reference(core: str, variant: str, monkeypatch) -> None:
+    """Heads that read only <cls> run the final layer's content stream for that row alone (its distance-table
+    row read by gather): the reference's logits and gradients, with memory, padding and segments; the body's
+    output is the full model's last row."""
+    import xlnet.fast_attention as fa
+
+    monkeypatch.setattr(fa, "pick_core", lambda device: core)
+    config = tiny_config(mem_len=12, **CONFIGS[variant])
+    ref, fast = pair(XLNetForSequenceClassification, config)
+    mems = [torch.randn(B, 5, config.d_model) for _ in range(config.n_layer)]
+    x = inputs(two_stream=False)
+    labels = torch.tensor([0, 2, 1, 1])
+    r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
+    assert f.last_hidden_state.shape == (B, 1, config.d_model)
+    full = fast.transformer(**x, mems=mems).last_hidden_state
+    assert_close(f.last_hidden_state, full[:, -1:], "last row")
     assert_close(f.logits, r.logits, "logits")
     r.loss.backward(), f.loss.backward()
     assert_grads_close(ref, fast)
@@ -220,8 +243,26 @@ def test_fast_dropout_rate_and_scale() -> None:
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # gradient = mask * scale
     assert fast_dropout(x, 0.1, False) is x
+    half = fast_dropout(torch.ones(1000, 1000, dtype=torch.bfloat16), 0.1, True)
+    assert set(half.unique().tolist()) == {0.0, torch.tensor(1 / 0.9, dtype=torch.bfloat16).item()}
     module = FastDropout(0.25)
     assert module(torch.ones(3)).shape == (3,) and "p=0.25" in repr(module)
+
+
+def test_fused_dropouts_are_unbiased() -> None:
+    """The residual add and layer_2's product carry the survivor scale: both equal their dropout-free value
+    in expectation (a missing or doubled scale is off by 11% at p = 0.1)."""
+    torch.manual_seed(0)
+    x, out = torch.zeros(500, 400), torch.ones(500, 400)
+    y = residual_dropout(x, out, 0.1, True)
+    assert y.unique().tolist() == [0.0, pytest.approx(65536 / (65536 - 6554))]
+    assert abs(y.mean().item() - 1.0) < 3e-3
+    linear = torch.nn.Linear(400, 3)
+    torch.nn.init.constant_(linear.weight, 1.0)
+    z = dropout_linear(torch.ones(2, 500, 400), linear, 0.1, True)
+    assert z.shape == (2, 500, 3)
+    assert abs((z - linear.bias).mean().item() / 400 - 1.0) < 3e-3
+    assert torch.equal(dropout_linear(out, linear, 0.1, False), linear(out))
 
 
 @pytest.mark.gpu
@@ -266,13 +307,15 @@ def test_cuda_fast_training_matches_reference_fp32(variant: str) -> None:
             assert_close(grads[name].grad, p.grad, f"grad {name}", tol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["dropatt", "dropout"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
-def test_attention_dropout_matches_reference_in_distribution(device: str) -> None:
-    """dropatt on the fast path (CPU: 16-bit lanes; CUDA: SDPA's fused dropout): outputs vary from call to
-    call, eval mode is deterministic, and over 300 draws the fast path's noise and mean agree with the
-    reference path's (the same post-LN bias on both sides, so a wrong keep rate or survivor scale shows)."""
-    config = tiny_config(dropatt=0.3, n_layer=1)
+def test_dropout_matches_reference_in_distribution(device: str, kind: str) -> None:
+    """dropatt, and dropout (embeddings, residual branches, FFN hidden with its scale in layer_2's alpha), on the
+    fast path (CPU: 16-bit lanes; CUDA: the native fused kernels): outputs vary from call to call, eval mode is
+    deterministic, and over 300 draws the fast path's noise and mean agree with the reference path's (the same
+    post-LN bias on both sides, so a wrong keep rate or survivor scale shows)."""
+    config = tiny_config(n_layer=1, **{kind: 0.3})
     ref, fast = pair(XLNetModel, config)
     ref, fast = ref.to(device), fast.to(device)
     x = {k: v.to(device) for k, v in inputs(two_stream=False).items()}
@@ -349,5 +392,5 @@ def test_sdpa_core_bias_in_autocast_dtype_and_head_dim(monkeypatch) -> None:
     x = inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         XLNetLMHeadModel(config)(**x, labels=x["input_ids"][:, :P]).loss.backward()
-    assert biases == [torch.bfloat16] * 2 * config.n_layer  # both streams, every layer
+    assert biases == [torch.bfloat16] * (2 * config.n_layer - 1)  # both streams; the final layer's query stream
     assert set(heads) == {(config.d_head, config.d_head)}

@@ -15,10 +15,11 @@ with one score-sized tensor per stream and no float masks:
 - Query stream only for the P target slots: the rows of the mask, the segment ids and the distance table are
   gathered at each slot's position (target_mapping one-hot; a zero row gives attention vector 0, as the
   reference's scatter/gather does). HF and the reference run it for all L positions.
-- Dropout from 16-bit random lanes (`fast_dropout`): on CPU `bernoulli_` dominated HF's step (23%); one 64-bit
+- Dropout from 16-bit random lanes (`keep_mask`): on CPU `bernoulli_` dominated HF's step (23%); one 64-bit
   draw gives four 16-bit uniforms, so the keep mask costs ~1/10 of `F.dropout`. The drop probability is p
-  rounded to a multiple of 1/65536 and survivors are scaled by the exact 1/(1 - p') (unbiased). CUDA uses
-  the native fused dropout.
+  rounded to a multiple of 1/65536 and survivors are scaled by the exact 1/(1 - p') (unbiased). The mask is a
+  float 0/1 tensor applied by one product, its scale fused into the next step (the residual add, layer_2's
+  alpha, the p·v output). CUDA uses the native fused dropout.
 
 Two cores, picked per call: "manual" (the steps above; CPU training) and "sdpa" (the position and segment terms
 as one masked bias handed to `scaled_dot_product_attention`, q/k at head dim 64, where the kernel's tiles are 30%
@@ -42,27 +43,16 @@ NEG_INF = 1e30  # the reference's constant (model.NEG_INF)
 # dropout
 
 
-class _Dropout16(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return torch.where(keep, x, 0.0).mul_(scale)  # where, not mul: no float copy of the bool mask
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None
-
-
-def dropout_keep(shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
-    """Bool keep mask with P(drop) = round(p * 65536) / 65536, and the unbiased survivor scale."""
+def keep_mask(like: Tensor, p: float) -> tuple[Tensor, float]:
+    """A 0/1 keep mask in like's dtype with P(drop) = round(p * 65536) / 65536, and the unbiased survivor scale
+    1 / (1 - p'). One 64-bit draw gives four 16-bit lanes; the comparison writes the float mask directly. Float,
+    not bool: a product with it is one vectorized pass (torch.where on a bool mask takes about twice as long on
+    CPU, forward and backward), and products fuse with what follows (`residual_dropout`, `fast_ffn`)."""
     drop = min(max(round(p * 65536), 0), 65535)
-    n = 1
-    for s in shape:
-        n *= s
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device)
-    keep = bits.view(torch.int16)[:n].view(shape) >= drop - 32768
+    n = like.numel()
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device)
+    keep = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    torch.ge(bits.view(torch.int16)[:n].view(like.shape), drop - 32768, out=keep)
     return keep, 65536.0 / (65536 - drop)
 
 
@@ -77,8 +67,37 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return x
     if native_dropout(x) or p >= 1:
         return F.dropout(x, p, True)
-    keep, scale = dropout_keep(x.shape, p, x.device)
-    return _Dropout16.apply(x, keep, scale)
+    keep, scale = keep_mask(x, p)
+    if x.dtype in (torch.float32, torch.float64):  # the scale in the mask: one pass forward and backward
+        return x * keep.mul_(scale)
+    return (x * keep).mul_(scale)  # bf16 would round the scale by 0.2%
+
+
+def residual_dropout(x: Tensor, out: Tensor, p: float, training: bool) -> Tensor:
+    """x + dropout(out) in one pass (addcmul with the mask and the survivor scale)."""
+    if not training or p <= 0:
+        return x + out
+    if native_dropout(out) or p >= 1:
+        return x + F.dropout(out, p, True)
+    keep, scale = keep_mask(out, p)
+    return torch.addcmul(x, out, keep, value=scale)
+
+
+def dropout_linear(y: Tensor, linear: nn.Linear, p: float, training: bool) -> Tensor:
+    """linear(dropout(y)) with the survivor scale as the matrix product's alpha: one pass for the mask."""
+    if not training or p <= 0 or p >= 1 or native_dropout(y):
+        return linear(fast_dropout(y, p, training))
+    keep, scale = keep_mask(y, p)
+    return torch.addmm(linear.bias, (y * keep).flatten(0, -2), linear.weight.t(), alpha=scale).view(
+        *y.shape[:-1], -1)
+
+
+def fast_ffn(ff: nn.Module, x: Tensor) -> Tensor:
+    """FeedForward.forward with its dropouts fused: the hidden one into layer_2's product, the output one into
+    the residual add."""
+    p = ff.dropout.p
+    y = dropout_linear(ff.activation(ff.layer_1(x)), ff.layer_2, p, ff.training)
+    return ff.layer_norm(residual_dropout(x, y, p, ff.training))
 
 
 class FastDropout(nn.Dropout):
@@ -179,13 +198,22 @@ class FastInputs:
     core: str  # "manual" | "math" | "sdpa" (pick_core)
     mask_h: Tensor | None = None  # [B|1, 1, L, K] additive: -1e30 where masked, else 0 (in the scores' dtype)
     mask_g: Tensor | None = None  # [B|1, 1, P, K] the same for the query stream
-    # segments: one-hots [B, 1, Lq|K, C] (float) for the manual core, which folds them into q·k; ids [B, Lq|K]
-    # for the others, which add the segment term to the bias
+    # segments: one-hots [B, 1, Lq|K, C] (float) for the manual core, which folds them into q·k; ids [B, 1, Lq, 1]
+    # and [B, 1, 1, K] for the others, which add the segment term to the bias
     seg_q: Tensor | None = None  # each query position
     seg_qg: Tensor | None = None  # the target slots' positions
     seg_k: Tensor | None = None  # each key (memory = segment 0)
     shift_g: Tensor | None = None  # [B, 1, P, K] column of the distance table holding distance pos_p - j
     valid: Tensor | None = None  # [B, P, 1, 1] 1 for a real slot, 0 for a zero (padded) row of target_mapping
+
+
+def distance_columns(pos: Tensor, qlen: int, klen: int, rlen: int) -> Tensor:
+    """[B, 1, P, K]: the column of the distance table that query position pos [B, P] reads for each key. Column r
+    holds distance klen - r. uni: the table stops at distance 1, and the future keys beyond it (masked) are
+    clamped to the last column (the reference's rel_shift reads the next query's row there: the same forward,
+    and the same gradient unless a row sees no key at all)."""
+    cols = torch.arange(klen, device=pos.device)
+    return ((qlen - pos)[:, None, :, None] + cols).clamp(max=rlen - 1)
 
 
 def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: Tensor | None,
@@ -202,25 +230,22 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
         bsz, n_pred, _ = target_mapping.shape
         pos = target_mapping.argmax(-1)  # [B, P]; a zero row gives 0, zeroed by `valid`
         out.valid = target_mapping.sum(-1).to(dtype)[:, :, None, None]
-        cols = torch.arange(klen, device=pos.device)
-        # table row r holds distance klen - r. uni: the table stops at distance 1, and the future keys beyond it
-        # (masked) are clamped to the last row (the reference's rel_shift reads the next query's row there: the
-        # same forward, and the same gradient unless a target row sees no key at all)
-        out.shift_g = ((qlen - pos)[:, None, :, None] + cols).clamp(max=rlen - 1)
+        out.shift_g = distance_columns(pos, qlen, klen, rlen)
         if mask_g is not None:
             rows = pos[:, :, None].expand(-1, -1, klen)
             out.mask_g = additive_mask(mask_g.expand(bsz, -1, -1).gather(1, rows)[:, None], score_dtype)
     if token_type_ids is not None:
         keys = F.pad(token_type_ids, (mlen, 0), value=0)
-        out.seg_k, out.seg_q = keys, token_type_ids
-        if pos is not None:
-            out.seg_qg = token_type_ids.gather(1, pos)
+        seg_g = None if pos is None else token_type_ids.gather(1, pos)
         if out.core == "manual":
             n_seg = int(token_type_ids.max().clamp(min=0)) + 1  # one host sync per forward
             out.seg_k = F.one_hot(keys, n_seg).to(dtype)[:, None]
             out.seg_q = out.seg_k[:, :, mlen:]
             if pos is not None:
-                out.seg_qg = F.one_hot(out.seg_qg, n_seg).to(dtype)[:, None]
+                out.seg_qg = F.one_hot(seg_g, n_seg).to(dtype)[:, None]
+        else:
+            out.seg_k, out.seg_q = keys[:, None, None, :], token_type_ids[:, None, :, None]
+            out.seg_qg = None if pos is None else seg_g[:, None, :, None]
     return out
 
 
@@ -286,7 +311,7 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
         qc = torch.cat([qc, coef.transpose(1, 2)[..., None] * seg_q], dim=-1)
         kc = torch.cat([k, seg_k.expand(-1, n_head, -1, -1)], dim=-1)
     elif coef is not None:  # segment term in the bias: q/k keep the head dim (SDPA's faster tiles)
-        same = (seg_q[:, None, :, None] == seg_k[:, None, None, :]).to(q.dtype)  # [B, 1, Lq, K]
+        same = (seg_q == seg_k).to(q.dtype)  # [B, 1, Lq, K]
         # coef is float32 under autocast (r_s_bias is added in float32): cast, or the bias becomes float32
         seg = ((coef.transpose(1, 2) * scale).to(same.dtype), same)  # [B, n, Lq]
     p = attn.dropatt.p if attn.training else 0.0
@@ -313,42 +338,47 @@ def flat3(x: Tensor) -> Tensor:
 def probs_times_v(score: Tensor, v: Tensor, p: float) -> Tensor:
     """softmax(score) with attention dropout p, times v: [B, n, Lq, K] x [B, n, K, dh] -> [B, n, Lq, dh]."""
     prob = torch.softmax(score, dim=-1)
-    if p > 0 and not native_dropout(prob):
-        keep, drop_scale = dropout_keep(prob.shape, p, prob.device)
-        # where (not prob * keep: that casts the bool mask to float, forward and backward); the survivor scale
-        # goes on the [.., dh] output instead of the probabilities
-        return torch.matmul(torch.where(keep, prob, 0.0), v).mul_(drop_scale)
+    if p > 0 and p < 1 and not native_dropout(prob):
+        keep, drop_scale = keep_mask(prob, p)  # the survivor scale on the [.., dh] output, not the probabilities
+        return torch.matmul(prob * keep, v).mul_(drop_scale)
     return torch.matmul(F.dropout(prob, p, True) if p > 0 else prob, v)
 
 
 def fast_forward(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
                  mem: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """RelativeAttention.forward on the fast path (same parameters, same results as the reference)."""
-    return _split(attend_flat(attn, h, g, pos_emb, fast, mem), h, g)
+    return _split(attend_flat(attn, h, g, pos_emb, fast, mem), h.shape[0], h.shape[1], g)
 
 
 def fast_layer(layer: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
-               mem: Tensor | None, **_: object) -> tuple[Tensor, Tensor | None]:
+               mem: Tensor | None, h_keep: int | None = None, **_: object) -> tuple[Tensor | None, Tensor | None]:
     """Layer.forward on the fast path: both streams share one [B·L + B·P, d] tensor from the query projection to
-    the end of the FFN (one call of each position-wise op instead of two)."""
-    return _split(layer.ff(attend_flat(layer.rel_attn, h, g, pos_emb, fast, mem)), h, g)
+    the end of the FFN (one call of each position-wise op instead of two). h_keep: the content stream's output
+    only at the last h_keep positions (None: all; 0: none, h comes back None); every position is still a key."""
+    rows = h.shape[1] if h_keep is None else h_keep
+    return _split(fast_ffn(layer.ff, attend_flat(layer.rel_attn, h, g, pos_emb, fast, mem, h_keep)), h.shape[0],
+                  rows, g)
 
 
-def _split(x: Tensor, h: Tensor, g: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    n_h = h.shape[0] * h.shape[1]
-    if g is None:
-        return x.view(h.shape), None
-    return x[:n_h].view(h.shape), x[n_h:].view(g.shape)
+def _split(x: Tensor, bsz: int, rows: int, g: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    n_h = bsz * rows
+    h = x[:n_h].view(bsz, rows, -1) if rows else None
+    return h, (None if g is None else x[n_h:].view(g.shape))
 
 
 def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
-                mem: Tensor | None) -> Tensor:
-    """Post-LN attention output of both streams, stacked: [B·L (+ B·P), d]."""
+                mem: Tensor | None, h_keep: int | None = None) -> Tensor:
+    """Post-LN attention output of both streams, stacked: [B·L (+ B·P), d]; with h_keep (fast_layer) the content
+    stream's rows are only the last h_keep positions."""
     bsz, qlen, d = h.shape
     n, dh = attn.n_head, attn.d_head
-    x = h.reshape(-1, d) if g is None else torch.cat([h.reshape(-1, d), g.reshape(-1, d)])
-    n_h = bsz * qlen
-    h = x[:n_h].view(bsz, qlen, d)
+    start = 0 if h_keep is None else qlen - h_keep  # first content-stream query position
+    x = h[:, start:].reshape(-1, d)
+    if g is not None:
+        x = torch.cat([x, g.reshape(-1, d)])
+    n_h = bsz * (qlen - start)
+    if start == 0:
+        h = x[:n_h].view(bsz, qlen, d)  # keys from the same storage: one gradient buffer
     cat = h if mem is None else torch.cat([mem, h], dim=1)
     klen = cat.shape[1]
     w_kv = torch.cat([attn.k, attn.v], dim=1).reshape(d, 2 * n * dh)  # one product for k and v
@@ -364,10 +394,18 @@ def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, f
     else:
         q, coef = torch.matmul(x, w_q).view(-1, n, dh), None
     vec = torch.empty(x.shape[0], n, dh, dtype=q.dtype, device=q.device)  # attention vectors of both streams
-    q_h = q[:n_h].view(bsz, qlen, n, dh)
-    coef_h = None if coef is None else coef[:n_h].view(bsz, qlen, n)
-    attn_h = fast_attend(attn, q_h, coef_h, k, v, k_r, fast.seg_q, fast.seg_k, fast.mask_h, None, klen, fast.core)
-    vec[:n_h].view(bsz, qlen, n, dh).copy_(attn_h)
+    if n_h:
+        rows = qlen - start
+        q_h = q[:n_h].view(bsz, rows, n, dh)
+        coef_h = None if coef is None else coef[:n_h].view(bsz, rows, n)
+        mask, seg_q, shift = fast.mask_h, fast.seg_q, None
+        if start:  # the last rows only: read the distance table by gather, as the query stream does
+            mask = None if mask is None else mask[:, :, start:]
+            seg_q = None if seg_q is None else seg_q[:, :, start:]
+            shift = distance_columns(torch.arange(start, qlen, device=x.device)[None], qlen, klen, k_r.shape[1])
+            shift = shift.expand(bsz, -1, -1, -1)
+        attn_h = fast_attend(attn, q_h, coef_h, k, v, k_r, seg_q, fast.seg_k, mask, shift, klen, fast.core)
+        vec[:n_h].view(bsz, rows, n, dh).copy_(attn_h)
     if g is not None:
         n_pred = g.shape[1]
         q_g = q[n_h:].view(bsz, n_pred, n, dh)
@@ -376,4 +414,4 @@ def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, f
                              fast.core)
         vec[n_h:].view(bsz, n_pred, n, dh).copy_(attn_g * fast.valid)
     out = torch.matmul(vec.view(-1, n * dh), attn.o.reshape(d, n * dh).t())
-    return attn.layer_norm(x + attn.dropout(out))
+    return attn.layer_norm(residual_dropout(x, out, attn.dropout.p, attn.training))

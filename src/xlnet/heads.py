@@ -38,7 +38,7 @@ class XLNetForSequenceClassification(XLNetPreTrainedHead):
         self.init_head()
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, **kw: Any) -> XLNetOutput:
-        out = self.body(input_ids, **kw)
+        out = self.body(input_ids, cls_only=True, **kw)
         out.logits = self.logits_proj(self.sequence_summary(out.last_hidden_state))
         if labels is not None:
             if self.config.num_labels == 1:
@@ -63,7 +63,7 @@ class XLNetForMultipleChoice(XLNetPreTrainedHead):
         n_choices = input_ids.shape[1]
         flat = {k: (v.reshape(-1, *v.shape[2:]) if isinstance(v, Tensor) and k != "mems" else v)
                 for k, v in kw.items()}
-        out = self.body(input_ids.reshape(-1, input_ids.shape[-1]), **flat)
+        out = self.body(input_ids.reshape(-1, input_ids.shape[-1]), cls_only=True, **flat)
         out.logits = self.logits_proj(self.sequence_summary(out.last_hidden_state)).view(-1, n_choices)
         if labels is not None:
             out.loss = F.cross_entropy(out.logits, labels.reshape(-1))

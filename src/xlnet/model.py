@@ -213,11 +213,16 @@ class Layer(nn.Module):
         self.ff = FeedForward(config)
         self.fast = config.attn_impl == "fast"
 
-    def forward(self, h: Tensor, g: Tensor | None, **attn: Any) -> tuple[Tensor, Tensor | None]:
+    def forward(self, h: Tensor, g: Tensor | None, h_keep: int | None = None,
+                **attn: Any) -> tuple[Tensor | None, Tensor | None]:
+        """h_keep: the content stream's output at the last h_keep positions only (None: all, 0: none); the fast
+        path computes just those rows, the reference computes all and slices."""
         if self.fast:  # both streams through one FFN call
-            return fast_layer(self, h, g, **attn)
+            return fast_layer(self, h, g, h_keep=h_keep, **attn)
         h, g = self.rel_attn(h, g, **attn)
-        return self.ff(h), (None if g is None else self.ff(g))
+        if h_keep is not None:
+            h = h[:, h.shape[1] - h_keep:] if h_keep else None
+        return (None if h is None else self.ff(h)), (None if g is None else self.ff(g))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,7 +271,10 @@ class XLNetModel(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 perm_mask: Tensor | None = None, target_mapping: Tensor | None = None,
-                mems: list[Tensor] | None = None, use_mems: bool | None = None) -> XLNetOutput:
+                mems: list[Tensor] | None = None, use_mems: bool | None = None, cls_only: bool = False) -> XLNetOutput:
+        """cls_only: last_hidden_state only at the last position (<cls>), [B, 1, d], for heads that read nothing
+        else; the final layer then computes its content stream for that row alone. With a query stream the final
+        layer's content stream is never read (mems cache layer inputs) and is skipped in any case."""
         bsz, qlen = input_ids.shape
         mlen = mems[0].shape[1] if mems else 0
         device = input_ids.device
@@ -290,11 +298,13 @@ class XLNetModel(PretrainedMixin, nn.Module):
                         target_mapping=target_mapping)
 
         new_mems = []
+        last_keep = 0 if g is not None else (1 if cls_only else None)  # what the final layer's h must hold
         for i, layer in enumerate(self.layer):
             mem = mems[i] if mems else None
             if use_mems:
                 new_mems.append(self.cache_mem(h, mem))
-            h, g = layer(h, g, pos_emb=pos_emb, mem=mem, **attn)
+            h_keep = last_keep if i == len(self.layer) - 1 else None
+            h, g = layer(h, g, pos_emb=pos_emb, mem=mem, h_keep=h_keep, **attn)
         out = self.dropout(h if g is None else g)
         return XLNetOutput(last_hidden_state=out, mems=new_mems if use_mems else None)
 
