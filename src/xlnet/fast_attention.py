@@ -362,8 +362,12 @@ def fast_layer(layer: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, f
 
 def _split(x: Tensor, bsz: int, rows: int, g: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     n_h = bsz * rows
-    h = x[:n_h].view(bsz, rows, -1) if rows else None
-    return h, (None if g is None else x[n_h:].view(g.shape))
+    if g is None:
+        return x.view(bsz, rows, -1), None
+    if not rows:
+        return None, x.view(g.shape)
+    h, g_out = x.split([n_h, x.shape[0] - n_h])  # split, not slices: its backward is one cat
+    return h.view(bsz, rows, -1), g_out.view(g.shape)
 
 
 def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
@@ -378,19 +382,20 @@ def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, f
         x = torch.cat([x, g.reshape(-1, d)])
     n_h = bsz * (qlen - start)
     if start == 0:
-        h = x[:n_h].view(bsz, qlen, d)  # keys from the same storage: one gradient buffer
+        h = (x if g is None else x.split([n_h, x.shape[0] - n_h])[0]).view(bsz, qlen, d)  # one gradient buffer
     cat = h if mem is None else torch.cat([mem, h], dim=1)
     klen = cat.shape[1]
     w_kv = torch.cat([attn.k, attn.v], dim=1).reshape(d, 2 * n * dh)  # one product for k and v
     kv = torch.matmul(cat, w_kv).view(bsz, klen, 2, n, dh)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [B, n, K, dh]
+    k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # [B, n, K, dh]; unbind's backward is one stack
     k_r = torch.matmul(pos_emb, attn.r.reshape(d, n * dh)).view(pos_emb.shape[0], -1, n, dh)  # [B|1, R, n, dh]
     w_q = attn.q.reshape(d, n * dh)
     if fast.seg_k is not None:  # the segment coefficient (q + b)·(s_same - s_diff) as n extra columns of q's product
         diff = attn.seg_embed[0] - attn.seg_embed[1]
         w_q = torch.cat([w_q, torch.einsum("hnd,nd->hn", attn.q, diff)], dim=1)
         qa = torch.matmul(x, w_q)
-        q, coef = qa[:, : n * dh].reshape(-1, n, dh), qa[:, n * dh:] + (attn.r_s_bias * diff).sum(-1)
+        q, coef = qa.split([n * dh, n], dim=1)
+        q, coef = q.reshape(-1, n, dh), coef + (attn.r_s_bias * diff).sum(-1)
     else:
         q, coef = torch.matmul(x, w_q).view(-1, n, dh), None
     vec = torch.empty(x.shape[0], n, dh, dtype=q.dtype, device=q.device)  # attention vectors of both streams
