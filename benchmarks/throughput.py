@@ -20,11 +20,14 @@ RSS delta (ru_maxrss at the end minus RSS before the model is built) from a fres
 and mode; CUDA torch.cuda.max_memory_allocated in-process.
 
 FLOPs (analytic, matrix products only, 2 per multiply-add; the same "useful" count for every XLNet
-implementation, so HF's extra work on non-target query rows is not credited). Per layer, with L tokens, M memory,
-K = M + L keys, R = K + L distances (bi), P targets, d = d_model = n_head * d_head, F = d_inner, V = vocab:
+implementation: work whose result is read, so HF's extra work on non-target query rows and on the final layer's
+unread content rows is not credited). Per layer, with L tokens, M memory, K = M + L keys, R = K + L distances
+(bi), P targets, d = d_model = n_head * d_head, F = d_inner, V = vocab:
   content stream  2·L·d² (q) + 4·K·d² (k, v) + 2·R·d² (r, once per step) + 2·L·K·d (q·k) + 2·L·R·d (q·r)
                   + 2·L·K·d (p·v) + 2·L·d² (o) + 4·L·d·F (FFN)
   query stream    the same with P rows: 2·P·d² + 2·P·K·d + 2·P·R·d + 2·P·K·d + 2·P·d² + 4·P·d·F
+  final layer     k, v, and the query stream as above; content rows only where read: none under a query
+                  stream (plm: mems cache layer inputs), the <cls> row for classification (1 row, K distances)
   LM head         2·P·d·V
 BERT MLM per layer 8·L·d² + 4·L²·d + 4·L·d·F, head 2·L·d² + 2·L·d·V (HF computes logits at all L positions).
 Training = 3 x forward; classification heads (< 0.1%) are left out. TFLOP/s = FLOPs / median step time;
@@ -233,9 +236,14 @@ def flops(args, mode: str, impl: str) -> float:
     K = M + L
     R = K + L
     P = args.targets if mode == "plm" else 0
-    content = 2 * L * d * d + 4 * K * d * d + 2 * L * K * d + 2 * L * R * d + 2 * L * K * d + 2 * L * d * d + 4 * L * d * F
-    query = 2 * P * d * d + 2 * P * K * d + 2 * P * R * d + 2 * P * K * d + 2 * P * d * d + 4 * P * d * F
-    fwd = B * n * (content + query) + n * 2 * R * d * d + B * 2 * P * d * V
+
+    def rows(m: int, dist: int) -> int:  # q, q·k, q·r, p·v, o and FFN for m query rows reading `dist` distances
+        return 2 * m * d * d + 2 * m * K * d + 2 * m * dist * d + 2 * m * K * d + 2 * m * d * d + 4 * m * d * F
+
+    kv = 4 * K * d * d
+    layer = kv + rows(L, R) + rows(P, R)
+    last = kv + (rows(1, K) if mode != "plm" else 0) + rows(P, R)
+    fwd = B * ((n - 1) * layer + last) + n * 2 * R * d * d + B * 2 * P * d * V
     return fwd * (1 if mode == "infer" else 3)
 
 

@@ -1,7 +1,7 @@
 """The fast path of two-stream relative attention (`XLNetConfig.attn_impl = "fast"`).
 
 Same function as `RelativeAttention.attend` in model.py (the reference, kept for reading and parity), computed
-with one score-sized tensor per stream and no float masks:
+with one score-sized tensor per stream and no bool selects over it:
 
 - Content and segment terms in one matrix product. The segment term (q_i + b)·s_{same/diff} equals
   e_i^diff + (e_i^same - e_i^diff)·[seg_i = seg_j], and [seg_i = seg_j] = onehot(seg_i)·onehot(seg_j). The row
@@ -9,23 +9,28 @@ with one score-sized tensor per stream and no float masks:
   onehot(seg_j): (q + u, extra)·(k, onehot) is content + segment at once (C = number of segment ids in the batch).
 - The position term is one product against the distance table, read by distance i - j through a view
   (`rel_shift`, content stream) or a gather (query stream), masked in the same pass that makes it contiguous
-  (`masked_bias`: -1e30 where masked, the reference's constant; its gradient is the identity, as the
-  reference's `score - 1e30 * mask`), and the content/segment product is accumulated into it in place
-  (`baddbmm_`). One [B, n, L, K] tensor, then softmax, then dropout, then the product with v.
-- Query stream only for the P target slots: the rows of the mask, the segment ids and the distance table are
-  gathered at each slot's position (target_mapping one-hot; a zero row gives attention vector 0, as the
-  reference's scatter/gather does). HF and the reference run it for all L positions.
+  (the mask is an additive -1e30 term, the reference's constant and its identity gradient), and the
+  content/segment product is accumulated into it in place (`baddbmm_`). One [B, n, L, K] tensor, then softmax,
+  then dropout, then the product with v.
+- Only what is read is computed: the query stream only for the P target slots (the rows of the mask, the
+  segment ids and the distance table gathered at each slot's position; a zero row of target_mapping gives
+  attention vector 0, as the reference's scatter/gather does), and in the final layer no content stream under
+  a query stream (nothing reads it: mems cache layer inputs) and only the <cls> row for the heads that
+  summarise by it. HF and the reference compute all of them.
 - Dropout from 16-bit random lanes (`keep_mask`): on CPU `bernoulli_` dominated HF's step (23%); one 64-bit
   draw gives four 16-bit uniforms, so the keep mask costs ~1/10 of `F.dropout`. The drop probability is p
   rounded to a multiple of 1/65536 and survivors are scaled by the exact 1/(1 - p') (unbiased). The mask is a
-  float 0/1 tensor applied by one product, its scale fused into the next step (the residual add, layer_2's
-  alpha, the p·v output). CUDA uses the native fused dropout.
+  float 0/1 tensor applied by one product, its scale fused into a neighbour (the residual add, layer_2's
+  weight, the p·v output). CUDA and torch.compile use the native dropout (fused there).
 
-Two cores, picked per call: "manual" (the steps above; CPU training) and "sdpa" (the position and segment terms
-as one masked bias handed to `scaled_dot_product_attention`, q/k at head dim 64, where the kernel's tiles are 30%
-faster than at 64 + C: on CUDA the memory-efficient kernel takes a float bias with gradient and fused dropout;
-on CPU, SDPA's flash kernel takes no dropout and no bias gradient, and lost to the manual core even for
-inference, so the CPU uses the manual core and the tests run the sdpa core through SDPA's math kernel).
+Three cores, picked once per forward (`pick_core`): "manual" (the steps above; CPU eager), "sdpa" (the position
+and segment terms as one masked bias handed to `scaled_dot_product_attention`, q/k at head dim 64, where the
+kernel's tiles are 30% faster than at 64 + C: on CUDA the memory-efficient kernel takes a float bias with
+gradient and fused dropout; on CPU, SDPA's flash kernel takes no dropout and no bias gradient, and lost to the
+manual core even for inference) and "math" (the same bias from plain traceable ops, then softmax and the
+products: what torch.compile traces on CPU, inductor fusing the bias into the softmax). The non-manual cores
+compare segment ids instead of one-hots, so nothing in the forward waits on the device (torch.compile takes
+the whole model as one graph).
 """
 
 from __future__ import annotations

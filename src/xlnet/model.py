@@ -9,8 +9,9 @@ FeedForward -> Layer -> XLNetModel (the `transformer`) -> XLNetLMHeadModel (perm
 
 Two implementations of the attention, chosen once at construction from `config.attn_impl`: "reference" (this
 file: the formulation of the paper and HF, three score tensors and dense masks, easy to read) and "fast"
-(fast_attention.py: one score tensor per stream, query stream only at the targets, cheaper dropout). Same
-parameters, same function; tests/test_fast_attention.py holds them to each other and to HF.
+(fast_attention.py: one score tensor per stream, query stream only at the targets, the final layer only where it
+is read, cheaper dropout). Same parameters, same function; tests/test_fast_attention.py holds them to each other
+and to HF.
 """
 
 from __future__ import annotations
