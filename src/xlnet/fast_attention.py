@@ -50,9 +50,9 @@ NEG_INF = 1e30  # the reference's constant (model.NEG_INF)
 
 def keep_mask(like: Tensor, p: float) -> tuple[Tensor, float]:
     """A 0/1 keep mask in like's dtype with P(drop) = round(p * 65536) / 65536, and the unbiased survivor scale
-    1 / (1 - p'). One 64-bit draw gives four 16-bit lanes; the comparison writes the float mask directly. Float,
-    not bool: a product with it is one vectorized pass (torch.where on a bool mask takes about twice as long on
-    CPU, forward and backward), and products fuse with what follows (`residual_dropout`, `fast_ffn`)."""
+    1 / (1 - p'). One 64-bit draw gives four 16-bit lanes, compared straight into a float tensor. Float, not
+    bool: a product with it is one vectorized pass (torch.where on a bool mask takes about twice as long on CPU,
+    forward and backward), and products fuse with what follows (`residual_dropout`, `fast_ffn`)."""
     drop = min(max(round(p * 65536), 0), 65535)
     n = like.numel()
     bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device)
@@ -122,8 +122,8 @@ class FastDropout(nn.Dropout):
 
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """bool mask (True = masked) -> the reference's -1e30 as a term added to the scores: one vectorized add that
-    fuses into the pass laying out the position term (a bool select over a score-sized tensor takes ~4× as
-    long on CPU), and its gradient is the identity, as the reference's `score - 1e30 * mask` (where a whole row
+    fuses into the pass laying out the position term (a bool select over a score-sized tensor takes about
+    twice as long on CPU), and its gradient is the identity, as the reference's `score - 1e30 * mask` (where a whole row
     is masked the softmax is uniform and the gradient still reaches the scores). |score| < 1e22, so a masked
     entry is exactly -1e30 in float32, as in the reference."""
     if mask is None:
