@@ -290,7 +290,7 @@ class XLNetModel(PretrainedMixin, nn.Module):
         if target_mapping is not None:  # query stream g^(0) = w at every prediction slot
             target_mapping = target_mapping.to(h.dtype)
             g = self.dropout(self.mask_emb.expand(bsz, target_mapping.shape[1], -1))
-        if self.config.attn_impl == "fast":  # bool masks gathered at the targets, segments for the core
+        if self.config.attn_impl == "fast":  # additive masks gathered at the targets, segments for the core
             rlen = pos_emb.shape[1]
             attn = dict(fast=fast_inputs(qlen, mlen, rlen, mask_h, mask_g, token_type_ids, target_mapping, h.dtype,
                                           device))
