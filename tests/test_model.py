@@ -112,17 +112,19 @@ def test_base_model_hidden_states_match_hf() -> None:
     assert_close(ours(**x).last_hidden_state, hf(**x).last_hidden_state, "hidden")
 
 
+@pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("num_labels", [3, 1])
-def test_sequence_classification_and_regression(num_labels: int) -> None:
-    config = tiny_config(num_labels=num_labels)
+def test_sequence_classification_and_regression(num_labels: int, impl: str) -> None:
+    config = tiny_config(num_labels=num_labels, attn_impl=impl)
     ours, hf = twins(XLNetForSequenceClassification, config)
     x = plm_inputs(padding=True, two_stream=False)
     labels = torch.tensor([0, 2, 1, 1]) if num_labels > 1 else torch.tensor([0.5, -1.0, 2.0, 0.0])
     assert_head_matches(ours, hf, config, x, labels)
 
 
-def test_multiple_choice() -> None:
-    config = tiny_config()
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_multiple_choice(impl: str) -> None:
+    config = tiny_config(attn_impl=impl)
     ours, hf = twins(XLNetForMultipleChoice, config)
     x = plm_inputs(padding=True, two_stream=False)
     x = {k: v.view(2, 2, L) for k, v in x.items()}  # 2 questions x 2 choices
@@ -130,8 +132,9 @@ def test_multiple_choice() -> None:
     assert_head_matches(ours, hf, config, x, labels)
 
 
-def test_token_classification() -> None:
-    config = tiny_config()
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_token_classification(impl: str) -> None:
+    config = tiny_config(attn_impl=impl)
     ours, hf = twins(XLNetForTokenClassification, config)
     x = plm_inputs(padding=True, two_stream=False)
     labels = torch.randint(0, 3, (B, L))
@@ -139,8 +142,9 @@ def test_token_classification() -> None:
     assert_head_matches(ours, hf, config, x, labels)
 
 
-def test_question_answering_training_loss_and_beam() -> None:
-    config = tiny_config(start_n_top=3, end_n_top=2)
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_question_answering_training_loss_and_beam(impl: str) -> None:
+    config = tiny_config(start_n_top=3, end_n_top=2, attn_impl=impl)
     ours, hf = twins(XLNetForQuestionAnswering, config)
     x = plm_inputs(padding=True, two_stream=False)
     p_mask = torch.zeros(B, L)
