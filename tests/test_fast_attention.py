@@ -284,18 +284,21 @@ def test_cuda_bf16_fast_close_to_reference() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("head", ["lm", "classification"])
 @pytest.mark.parametrize("variant", ["bi", "uni", "bi_data"])
-def test_cuda_fast_training_matches_reference_fp32(variant: str) -> None:
+def test_cuda_fast_training_matches_reference_fp32(variant: str, head: str) -> None:
     """The CUDA core (SDPA with the masked position bias, its gradient through the bias) in float32 against the
-    reference on the same GPU: logits, mems and every parameter gradient, with memory, padding, segments."""
+    reference on the same GPU: logits, mems and every parameter gradient, with memory, padding, segments; the
+    PLM head (final layer without content stream) and a classification head (final layer at <cls> only)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     config = tiny_config(mem_len=12, **CONFIGS[variant])
-    ref, fast = pair(XLNetLMHeadModel, config)
+    lm = head == "lm"
+    ref, fast = pair(XLNetLMHeadModel if lm else XLNetForSequenceClassification, config)
     ref, fast = ref.cuda().train(), fast.cuda().train()
     torch.manual_seed(3)
     mems = [torch.randn(B, 4, config.d_model, device="cuda") for _ in range(config.n_layer)]
-    x = {k: v.cuda() for k, v in inputs().items()}
-    labels = x["input_ids"][:, :P]
+    x = {k: v.cuda() for k, v in inputs(two_stream=lm).items()}
+    labels = x["input_ids"][:, :P] if lm else torch.tensor([0, 2, 1, 1], device="cuda")
     r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
     assert_close(f.logits, r.logits, "logits", tol=1e-4)
     for mf, mr in zip(f.mems, r.mems):
