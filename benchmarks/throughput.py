@@ -83,8 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--_memory_child", nargs=2, metavar=("MODE", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
-    defaults = dict(precision="bf16" if cuda else "fp32", preset="base" if cuda else "tiny", seq=512 if cuda else 256, batch=16 if cuda else 8,
-                    targets=85 if cuda else 42, mem=384 if cuda else 128, steps=20 if cuda else 7)
+    defaults = dict(precision="bf16" if cuda else "fp32", preset="base" if cuda else "tiny", seq=512 if cuda else 256,
+                    batch=16 if cuda else 8, targets=85 if cuda else 42, mem=384 if cuda else 128,
+                    steps=20 if cuda else 7)
     if args.quick:
         defaults.update(seq=64, batch=2, targets=10, mem=32, steps=2)
         args.warmup = 1

@@ -65,17 +65,15 @@ def keep_mask(like: Tensor, p: float) -> tuple[Tensor, float]:
     return keep, 65536.0 / (65536 - drop)
 
 
-def native_dropout(x: Tensor) -> bool:
-    """F.dropout instead of 16-bit lanes: off the CPU (CUDA's is fused), and under torch.compile (inductor draws
-    the mask inside the fused kernel)."""
-    return x.device.type != "cpu" or torch.compiler.is_compiling()
+def draws_lanes(x: Tensor, p: float, training: bool) -> bool:
+    """Whether dropout of x takes the 16-bit-lane path (training, 0 < p < 1, CPU eager); otherwise F.dropout:
+    CUDA's is fused, and under torch.compile inductor draws the mask inside the fused kernel."""
+    return training and 0 < p < 1 and x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    if not training or p <= 0:
-        return x
-    if native_dropout(x) or p >= 1:
-        return F.dropout(x, p, True)
+    if not draws_lanes(x, p, training):
+        return F.dropout(x, p, True) if training and p > 0 else x
     keep, scale = keep_mask(x, p)
     if x.dtype in (torch.float32, torch.float64):  # the scale in the mask: one pass forward and backward
         return x * keep.mul_(scale)
@@ -84,10 +82,8 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 def residual_dropout(x: Tensor, out: Tensor, p: float, training: bool) -> Tensor:
     """x + dropout(out) in one pass (addcmul with the mask and the survivor scale)."""
-    if not training or p <= 0:
-        return x + out
-    if native_dropout(out) or p >= 1:
-        return x + F.dropout(out, p, True)
+    if not draws_lanes(out, p, training):
+        return x + fast_dropout(out, p, training)
     keep, scale = keep_mask(out, p)
     return torch.addcmul(x, out, keep, value=scale)
 
@@ -95,7 +91,7 @@ def residual_dropout(x: Tensor, out: Tensor, p: float, training: bool) -> Tensor
 def dropout_linear(y: Tensor, linear: nn.Linear, p: float, training: bool) -> Tensor:
     """linear(dropout(y)) with the survivor scale on the (4× smaller) weight: one pass over y for the mask,
     forward and backward (as the product's alpha it would cost a pass over y's gradient)."""
-    if not training or p <= 0 or p >= 1 or native_dropout(y):
+    if not draws_lanes(y, p, training):
         return linear(fast_dropout(y, p, training))
     keep, scale = keep_mask(y, p)
     return F.linear(y * keep, linear.weight * scale, linear.bias)
@@ -122,10 +118,10 @@ class FastDropout(nn.Dropout):
 
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """bool mask (True = masked) -> the reference's -1e30 as a term added to the scores: one vectorized add that
-    fuses into the pass laying out the position term (a bool select over a score-sized tensor takes about
-    twice as long on CPU), and its gradient is the identity, as the reference's `score - 1e30 * mask` (where a whole row
-    is masked the softmax is uniform and the gradient still reaches the scores). |score| < 1e22, so a masked
-    entry is exactly -1e30 in float32, as in the reference."""
+    fuses into the pass laying out the position term (a bool select over a score-sized tensor takes about twice
+    as long on CPU), and its gradient is the identity, as the reference's `score - 1e30 * mask` (where a whole
+    row is masked the softmax is uniform and the gradient still reaches the scores). |score| < 1e22, so a
+    masked entry is exactly -1e30 in float32, as in the reference."""
     if mask is None:
         return None
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -NEG_INF)
@@ -153,9 +149,9 @@ class _ShiftMaskQK(torch.autograd.Function):
         ctx.with_qk, ctx.with_seg = qc is not None, coef is not None  # the manual core's, or SDPA's bias
         view = table.as_strided((bsz, n_head, qlen, klen), (sb, sn, rlen - 1, 1), table.storage_offset() + qlen)
         if ctx.with_seg:  # a fresh tensor with the segment term: the mask then goes on in place
-            view = torch.addcmul(view, coef[..., None], same)
-        if ctx.with_seg:
-            score = view if mask is None else view.add_(mask)
+            score = torch.addcmul(view, coef[..., None], same)
+            if mask is not None:
+                score.add_(mask)
         else:
             score = torch.empty((bsz, n_head, qlen, klen), dtype=table.dtype, device=table.device)
             if mask is not None:
@@ -347,10 +343,10 @@ def flat3(x: Tensor) -> Tensor:
 def probs_times_v(score: Tensor, v: Tensor, p: float) -> Tensor:
     """softmax(score) with attention dropout p, times v: [B, n, Lq, K] x [B, n, K, dh] -> [B, n, Lq, dh]."""
     prob = torch.softmax(score, dim=-1)
-    if p > 0 and p < 1 and not native_dropout(prob):
+    if draws_lanes(prob, p, True):  # p is 0 outside training
         keep, drop_scale = keep_mask(prob, p)  # the survivor scale on the [.., dh] output, not the probabilities
         return torch.matmul(prob * keep, v).mul_(drop_scale)
-    return torch.matmul(F.dropout(prob, p, True) if p > 0 else prob, v)
+    return torch.matmul(fast_dropout(prob, p, True), v)
 
 
 def fast_forward(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
