@@ -199,3 +199,12 @@ def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
     expect = (random.random(), np.random.rand(), torch.rand(1).item())
     T.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+
+
+def test_resolve_compile() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert T.resolve_compile("auto", cuda) and not T.resolve_compile("auto", cpu)
+    assert not T.resolve_compile("auto", cuda, fsdp=True)
+    assert T.resolve_compile(True, cpu) and T.resolve_compile("yes", cpu) and not T.resolve_compile("false", cuda)
+    with pytest.raises(XLNetError, match="compile must be auto, true or false"):
+        T.resolve_compile("fast", cpu)

@@ -30,7 +30,7 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def _parse_bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
     low = text.lower()
     if low in ("1", "true", "yes", "on"):
         return True
@@ -50,7 +50,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         if tp is bool:
-            group.add_argument(flag, type=_parse_bool, default=None, metavar="BOOL", help=f"(default {default})")
+            group.add_argument(flag, type=parse_bool, default=None, metavar="BOOL", help=f"(default {default})")
         elif tp in (int, float, str):
             group.add_argument(flag, type=tp, default=None, help=f"(default {default})")
         elif typing.get_origin(tp) in (list, tuple):

@@ -265,10 +265,13 @@ class XLNetModel(PretrainedMixin, nn.Module):
         cut to mem_len (0 keeps everything). Gradients never flow into memory."""
         if self.config.reuse_len > 0:
             h = h[:, : self.config.reuse_len]
+        keep = self.config.mem_len
+        if keep > 0:  # only the rows kept: no cat of everything to slice it afterwards
+            h = h[:, -keep:]
+            prev = None if prev is None or h.shape[1] == keep else prev[:, h.shape[1] - keep:]
         new = h if prev is None else torch.cat([prev, h], dim=1)
-        if self.config.mem_len > 0:
-            new = new[:, -self.config.mem_len:]
-        return new.detach()
+        # a buffer of its own: the same layout every step (torch.compile guards on strides) and no larger one kept
+        return new.detach().contiguous()
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 perm_mask: Tensor | None = None, target_mapping: Tensor | None = None,

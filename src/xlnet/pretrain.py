@@ -77,7 +77,7 @@ class PretrainConfig:
     # runtime (may change on resume)
     device: str = "auto"
     precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False
+    compile: str = "auto"  # auto = torch.compile on a GPU (not under FSDP), eager on CPU; or true / false
     activation_checkpointing: bool = False
     fsdp: bool = False
     progress: bool = True
@@ -305,7 +305,7 @@ def build_model(cfg: PretrainConfig, model_cfg: XLNetConfig, ckpt: Path | None, 
         wrapped = T.apply_fsdp(model, precision)
     elif info.distributed:
         wrapped = T.wrap_ddp(model, info)
-    if cfg.compile:
+    if T.resolve_compile(cfg.compile, info.device, cfg.fsdp):
         wrapped = torch.compile(wrapped)
     return model, wrapped
 

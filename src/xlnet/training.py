@@ -112,6 +112,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_compile(value: bool | str, device: torch.device, fsdp: bool = False) -> bool:
+    """torch.compile or not: 'auto' compiles on a single GPU or DDP (the whole model is one graph; on an H200 the
+    compiled base-model PLM step ran 1.5x the eager one, fine-tuning 1.9x: benchmarks/README.md) and stays eager
+    on CPU, where inductor's backward was slower than the eager step, and under FSDP2, not tried on GPUs here."""
+    from argparse import ArgumentTypeError
+
+    from xlnet.cliconf import parse_bool
+
+    if str(value).lower() == "auto":
+        return device.type == "cuda" and not fsdp
+    try:
+        return parse_bool(str(value))
+    except ArgumentTypeError:
+        raise XLNetError(f"compile must be auto, true or false, not {value!r}") from None
+
+
 # ================================================================================================
 # Seeds and RNG state
 # ================================================================================================
