@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, SDPA backends, the throughput table, profile, compiled variant, largest batch
 # for XLNet-large.
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|maxbatch]...
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|cores|cudagraphs|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -17,6 +17,14 @@ for s in $steps; do
     # a cold compile of the base model takes over two minutes; the memory subprocesses reuse inductor's disk cache
     compile) timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile,hf_xlnet,fast --steps 8 \
              --json-out "$OUT/compile.json" > "$OUT/compile.txt" 2>&1; grep '^[|#]' "$OUT/compile.txt" ;;
+    # A/Bs for the compiled step: the math core (inductor's softmax/dropout, cuBLAS products, no bias gradient
+    # from SDPA) against SDPA's memory-efficient kernel, and CUDA graphs against plain compile
+    cores) XLNET_ATTN_CORE=math timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile,hf_xlnet \
+             --modes plm,finetune --steps 8 --json-out "$OUT/core_math.json" > "$OUT/core_math.txt" 2>&1
+           grep '^[|#]' "$OUT/core_math.txt" ;;
+    cudagraphs) timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile,hf_xlnet --modes plm,finetune \
+             --steps 8 --compile-mode reduce-overhead --no-memory > "$OUT/cudagraphs.txt" 2>&1
+           grep '^[|#]' "$OUT/cudagraphs.txt" ;;
     maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1
              tail -6 "$OUT/maxbatch.txt" ;;
   esac

@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                     help="bf16 autocast for every implementation (default: bf16 on cuda, fp32 on cpu)")
     ap.add_argument("--compile", action="store_true", help="torch.compile our models (measured, not default)")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode of the compiled implementations")
     ap.add_argument("--activation-checkpointing", action="store_true", help="checkpoint each of our layers")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--quick", action="store_true", help="small shape, 2 steps: a smoke run")
@@ -182,7 +185,7 @@ def build(args, mode: str, impl: str):
         from xlnet.training import apply_activation_checkpointing
         apply_activation_checkpointing(model)
     compiled = impl == "fast_compile" or (args.compile and impl in OURS)
-    call = torch.compile(model) if compiled else model
+    call = torch.compile(model, mode=args.compile_mode) if compiled else model
     vocab = ours_cfg.vocab_size
     if impl == "hf_bert":
         batch = mlm_batch(args, vocab, dev) if mode == "plm" else cls_batch(args, vocab, dev)
@@ -328,7 +331,7 @@ def memory(args, mode: str, impl: str) -> float | None:
     cmd = [sys.executable, __file__, "--_memory_child", mode, impl, "--device", args.device,
            "--preset", args.preset, "--seq", str(args.seq), "--batch", str(args.batch), "--targets",
            str(args.targets), "--mem", str(args.mem), "--threads", str(args.threads)]
-    cmd += ["--precision", args.precision] + ["--compile"] * args.compile
+    cmd += ["--precision", args.precision, "--compile-mode", args.compile_mode] + ["--compile"] * args.compile
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         print(out.stderr[-2000:], file=sys.stderr)
@@ -381,7 +384,8 @@ def main(argv=None) -> None:
                     r["memory_vs_hf_xlnet"] = r["memory_mb"] / ref["memory_mb"]
     meta = dict(device=args.device, machine=machine(), threads=args.threads, torch=torch.__version__,
                 preset=args.preset, seq=args.seq, batch=args.batch, targets=args.targets, mem=args.mem,
-                steps=args.steps, compile=args.compile, date=time.strftime("%Y-%m-%d"),
+                steps=args.steps, compile=args.compile, compile_mode=args.compile_mode,
+                attn_core=os.environ.get("XLNET_ATTN_CORE", "auto"), date=time.strftime("%Y-%m-%d"),
                 load=os.getloadavg()[0])
     if args.json_out:
         with open(args.json_out, "w") as f:
@@ -392,7 +396,8 @@ def main(argv=None) -> None:
     mem_name = "peak RSS Δ MiB" if args.device == "cpu" else "max alloc MiB"
     print(f"# {meta['date']} {meta['machine']}, {args.device}, {args.threads} threads, torch {meta['torch']}; "
           f"preset {args.preset}, seq {args.seq}, batch {args.batch}, targets {args.targets}, mem {args.mem}, "
-          f"median of {args.steps} interleaved steps; load avg {meta['load']:.1f}")
+          f"median of {args.steps} interleaved steps; load avg {meta['load']:.1f}; compile mode {args.compile_mode}, "
+          f"attention core {meta['attn_core']}")
     print(f"| mode | implementation | step ms | tokens/s | TFLOP/s | MFU | {mem_name} | speed vs HF XLNet "
           f"| memory vs HF XLNet |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, plm_inputs, tiny_config  # noqa: E402
 from xlnet.config import XLNetConfig
+from xlnet.errors import XLNetError
 from xlnet.fast_attention import FastDropout, dropout_linear, fast_dropout, residual_dropout
 from xlnet.heads import XLNetForSequenceClassification
 from xlnet.model import XLNetLMHeadModel, XLNetModel
@@ -397,3 +398,16 @@ def test_sdpa_core_bias_in_autocast_dtype_and_head_dim(monkeypatch) -> None:
         XLNetLMHeadModel(config)(**x, labels=x["input_ids"][:, :P]).loss.backward()
     assert biases == [torch.bfloat16] * (2 * config.n_layer - 1)  # both streams; the final layer's query stream
     assert set(heads) == {(config.d_head, config.d_head)}
+
+
+def test_forced_core(monkeypatch) -> None:
+    """$XLNET_ATTN_CORE (benchmarks' A/B knob) overrides the device's choice; a typo is a one-line error."""
+    import xlnet.fast_attention as fa
+
+    monkeypatch.setattr(fa, "FORCED_CORE", "math")
+    assert fa.pick_core(torch.device("cuda")) == "math" and fa.pick_core(torch.device("cpu")) == "math"
+    monkeypatch.setattr(fa, "FORCED_CORE", "flash")
+    with pytest.raises(XLNetError, match="XLNET_ATTN_CORE must be one of manual, math, sdpa"):
+        fa.pick_core(torch.device("cpu"))
+    monkeypatch.setattr(fa, "FORCED_CORE", "")
+    assert fa.pick_core(torch.device("cuda")) == "sdpa" and fa.pick_core(torch.device("cpu")) == "manual"

@@ -8,7 +8,7 @@ with one score-sized tensor per stream and no bool selects over it:
   constant e_i^diff cancels in the softmax, so q gets C extra dims (e^same - e^diff)·onehot(seg_i) and k gets
   onehot(seg_j): (q + u, extra)·(k, onehot) is content + segment at once (C = number of segment ids in the batch).
 - The position term is one product against the distance table, read by distance i - j through a view
-  (`rel_shift`, content stream) or a gather (query stream), masked in the same pass that makes it contiguous
+  (`rel_shift`, content stream) or a per-row window (`_RowWindow`, query stream), masked in the same pass that makes it contiguous
   (the mask is an additive -1e30 term, the reference's constant and its identity gradient), and the
   content/segment product is accumulated into it in place (`baddbmm_`). One [B, n, L, K] tensor, then softmax,
   then dropout, then the product with v.
@@ -30,18 +30,23 @@ gradient and fused dropout; on CPU, SDPA's flash kernel takes no dropout and no 
 manual core even for inference) and "math" (the same bias from plain traceable ops, then softmax and the
 products: what torch.compile traces on CPU, inductor fusing the bias into the softmax). The non-manual cores
 compare segment ids instead of one-hots, so nothing in the forward waits on the device (torch.compile takes
-the whole model as one graph).
+the whole model as one graph). $XLNET_ATTN_CORE forces one of them on any device (benchmarks: A/B on one GPU).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xlnet.errors import XLNetError
+
 NEG_INF = 1e30  # the reference's constant (model.NEG_INF)
+CORES = ("manual", "math", "sdpa")
+FORCED_CORE = os.environ.get("XLNET_ATTN_CORE", "")  # read once: torch.compile traces a constant
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,6 +290,10 @@ def pick_core(device: torch.device) -> str:
     where SDPA's flash kernel takes neither dropout nor a bias that needs a gradient, and was slower than the
     manual core even for inference (measured at the benchmark shape, torch 2.13); under torch.compile on CPU
     the math core, plain ops that inductor fuses from the position bias to the dropout."""
+    if FORCED_CORE:
+        if FORCED_CORE not in CORES:
+            raise XLNetError(f"XLNET_ATTN_CORE must be one of {', '.join(CORES)}, not {FORCED_CORE!r}")
+        return FORCED_CORE
     if device.type == "cuda":
         return "sdpa"
     return "math" if torch.compiler.is_compiling() else "manual"
