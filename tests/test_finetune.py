@@ -275,6 +275,8 @@ def test_task_defaults_and_explicit_values():
     assert short_race.max_query_len == 64  # the default 128 would leave no room for the article
     with pytest.raises(XLNetError, match="layer_decay must be in"):
         resolve_config(FinetuneConfig(layer_decay=0), T.get_task("sst2"))
+    with pytest.raises(XLNetError, match="compile must be auto, true or false"):
+        resolve_config(FinetuneConfig(compile="fast"), T.get_task("sst2"))
 
 
 def test_layer_decay_groups(tmp_path):

@@ -192,6 +192,9 @@ def test_user_errors_are_one_line(corpus, tmp_path):
         pretrain(small(corpus, tmp_path / "x"), resume="latest")
     with pytest.raises(XLNetError, match="divisible"):
         pretrain(small(corpus, tmp_path / "x", grad_accum=3))
+    with pytest.raises(XLNetError, match="compile must be auto, true or false"):
+        pretrain(small(corpus, tmp_path / "z", compile="yes please"))
+    assert not (tmp_path / "z").exists()
     assert cli_main(["pretrain", "--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "y")]) == 2
 
 

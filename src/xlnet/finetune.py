@@ -113,6 +113,7 @@ def resolve_config(cfg: FinetuneConfig, spec: T.TaskSpec) -> FinetuneConfig:
     for ok, message in checks:
         if not ok:
             raise XLNetError(f"invalid FinetuneConfig: {message}")
+    TR.resolve_compile(cfg.compile, torch.device("cpu"))  # the value only: a typo fails before any work
     return cfg
 
 
