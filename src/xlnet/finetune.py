@@ -422,7 +422,7 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
     gen = torch.Generator().manual_seed(cfg.seed)
     best: dict[str, Any] | None = None
     step = 0
-    forward = torch.compile(model) if TR.resolve_compile(cfg.compile, device) else model  # evaluation stays eager
+    forward = TR.maybe_compile(model, cfg.compile, device)  # evaluation stays eager
     model.train()
     try:
         while step < total:

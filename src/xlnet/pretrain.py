@@ -306,9 +306,7 @@ def build_model(cfg: PretrainConfig, model_cfg: XLNetConfig, ckpt: Path | None, 
         wrapped = T.apply_fsdp(model, precision)
     elif info.distributed:
         wrapped = T.wrap_ddp(model, info)
-    if T.resolve_compile(cfg.compile, info.device, cfg.fsdp):
-        wrapped = torch.compile(wrapped)
-    return model, wrapped
+    return model, T.maybe_compile(wrapped, cfg.compile, info.device, cfg.fsdp)
 
 
 def forward_backward(model: torch.nn.Module, sampler: "PLMSampler", mems: list, cfg: PretrainConfig,

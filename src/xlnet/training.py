@@ -128,6 +128,17 @@ def resolve_compile(value: bool | str, device: torch.device, fsdp: bool = False)
         raise XLNetError(f"compile must be auto, true or false, not {value!r}") from None
 
 
+def maybe_compile(model: nn.Module, value: bool | str, device: torch.device, fsdp: bool = False) -> nn.Module:
+    """torch.compile(model) when resolve_compile says so. Under 'auto' a frame that fails to compile runs eager
+    with a warning (a GPU machine without the C compiler Triton's launcher needs, say); asked for explicitly, a
+    failure is an error."""
+    if not resolve_compile(value, device, fsdp):
+        return model
+    if str(value).lower() == "auto":
+        torch._dynamo.config.suppress_errors = True
+    return torch.compile(model)
+
+
 # ================================================================================================
 # Seeds and RNG state
 # ================================================================================================
