@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One device-machine call: GPU tests, SDPA backends, the throughput table, profile, compiled variant, largest batch
 # for XLNet-large.
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|cores|cudagraphs|maxbatch]...
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|cores|cudagraphs|triton|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-steps=${*:-tests compile}
+steps=${*:-tests triton compile}
 for s in $steps; do
   case $s in
     tests) timeout 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
@@ -25,6 +25,11 @@ for s in $steps; do
     cudagraphs) timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile,hf_xlnet --modes plm,finetune \
              --steps 8 --compile-mode reduce-overhead --no-memory > "$OUT/cudagraphs.txt" 2>&1
            grep '^[|#]' "$OUT/cudagraphs.txt" ;;
+    # the fused Triton core (opt-in): its tests on real kernels, then the step against HF (autotuning on first use)
+    triton) timeout 150 python3 -m pytest -q tests/test_triton_attention.py -p no:cacheprovider 2>&1 | tail -3 \
+             | tee "$OUT/triton_tests.txt"
+           XLNET_ATTN_CORE=triton timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast,hf_xlnet \
+             --steps 8 --json-out "$OUT/triton.json" > "$OUT/triton.txt" 2>&1; grep '^[|#]' "$OUT/triton.txt" ;;
     maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1
              tail -6 "$OUT/maxbatch.txt" ;;
   esac

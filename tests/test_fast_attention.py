@@ -407,7 +407,11 @@ def test_forced_core(monkeypatch) -> None:
     monkeypatch.setattr(fa, "FORCED_CORE", "math")
     assert fa.pick_core(torch.device("cuda")) == "math" and fa.pick_core(torch.device("cpu")) == "math"
     monkeypatch.setattr(fa, "FORCED_CORE", "flash")
-    with pytest.raises(XLNetError, match="XLNET_ATTN_CORE must be one of manual, math, sdpa"):
+    with pytest.raises(XLNetError, match="XLNET_ATTN_CORE must be one of manual, math, sdpa, triton"):
+        fa.pick_core(torch.device("cpu"))
+    monkeypatch.setattr(fa, "FORCED_CORE", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(XLNetError, match="needs the triton package and a CUDA device"):
         fa.pick_core(torch.device("cpu"))
     monkeypatch.setattr(fa, "FORCED_CORE", "")
     assert fa.pick_core(torch.device("cuda")) == "sdpa" and fa.pick_core(torch.device("cpu")) == "manual"

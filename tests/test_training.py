@@ -210,16 +210,17 @@ def test_resolve_compile() -> None:
         T.resolve_compile("fast", cpu)
 
 
-def test_maybe_compile(monkeypatch) -> None:
+def test_maybe_compile() -> None:
     """'auto' compiles only on a GPU and falls back to eager where a frame fails to compile; 'true' compiles
     anywhere and lets failures raise."""
     import torch._dynamo.config as dynamo_config
 
-    monkeypatch.setattr(dynamo_config, "suppress_errors", False)
-    model = torch.nn.Linear(2, 2)
-    assert T.maybe_compile(model, "auto", torch.device("cpu")) is model
-    assert T.maybe_compile(model, "false", torch.device("cuda")) is model
-    explicit = T.maybe_compile(model, "true", torch.device("cpu"))
-    assert explicit is not model and not dynamo_config.suppress_errors
-    assert torch.equal(explicit(torch.ones(1, 2)), model(torch.ones(1, 2)))
-    assert T.maybe_compile(model, "auto", torch.device("cuda")) is not model and dynamo_config.suppress_errors
+    with dynamo_config.patch(suppress_errors=False):  # restored afterwards
+        model = torch.nn.Linear(2, 2)
+        assert T.maybe_compile(model, "auto", torch.device("cpu")) is model
+        assert T.maybe_compile(model, "false", torch.device("cuda")) is model
+        explicit = T.maybe_compile(model, "true", torch.device("cpu"))
+        assert explicit is not model and not dynamo_config.suppress_errors
+        assert torch.equal(explicit(torch.ones(1, 2)), model(torch.ones(1, 2)))
+        assert T.maybe_compile(model, "auto", torch.device("cuda")) is not model and dynamo_config.suppress_errors
+    assert not dynamo_config.suppress_errors

@@ -8,8 +8,8 @@ with one score-sized tensor per stream and no bool selects over it:
   constant e_i^diff cancels in the softmax, so q gets C extra dims (e^same - e^diff)·onehot(seg_i) and k gets
   onehot(seg_j): (q + u, extra)·(k, onehot) is content + segment at once (C = number of segment ids in the batch).
 - The position term is one product against the distance table, read by distance i - j through a view
-  (`rel_shift`, content stream) or a per-row window (`_RowWindow`, query stream), masked in the same pass that makes it contiguous
-  (the mask is an additive -1e30 term, the reference's constant and its identity gradient), and the
+  (`rel_shift`, content stream) or a per-row window (`_RowWindow`, query stream), masked in the same pass that
+  makes it contiguous (the mask is an additive -1e30 term, the reference's constant and its identity gradient), and the
   content/segment product is accumulated into it in place (`baddbmm_`). One [B, n, L, K] tensor, then softmax,
   then dropout, then the product with v.
 - Only what is read is computed: the query stream only for the P target slots (the rows of the mask, the
@@ -30,7 +30,9 @@ gradient and fused dropout; on CPU, SDPA's flash kernel takes no dropout and no 
 manual core even for inference) and "math" (the same bias from plain traceable ops, then softmax and the
 products: what torch.compile traces on CPU, inductor fusing the bias into the softmax). The non-manual cores
 compare segment ids instead of one-hots, so nothing in the forward waits on the device (torch.compile takes
-the whole model as one graph). $XLNET_ATTN_CORE forces one of them on any device (benchmarks: A/B on one GPU).
+the whole model as one graph). A fourth, "triton" (triton_attention.py), fuses the position term, segments,
+mask, softmax and dropout in one kernel, for bidirectional tables; it is opt-in until measured on a GPU.
+$XLNET_ATTN_CORE forces a core on any device (benchmarks: A/B on one GPU).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from torch import Tensor, nn
 from xlnet.errors import XLNetError
 
 NEG_INF = 1e30  # the reference's constant (model.NEG_INF)
-CORES = ("manual", "math", "sdpa")
+CORES = ("manual", "math", "sdpa", "triton")
 FORCED_CORE = os.environ.get("XLNET_ATTN_CORE", "")  # read once: torch.compile traces a constant
 
 
@@ -227,7 +229,8 @@ class FastInputs:
     """What every layer's fast attention shares within one forward (built once by `fast_inputs`)."""
 
     klen: int
-    core: str  # "manual" | "math" | "sdpa" (pick_core)
+    core: str  # "manual" | "math" | "sdpa" | "triton" (pick_core)
+    windows: bool = True  # bidirectional table (R = K + L): every row's K distances lie inside it, unclamped
     mask_h: Tensor | None = None  # [B|1, 1, L, K] additive: -1e30 where masked, else 0 (in the scores' dtype)
     mask_g: Tensor | None = None  # [B|1, 1, P, K] the same for the query stream
     # segments: one-hots [B, 1, Lq|K, C] (float) for the manual core, which folds them into q·k; ids [B, 1, Lq, 1]
@@ -241,7 +244,7 @@ class FastInputs:
 
 def distance_columns(pos: Tensor, qlen: int, klen: int, rlen: int) -> Tensor:
     """[B, 1, P, K]: the column of the distance table that query position pos [B, P] reads for each key. Column r
-    holds distance klen - r. uni: the table stops at distance 1, and the future keys beyond it (masked) are
+    holds distance klen - r. uni: the table stops at distance 0, and the future keys beyond it (masked) are
     clamped to the last column (the reference's rel_shift reads the next query's row there: the same forward,
     and the same gradient unless a row sees no key at all)."""
     cols = torch.arange(klen, device=pos.device)
@@ -252,10 +255,14 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
                 token_type_ids: Tensor | None, target_mapping: Tensor | None, dtype: torch.dtype,
                 device: torch.device) -> FastInputs:
     """Masks (from model.attention_masks, bool [B|1, L, K]) and segment/target gathers for the fast path; rlen
-    is the length of the distance table (klen + qlen for bi, klen for uni); dtype that of the model's inputs."""
+    is the length of the distance table (klen + qlen for bi, klen + 1 for uni); dtype that of the model's inputs."""
     klen = mlen + qlen
     score_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
-    out = FastInputs(klen=klen, core=pick_core(device),
+    windows = rlen == klen + qlen
+    core = pick_core(device)
+    if core == "triton" and not windows:  # its kernel reads unclamped windows
+        core = "sdpa" if device.type == "cuda" else "math"
+    out = FastInputs(klen=klen, core=core, windows=windows,
                      mask_h=None if mask_h is None else additive_mask(mask_h[:, None], score_dtype))
     pos = None
     if target_mapping is not None:
@@ -285,6 +292,13 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
 # the attention core
 
 
+def triton_usable(device: torch.device) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None and (
+        device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def pick_core(device: torch.device) -> str:
     """sdpa on CUDA (memory-efficient kernel: float bias with gradient, fused dropout); on CPU the manual core,
     where SDPA's flash kernel takes neither dropout nor a bias that needs a gradient, and was slower than the
@@ -293,6 +307,9 @@ def pick_core(device: torch.device) -> str:
     if FORCED_CORE:
         if FORCED_CORE not in CORES:
             raise XLNetError(f"XLNET_ATTN_CORE must be one of {', '.join(CORES)}, not {FORCED_CORE!r}")
+        if FORCED_CORE == "triton" and not triton_usable(device):
+            raise XLNetError("XLNET_ATTN_CORE=triton needs the triton package and a CUDA device "
+                             "(or TRITON_INTERPRET=1)")
         return FORCED_CORE
     if device.type == "cuda":
         return "sdpa"
@@ -313,7 +330,7 @@ def distance_scores(q_r: Tensor, k_r: Tensor) -> tuple[Tensor, int, int]:
 
 
 def position_bias(table: Tensor, geom: tuple[int, ...], qlen: int, shift: Tensor | None, seg: tuple[Tensor, ...],
-                  mask: Tensor | None, scale: float) -> Tensor:
+                  mask: Tensor | None, scale: float, windows: bool) -> Tensor:
     """The masked pre-softmax bias [B, n, Lq, K]: the position term read by distance i - j (content stream:
     rel_shift; query stream: the gather columns `shift`) plus, given seg = (coef [B, n, Lq], same [B, 1, Lq, K]),
     the segment term coef_i·[seg_i = seg_j]."""
@@ -326,9 +343,9 @@ def position_bias(table: Tensor, geom: tuple[int, ...], qlen: int, shift: Tensor
     bd = table.view(n_head, bsz, qlen, rlen).transpose(0, 1) if table.dim() == 3 else table
     if shift is None:
         bd = rel_shift(bd, klen)
-    elif rlen > klen:  # bidirectional table (R = K + L): windows
+    elif windows:
         bd = _RowWindow.apply(bd, shift)
-    else:  # uni (R = K): the columns past distance 1 are clamped and read more than once
+    else:  # uni (R = K + 1): the columns past distance 0 are clamped and read more than once
         bd = bd.gather(-1, shift.expand(-1, n_head, -1, -1))
     if seg:
         bd = torch.addcmul(bd, seg[0][..., None], seg[1])
@@ -337,7 +354,7 @@ def position_bias(table: Tensor, geom: tuple[int, ...], qlen: int, shift: Tensor
 
 def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: Tensor, k_r: Tensor,
                 seg_q: Tensor | None, seg_k: Tensor | None, mask: Tensor | None, shift: Tensor | None, klen: int,
-                core: str) -> Tensor:
+                core: str, windows: bool) -> Tensor:
     """q [B, Lq, n, dh] (Lq = L for the content stream, P target slots for the query stream); coef [B, Lq, n]
     the segment coefficient (q + b)·(s_same - s_diff) (None without segments); k, v [B, n, K, dh]; k_r
     [B|1, R, n, dh]; seg_q, seg_k, mask as in FastInputs; shift None (content: row i reads
@@ -359,11 +376,19 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     table, sb, sn = distance_scores(q_r, k_r)
     geom = (bsz, n_head, sb, sn, klen)
     qc, kc = qc.to(table.dtype), kc.to(table.dtype)  # under autocast the biases made them float32
+    if core == "triton":  # (only given the bidirectional table: fast_inputs)
+        from xlnet.triton_attention import triton_attention
+
+        c0 = (qlen - torch.arange(qlen, device=q.device))[None] if shift is None else shift[:, 0, :, 0]
+        ids = (seg_q[:, 0, :, 0], seg_k[:, 0, 0, :]) if seg else (None, None)
+        out = triton_attention(qc, kc, v.to(table.dtype), table, (sb, sn), c0, seg[0] if seg else None, *ids, mask,
+                               p, scale)
+        return out.transpose(1, 2)
     if core == "manual" and shift is None and table.shape[-1] == klen + qlen:
         # the position term read by distance i - j, masked, plus the content/segment product: one fresh tensor
         score = _ShiftMaskQK.apply(table.view(-1, qlen, table.shape[-1]), mask, flat3(qc), flat3(kc), scale, geom)
     else:
-        bias = position_bias(table, geom, qlen, shift, seg, mask, scale)
+        bias = position_bias(table, geom, qlen, shift, seg, mask, scale, windows)
         if core == "sdpa":
             out = F.scaled_dot_product_attention(qc, kc, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=scale)
             return out.transpose(1, 2)
@@ -450,14 +475,15 @@ def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, f
             seg_q = None if seg_q is None else seg_q[:, :, start:]
             shift = distance_columns(torch.arange(start, qlen, device=x.device)[None], qlen, klen, k_r.shape[1])
             shift = shift.expand(bsz, -1, -1, -1)
-        attn_h = fast_attend(attn, q_h, coef_h, k, v, k_r, seg_q, fast.seg_k, mask, shift, klen, fast.core)
+        attn_h = fast_attend(attn, q_h, coef_h, k, v, k_r, seg_q, fast.seg_k, mask, shift, klen, fast.core,
+                             fast.windows)
         vec[:n_h].view(bsz, rows, n, dh).copy_(attn_h)
     if g is not None:
         n_pred = g.shape[1]
         q_g = q[n_h:].view(bsz, n_pred, n, dh)
         coef_g = None if coef is None else coef[n_h:].view(bsz, n_pred, n)
         attn_g = fast_attend(attn, q_g, coef_g, k, v, k_r, fast.seg_qg, fast.seg_k, fast.mask_g, fast.shift_g, klen,
-                             fast.core)
+                             fast.core, fast.windows)
         vec[n_h:].view(bsz, n_pred, n, dh).copy_(attn_g * fast.valid)
     out = torch.matmul(vec.view(-1, n * dh), attn.o.reshape(d, n * dh).t())
     return attn.layer_norm(residual_dropout(x, out, attn.dropout.p, attn.training))

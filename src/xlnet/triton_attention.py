@@ -1,0 +1,332 @@
+"""Fused two-stream relative attention in Triton (the "triton" core; opt-in: XLNET_ATTN_CORE=triton).
+
+One kernel reads everything the pre-softmax score is made of, tile by tile, without a [B, n, Lq, K] bias:
+
+    S[i, j] = scale·qc_i·k_j + T[i, c0_i + j] + coef_i·[seg_i = seg_j] + mask[i, j]
+
+T [.., Lq, R] is the position term against the distance table (one matrix product outside, q_r·Rᵀ, already
+scaled), c0_i the column holding key 0's distance for query row i (content stream: Lq - i; query stream: the
+target's position, `distance_columns`); each row reads K consecutive columns, so for the bidirectional table
+(R = K + Lq) a column is read at most once per row and its gradient is a plain store. Softmax is online
+(flash-attention style), attention dropout is drawn in the tile from a counter-based generator (philox: the
+backward regenerates the same mask), and the backward recomputes the scores: one kernel over key blocks (dk,
+dv), one over query blocks (dq, the table's gradient, the segment coefficient's gradient), no atomics.
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before this module is
+imported): that is how the tests check them against the reference on CPU.
+"""
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# tile shapes and pipelining, chosen per shape by a timed trial on the GPU (none to choose under the interpreter)
+CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)] if INTERPRETED else [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+    for m, n, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2))]
+tuned = triton.autotune(configs=CONFIGS, key=["Lq", "K", "D", "DROPOUT", "HAS_SEG", "HAS_MASK"])
+
+
+@triton.jit
+def _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
+                stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
+                HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+    """S for one [BLOCK_M, BLOCK_N] tile in float32 (-inf past the last key) and the table column of each
+    entry."""
+    row_ok = offs_m < Lq
+    col_ok = offs_n < K
+    ok = row_ok[:, None] & col_ok[None, :]
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale
+    c0 = tl.load(C0 + b * stride_cb + offs_m, mask=row_ok, other=0)
+    cols = c0[:, None] + offs_n[None, :]
+    s += tl.load(T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_ti + cols, mask=ok,
+                 other=0.0).to(tl.float32)
+    if HAS_SEG:
+        coef = tl.load(COEF + (b * n_head + h) * Lq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
+        sq = tl.load(SEGQ + b * Lq + offs_m, mask=row_ok, other=-1)
+        sk = tl.load(SEGK + b * K + offs_n, mask=col_ok, other=-2)
+        s += tl.where(sq[:, None] == sk[None, :], coef[:, None], 0.0)
+    if HAS_MASK:
+        s += tl.load(MASK + b * stride_mb + offs_m[:, None] * stride_mi + offs_n[None, :], mask=ok,
+                     other=0.0).to(tl.float32)
+    return tl.where(col_ok[None, :], s, float("-inf")), cols
+
+
+@triton.jit
+def _keep(SEED, bh, offs_m, offs_n, K, p_drop):
+    """The dropout keep mask of a tile: one philox stream per (batch, head), indexed by i·K + j."""
+    return tl.rand(tl.load(SEED) + bh, offs_m[:, None] * K + offs_n[None, :]) >= p_drop
+
+
+@triton.jit
+def _load_rows(ptr, offs, n_rows, offs_d, D):
+    return tl.load(ptr + offs[:, None] * D + offs_d[None, :], mask=(offs < n_rows)[:, None] & (offs_d < D)[None, :],
+                   other=0.0)
+
+
+@tuned
+@triton.jit
+def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
+             n_head, scale, p_drop, SEED,
+             stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
+             HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h = bh // n_head, bh % n_head
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D)
+        v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D)
+        s, cols = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
+                              stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK,
+                              IEEE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_keep(SEED, bh, offs_m, offs_n, K, p_drop), p / (1.0 - p_drop), 0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    out = acc / l_i[:, None]
+    row_ok = offs_m < Lq
+    tl.store(O + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < D)[None, :])
+    # the running max and the sum apart, not m + log(l): a fully masked row (every score -1e30, the reference's
+    # uniform softmax) has m = -1e30, which would swallow log(l) in float32
+    tl.store(STATS + bh * 2 * Lq + offs_m, m_i, mask=row_ok)
+    tl.store(STATS + bh * 2 * Lq + Lq + offs_m, l_i, mask=row_ok)
+
+
+@triton.jit
+def _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m, offs_n, Lq, K,
+                    n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
+                    HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+    """Recomputed tile: the probabilities after dropout (what multiplied v), dS (the scores' gradient), and the
+    table column of each entry."""
+    s, cols = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
+                          stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE)
+    p = tl.where((offs_m < Lq)[:, None], tl.exp(s - m[:, None]) / l[:, None], 0.0)
+    if IEEE:
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    else:
+        dp = tl.dot(do, tl.trans(v))
+    p_kept = p
+    if DROPOUT:
+        keep = _keep(SEED, bh, offs_m, offs_n, K, p_drop)
+        p_kept = tl.where(keep, p / (1.0 - p_drop), 0.0)
+        dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+    return p_kept, p * (dp - delta[:, None]), cols
+
+
+@tuned
+@triton.jit
+def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, DV, Lq: tl.constexpr,
+                 K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
+                 stride_cb, stride_mb, stride_mi,
+                 HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h = bh // n_head, bh % n_head
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D)
+    v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, Lq, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
+        do = _load_rows(DO + bh * Lq * D, offs_m, Lq, offs_d, D)
+        m = tl.load(STATS + bh * 2 * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        l = tl.load(STATS + bh * 2 * Lq + Lq + offs_m, mask=offs_m < Lq, other=1.0)
+        delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        p_kept, ds, cols = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
+                                           offs_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
+                                           stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT,
+                                           IEEE)
+        if IEEE:
+            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision="ieee")
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    ok = (offs_n < K)[:, None] & (offs_d < D)[None, :]
+    ptrs = bh * K * D + offs_n[:, None] * D + offs_d[None, :]
+    tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@tuned
+@triton.jit
+def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, DT, DCOEF, Lq: tl.constexpr,
+                K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
+                stride_cb, stride_mb, stride_mi,
+                HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    bh = tl.program_id(1)
+    b, h = bh // n_head, bh % n_head
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
+    do = _load_rows(DO + bh * Lq * D, offs_m, Lq, offs_d, D)
+    m = tl.load(STATS + bh * 2 * Lq + offs_m, mask=row_ok, other=0.0)
+    l = tl.load(STATS + bh * 2 * Lq + Lq + offs_m, mask=row_ok, other=1.0)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dcoef = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, K, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D)
+        v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D)
+        p_kept, ds, cols = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
+                                           offs_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
+                                           stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT,
+                                           IEEE)
+        if IEEE:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+        ok = row_ok[:, None] & (offs_n < K)[None, :]
+        tl.store(DT + b * stride_tb + h * stride_th + offs_m[:, None] * stride_ti + cols, ds.to(DT.dtype.element_ty),
+                 mask=ok)
+        if HAS_SEG:
+            sq = tl.load(SEGQ + b * Lq + offs_m, mask=row_ok, other=-1)
+            sk = tl.load(SEGK + b * K + offs_n, mask=offs_n < K, other=-2)
+            dcoef += tl.sum(tl.where(sq[:, None] == sk[None, :], ds, 0.0), 1)
+    tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < D)[None, :])
+    if HAS_SEG:
+        tl.store(DCOEF + bh * Lq + offs_m, dcoef, mask=row_ok)
+
+
+def _launch_args(qc: Tensor, klen: int, table: Tensor, strides: tuple[int, int], c0: Tensor, coef: Tensor | None,
+                 seg_q: Tensor | None, seg_k: Tensor | None, mask: Tensor | None, seed: Tensor, p: float,
+                 scale: float) -> dict:
+    """What every kernel takes after q, k, v: tensors (absent ones as a placeholder pointer), sizes, strides,
+    and the compile-time flags."""
+    _, n_head, qlen, d_head = qc.shape
+    has_seg, has_mask = coef is not None, mask is not None
+    if has_mask:
+        mask = mask.expand(-1, 1, qlen, klen)
+        if mask.stride(-1) != 1:
+            mask = mask.contiguous()
+    stride_mb, stride_mi = (mask.stride(0) if mask.shape[0] > 1 else 0, mask.stride(2)) if has_mask else (0, 0)
+    stride_cb = c0.stride(0) if c0.shape[0] > 1 else 0
+    scalars = (qlen, klen, d_head, n_head, scale, p, seed, strides[0], strides[1], table.shape[-1], stride_cb,
+               stride_mb, stride_mi)
+    flags = dict(HAS_SEG=has_seg, HAS_MASK=has_mask, DROPOUT=p > 0, IEEE=qc.dtype == torch.float32,
+                 BLOCK_D=max(16, triton.next_power_of_2(d_head)))
+    tensors = (table, c0, coef if has_seg else qc, seg_q if has_seg else c0, seg_k if has_seg else c0,
+               mask if has_mask else qc)
+    return dict(tensors=tensors, scalars=scalars, flags=flags)
+
+
+# Custom operators (opaque to torch.compile, which traces around them without a graph break), with autograd.
+
+
+@torch.library.custom_op("xlnet::rel_attention", mutates_args=())
+def rel_attention(qc: Tensor, k: Tensor, v: Tensor, table: Tensor, c0: Tensor, coef: Optional[Tensor],
+                  seg_q: Optional[Tensor], seg_k: Optional[Tensor], mask: Optional[Tensor], seed: Tensor, sb: int,
+                  sn: int, p: float, scale: float) -> tuple[Tensor, Tensor]:
+    bsz, n_head, qlen, _ = qc.shape
+    out = torch.empty_like(qc)
+    stats = qc.new_empty((bsz, n_head, 2, qlen), dtype=torch.float32)  # row max, row sum
+    args = _launch_args(qc, k.shape[2], table, (sb, sn), c0, coef, seg_q, seg_k, mask, seed, p, scale)
+    _forward[lambda meta: (triton.cdiv(qlen, meta["BLOCK_M"]), bsz * n_head)](
+        qc, k, v, *args["tensors"], out, stats, *args["scalars"], **args["flags"])
+    return out, stats
+
+
+@rel_attention.register_fake
+def _(qc, k, v, table, c0, coef, seg_q, seg_k, mask, seed, sb, sn, p, scale):
+    bsz, n_head, qlen, _ = qc.shape
+    return torch.empty_like(qc), qc.new_empty((bsz, n_head, 2, qlen), dtype=torch.float32)
+
+
+@torch.library.custom_op("xlnet::rel_attention_backward", mutates_args=())
+def rel_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, qc: Tensor, k: Tensor, v: Tensor,
+                           table: Tensor, c0: Tensor, coef: Optional[Tensor], seg_q: Optional[Tensor],
+                           seg_k: Optional[Tensor], mask: Optional[Tensor], seed: Tensor, sb: int, sn: int, p: float,
+                           scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    bsz, n_head, qlen, _ = qc.shape
+    klen = k.shape[2]
+    args = _launch_args(qc, klen, table, (sb, sn), c0, coef, seg_q, seg_k, mask, seed, p, scale)
+    do = grad_out.contiguous()
+    delta = (do.float() * out.float()).sum(-1)  # rowsum(dO ∘ O) = Σ_j P_ij dP_ij, dropout included
+    dq, dk, dv = torch.empty_like(qc), torch.empty_like(k), torch.empty_like(v)
+    d_table = torch.zeros_like(table)  # the columns no row reads keep a zero gradient
+    d_coef = qc.new_empty((bsz, n_head, qlen) if coef is not None else (0,), dtype=torch.float32)
+    _backward_kv[lambda meta: (triton.cdiv(klen, meta["BLOCK_N"]), bsz * n_head)](
+        qc, k, v, *args["tensors"], do, stats, delta, dk, dv, *args["scalars"], **args["flags"])
+    _backward_q[lambda meta: (triton.cdiv(qlen, meta["BLOCK_M"]), bsz * n_head)](
+        qc, k, v, *args["tensors"], do, stats, delta, dq, d_table, d_coef if coef is not None else dq,
+        *args["scalars"], **args["flags"])
+    return dq, dk, dv, d_table, d_coef
+
+
+@rel_attention_backward.register_fake
+def _(grad_out, out, stats, qc, k, v, table, c0, coef, seg_q, seg_k, mask, seed, sb, sn, p, scale):
+    shape = (qc.shape[0], qc.shape[1], qc.shape[2]) if coef is not None else (0,)
+    return (torch.empty_like(qc), torch.empty_like(k), torch.empty_like(v), torch.empty_like(table),
+            qc.new_empty(shape, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output, *inputs[:10])
+    ctx.scalars = inputs[10:]
+
+
+def _backward(ctx, grad_out: Tensor, _grad_stats: Tensor):
+    out, stats, qc, k, v, table, c0, coef, seg_q, seg_k, mask, seed = ctx.saved_tensors
+    dq, dk, dv, d_table, d_coef = rel_attention_backward(grad_out, out, stats, qc, k, v, table, c0, coef, seg_q,
+                                                         seg_k, mask, seed, *ctx.scalars)
+    g_coef = d_coef.to(coef.dtype) if coef is not None else None
+    return dq, dk, dv, d_table, None, g_coef, None, None, None, None, None, None, None, None
+
+
+rel_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_attention(qc: Tensor, k: Tensor, v: Tensor, table: Tensor, strides: tuple[int, int], c0: Tensor,
+                     coef: Tensor | None, seg_q: Tensor | None, seg_k: Tensor | None, mask: Tensor | None, p: float,
+                     scale: float) -> Tensor:
+    """softmax(S)·v with attention dropout p; S as in the module docstring.
+
+    qc [B, n, Lq, dh] (q + r_w_bias), k and v [B, n, K, dh]; table: the position term with rows at strides
+    (sb, sn) per (batch, head) and R columns per row; c0 [B|1, Lq] int; coef [B, n, Lq] (scaled) or None with
+    seg_q [B, Lq] and seg_k [B, K] ids; mask [B|1, 1, Lq, K] additive or None. -> [B, n, Lq, dh]. The dropout
+    seed is drawn from the device's generator (seeded runs repeat)."""
+    bsz, n_head, qlen, _ = qc.shape
+    if n_head * qlen * k.shape[2] >= 2**31:
+        raise ValueError("the triton core's dropout counter needs n_head * Lq * K < 2**31")
+    seed = (torch.randint(0, 2**30, (1,), dtype=torch.int32, device=qc.device) if p > 0
+            else torch.zeros(1, dtype=torch.int32, device=qc.device))
+
+    def ints(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(torch.int32).contiguous()
+
+    out, _ = rel_attention(qc.contiguous(), k.contiguous(), v.contiguous(), table, ints(c0),
+                           None if coef is None else coef.contiguous(), ints(seg_q), ints(seg_k), mask, seed,
+                           strides[0], strides[1], p, scale)
+    return out

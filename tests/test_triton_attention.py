@@ -1,0 +1,181 @@
+"""The triton core (src/xlnet/triton_attention.py) against the reference: model outputs and gradients, and the
+kernel's dropout against the same computation with the mask it drew. Without CUDA the kernels run under
+Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from helpers import CONFIGS, B, P, assert_close, plm_inputs, tiny_config  # noqa: E402
+from xlnet.config import XLNetConfig  # noqa: E402
+from xlnet.heads import XLNetForSequenceClassification  # noqa: E402
+from xlnet.model import XLNetLMHeadModel  # noqa: E402
+from xlnet.triton_attention import triton_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pair(cls, config: XLNetConfig):
+    torch.manual_seed(0)
+    ref = cls(dataclasses.replace(config, attn_impl="reference")).to(DEVICE)
+    fast = cls(dataclasses.replace(config, attn_impl="fast")).to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def assert_grads_close(ref, fast, rel: float = 1e-4) -> None:
+    grads = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.grad is not None:
+            assert_close(grads[name].grad, p.grad, f"grad {name}", tol=rel * p.grad.abs().max().item() + 1e-12)
+
+
+@pytest.mark.parametrize("variant", list(CONFIGS))
+@pytest.mark.parametrize("head", ["lm", "classification"])
+def test_triton_core_matches_reference(variant: str, head: str, monkeypatch) -> None:
+    """PLM with memory, padding and segments (both streams), and a classification head (the final layer's
+    <cls> row, its distance row read as a window): the reference's outputs and gradients in float32. uni
+    tables fall back to the math core (their windows are clamped)."""
+    import xlnet.fast_attention as fa
+
+    monkeypatch.setattr(fa, "pick_core", lambda device: "triton")
+    config = tiny_config(mem_len=12, **CONFIGS[variant])
+    cls = XLNetLMHeadModel if head == "lm" else XLNetForSequenceClassification
+    ref, fast = pair(cls, config)
+    mems = [torch.randn(B, 5, config.d_model, device=DEVICE) for _ in range(config.n_layer)]
+    x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True, two_stream=head == "lm").items()}
+    labels = x["input_ids"][:, :P] if head == "lm" else torch.tensor([0, 2, 1, 1], device=DEVICE)
+    r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
+    assert_close(f.logits, r.logits, "logits")
+    r.loss.backward(), f.loss.backward()
+    if not (variant == "uni_same_length" and head == "lm"):  # a row with no visible key: test_fast_attention.py
+        assert_grads_close(ref, fast)
+
+
+def test_triton_core_without_memory_fully_masked_rows(monkeypatch) -> None:
+    """No memory: the query stream's first target in the factorization order sees no key (every score -1e30, a
+    uniform softmax on every path); its backward must still recompute those probabilities as 1/K."""
+    import xlnet.fast_attention as fa
+
+    monkeypatch.setattr(fa, "pick_core", lambda device: "triton")
+    ref, fast = pair(XLNetLMHeadModel, tiny_config(mem_len=12))
+    x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True).items()}
+    labels = x["input_ids"][:, :P]
+    r, f = ref(**x, labels=labels), fast(**x, labels=labels)
+    assert_close(f.logits, r.logits, "logits")
+    r.loss.backward(), f.loss.backward()
+    assert_grads_close(ref, fast)
+
+
+@pytest.mark.parametrize("with_seg", [True, False])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_kernel_dropout_and_gradients_against_torch(with_seg: bool, with_mask: bool) -> None:
+    """With attention dropout: v = identity reads back the kernel's dropped, rescaled probabilities (so its keep
+    mask); under the same seed the kernel's output and the gradients of q, k, v, the table and the segment
+    coefficient equal plain PyTorch with that mask. Table rows read windows at arbitrary offsets c0."""
+    g = torch.Generator().manual_seed(0)
+    bsz, n, lq, klen, dh, p, scale = 2, 2, 8, 16, 16, 0.3, 0.25
+    rlen = klen + lq
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE)
+
+    qc, k, v, table, coef = rand(bsz, n, lq, dh), rand(bsz, n, klen, dh), rand(bsz, n, klen, dh), \
+        rand(bsz, n, lq, rlen), rand(bsz, n, lq)
+    c0 = torch.randint(0, lq + 1, (bsz, lq), generator=g).to(DEVICE)
+    seg_q, seg_k = (torch.randint(0, 2, shape, generator=g).to(DEVICE) for shape in ((bsz, lq), (bsz, klen)))
+    mask = torch.where(torch.rand(bsz, 1, lq, klen, generator=g) < 0.2, -1e30, 0.0).to(DEVICE)
+    mask[..., 0] = 0.0  # every row sees a key
+    if not with_mask:
+        mask = None
+    strides = (n * lq * rlen, lq * rlen)
+
+    def kernel(vv, *tensors):
+        torch.manual_seed(7)  # the kernel's seed comes from the default generator
+        seg = (tensors[3], seg_q, seg_k) if with_seg else (None, None, None)
+        return triton_attention(tensors[0], tensors[1], vv, tensors[2], strides, c0, *seg, mask, p, scale)
+
+    eye = torch.eye(klen, device=DEVICE).expand(bsz, n, klen, dh)
+    dropped = kernel(eye, qc, k, table, coef)
+    keep = dropped != 0
+    assert 0.55 < keep.float().mean() < 0.85
+    leaves = [t.clone().requires_grad_() for t in (v, qc, k, table, coef)]
+    out = kernel(*leaves[:1], *leaves[1:])
+    cols = (c0[:, None, :, None] + torch.arange(klen, device=DEVICE)).expand(bsz, n, lq, klen)
+    vv, qq, kk, tt, cc = (t.detach().clone().requires_grad_() for t in leaves)
+    score = scale * qq @ kk.transpose(-1, -2) + tt.gather(-1, cols) + (0 if mask is None else mask)
+    if with_seg:
+        score = score + cc[..., None] * (seg_q[:, None, :, None] == seg_k[:, None, None, :])
+    expected = (torch.softmax(score, -1) * keep / (1 - p)) @ vv
+    assert_close(out, expected, "output")
+    grad = rand(*out.shape)
+    out.backward(grad), expected.backward(grad)
+    for name, a, b in zip(("v", "q", "k", "table", "coef"), leaves, (vv, qq, kk, tt, cc)):
+        if name != "coef" or with_seg:
+            assert_close(a.grad, b.grad, f"grad {name}")
+    assert torch.equal(kernel(eye, qc, k, table, coef) != 0, keep)  # the same seed, the same mask
+    torch.manual_seed(8)
+    other = triton_attention(qc, k, eye, table, strides, c0, None, None, None, mask, p, scale)
+    assert not torch.equal(other != 0, keep)  # another seed, another mask
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_training_step_close_to_sdpa_core(monkeypatch) -> None:
+    """Under bf16 autocast (tensor-core products, bf16 table and gradients) the triton core's loss and parameter
+    gradients stay within bf16 rounding of the SDPA core's, dropout off."""
+    import xlnet.fast_attention as fa
+
+    config = tiny_config(mem_len=12, d_model=128, n_head=2, d_head=64, d_inner=256, **CONFIGS["bi"])
+    runs = []
+    for core in ("sdpa", "triton"):
+        monkeypatch.setattr(fa, "pick_core", lambda device, core=core: core)
+        torch.manual_seed(0)
+        model = XLNetLMHeadModel(dataclasses.replace(config, attn_impl="fast")).cuda().train()
+        x = {k: v.cuda() for k, v in plm_inputs(padding=True).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**x, labels=x["input_ids"][:, :P]).loss
+        loss.backward()
+        runs.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (loss_s, grad_s), (loss_t, grad_t) = runs
+    assert abs(loss_t - loss_s) < 1e-2 * abs(loss_s)
+    assert (grad_t - grad_s).norm() < 3e-2 * grad_s.norm()
+
+
+def test_custom_ops_pass_opcheck_and_compile_as_one_graph(monkeypatch) -> None:
+    """The kernels are registered operators: torch.library.opcheck (schema, fake tensors, autograd
+    registration), and torch.compile(fullgraph=True) takes a whole PLM step with the triton core."""
+    import xlnet.fast_attention as fa
+    from xlnet.triton_attention import rel_attention
+
+    g = torch.Generator().manual_seed(0)
+    bsz, n, lq, klen, dh = 2, 2, 4, 8, 16
+    qc, k, v = (torch.randn(bsz, n, rows, dh, generator=g, device="cpu").to(DEVICE).requires_grad_()
+                for rows in (lq, klen, klen))
+    table = torch.randn(bsz, n, lq, klen + lq, generator=g).to(DEVICE).requires_grad_()
+    coef = torch.randn(bsz, n, lq, generator=g).to(DEVICE).requires_grad_()
+    c0 = (lq - torch.arange(lq, device=DEVICE, dtype=torch.int32))[None]
+    seg_q, seg_k = torch.zeros(bsz, lq, dtype=torch.int32, device=DEVICE), torch.ones(bsz, klen, dtype=torch.int32,
+                                                                                       device=DEVICE)
+    seed = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    args = (qc, k, v, table, c0, coef, seg_q, seg_k, None, seed, n * lq * (klen + lq), lq * (klen + lq), 0.0, 0.5)
+    torch.library.opcheck(rel_attention, args, test_utils=("test_schema", "test_faketensor",
+                                                           "test_autograd_registration"))
+
+    monkeypatch.setattr(fa, "pick_core", lambda device: "triton")
+    ref, fast = pair(XLNetLMHeadModel, tiny_config(mem_len=12))
+    x = {k_: t.to(DEVICE) for k_, t in plm_inputs(padding=True).items()}
+    labels = x["input_ids"][:, :P]
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    r, f = ref(**x, labels=labels), compiled(**x, labels=labels)
+    assert_close(f.logits, r.logits, "logits")
+    r.loss.backward(), f.loss.backward()
+    assert_grads_close(ref, fast)
