@@ -33,6 +33,26 @@ tuned = triton.autotune(configs=CONFIGS, key=["Lq", "K", "D", "DROPOUT", "HAS_SE
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a·b accumulated in float32; exact float32 products for float32 inputs (the parity tests), else tensor
+    cores."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _row_stats(STATS, DELTA, bh, offs_m, Lq):
+    """The forward's row max and row sum, and delta = rowsum(dO ∘ O), for a block of query rows."""
+    ok = offs_m < Lq
+    m = tl.load(STATS + bh * 2 * Lq + offs_m, mask=ok, other=0.0)
+    l = tl.load(STATS + bh * 2 * Lq + Lq + offs_m, mask=ok, other=1.0)
+    return m, l, tl.load(DELTA + bh * Lq + offs_m, mask=ok, other=0.0)
+
+
+@triton.jit
 def _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
                 stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
                 HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
@@ -41,11 +61,7 @@ def _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K
     row_ok = offs_m < Lq
     col_ok = offs_n < K
     ok = row_ok[:, None] & col_ok[None, :]
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * scale
+    s = _dot(q, tl.trans(k), IEEE) * scale
     c0 = tl.load(C0 + b * stride_cb + offs_m, mask=row_ok, other=0)
     cols = c0[:, None] + offs_n[None, :]
     s += tl.load(T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_ti + cols, mask=ok,
@@ -101,11 +117,7 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_keep(SEED, bh, offs_m, offs_n, K, p_drop), p / (1.0 - p_drop), 0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     out = acc / l_i[:, None]
     row_ok = offs_m < Lq
@@ -126,10 +138,7 @@ def _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, 
     s, cols = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
                           stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE)
     p = tl.where((offs_m < Lq)[:, None], tl.exp(s - m[:, None]) / l[:, None], 0.0)
-    if IEEE:
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-    else:
-        dp = tl.dot(do, tl.trans(v))
+    dp = _dot(do, tl.trans(v), IEEE)
     p_kept = p
     if DROPOUT:
         keep = _keep(SEED, bh, offs_m, offs_n, K, p_drop)
@@ -157,19 +166,13 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
         do = _load_rows(DO + bh * Lq * D, offs_m, Lq, offs_d, D)
-        m = tl.load(STATS + bh * 2 * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-        l = tl.load(STATS + bh * 2 * Lq + Lq + offs_m, mask=offs_m < Lq, other=1.0)
-        delta = tl.load(DELTA + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        m, l, delta = _row_stats(STATS, DELTA, bh, offs_m, Lq)
         p_kept, ds, cols = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
                                            offs_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
                                            stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT,
                                            IEEE)
-        if IEEE:
-            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision="ieee")
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dv += _dot(tl.trans(p_kept.to(do.dtype)), do, IEEE)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     ok = (offs_n < K)[:, None] & (offs_d < D)[None, :]
     ptrs = bh * K * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=ok)
@@ -190,9 +193,7 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
     row_ok = offs_m < Lq
     q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
     do = _load_rows(DO + bh * Lq * D, offs_m, Lq, offs_d, D)
-    m = tl.load(STATS + bh * 2 * Lq + offs_m, mask=row_ok, other=0.0)
-    l = tl.load(STATS + bh * 2 * Lq + Lq + offs_m, mask=row_ok, other=1.0)
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=row_ok, other=0.0)
+    m, l, delta = _row_stats(STATS, DELTA, bh, offs_m, Lq)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dcoef = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, K, BLOCK_N):
@@ -203,10 +204,7 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
                                            offs_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
                                            stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT,
                                            IEEE)
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
         ok = row_ok[:, None] & (offs_n < K)[None, :]
         tl.store(DT + b * stride_tb + h * stride_th + offs_m[:, None] * stride_ti + cols, ds.to(DT.dtype.element_ty),
                  mask=ok)
