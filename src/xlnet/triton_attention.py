@@ -316,8 +316,8 @@ def triton_attention(qc: Tensor, k: Tensor, v: Tensor, table: Tensor, strides: t
     seg_q [B, Lq] and seg_k [B, K] ids; mask [B|1, 1, Lq, K] additive or None. -> [B, n, Lq, dh]. The dropout
     seed is drawn from the device's generator (seeded runs repeat)."""
     bsz, n_head, qlen, _ = qc.shape
-    if n_head * qlen * k.shape[2] >= 2**31:
-        raise ValueError("the triton core's dropout counter needs n_head * Lq * K < 2**31")
+    if n_head * qlen * k.shape[2] >= 2**31 or table.numel() >= 2**31:  # 32-bit offsets in the kernels
+        raise ValueError("the triton core needs n_head * Lq * K and the distance table below 2**31 entries")
     seed = (torch.randint(0, 2**30, (1,), dtype=torch.int32, device=qc.device) if p > 0
             else torch.zeros(1, dtype=torch.int32, device=qc.device))
 
