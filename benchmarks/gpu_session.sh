@@ -28,6 +28,7 @@ for s in $steps; do
     # the fused Triton core (opt-in): its tests on real kernels, then the step against HF (autotuning on first use)
     triton) timeout 150 python3 -m pytest -q tests/test_triton_attention.py -p no:cacheprovider 2>&1 | tail -3 \
              | tee "$OUT/triton_tests.txt"
+           timeout 150 python3 benchmarks/attention_kernels.py 2>&1 | tee "$OUT/kernels.txt" | grep '^[|#]'
            XLNET_ATTN_CORE=triton timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast,hf_xlnet \
              --steps 8 --json-out "$OUT/triton.json" > "$OUT/triton.txt" 2>&1; grep '^[|#]' "$OUT/triton.txt" ;;
     maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1
