@@ -61,7 +61,7 @@ class XLNetOutput:
 
 
 def relative_positions(config: XLNetConfig, qlen: int, klen: int, bsz: int, device: torch.device) -> Tensor:
-    """Sinusoid embeddings of the relative distances klen, klen-1, ..., -qlen+1 (uni: ..., 1): [B or 1, R, d].
+    """Sinusoid embeddings of the relative distances klen, klen-1, ..., -qlen+1 (uni: ..., 0): [B or 1, R, d].
 
     With bi_data the first half of the batch reads the text forwards and the second half backwards, so the
     second half gets negated distances.
