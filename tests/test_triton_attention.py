@@ -147,7 +147,7 @@ def test_cuda_bf16_training_step_close_to_sdpa_core(monkeypatch) -> None:
         runs.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     (loss_s, grad_s), (loss_t, grad_t) = runs
     assert abs(loss_t - loss_s) < 1e-2 * abs(loss_s)
-    assert (grad_t - grad_s).norm() < 3e-2 * grad_s.norm()
+    assert (grad_t - grad_s).norm() < 5e-2 * grad_s.norm()
 
 
 def test_custom_ops_pass_opcheck_and_compile_as_one_graph(monkeypatch) -> None:
