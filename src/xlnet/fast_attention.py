@@ -368,10 +368,11 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     if coef is not None and core == "manual":  # content + segment in one product (one-hots: FastInputs)
         qc = torch.cat([qc, coef.transpose(1, 2)[..., None] * seg_q], dim=-1)
         kc = torch.cat([k, seg_k.expand(-1, n_head, -1, -1)], dim=-1)
-    elif coef is not None:  # segment term in the bias: q/k keep the head dim (SDPA's faster tiles)
-        same = (seg_q == seg_k).to(q.dtype)  # [B, 1, Lq, K]
+    elif coef is not None:  # segment term in the bias or the triton kernel: q/k keep the head dim
         # coef is float32 under autocast (r_s_bias is added in float32): cast, or the bias becomes float32
-        seg = ((coef.transpose(1, 2) * scale).to(same.dtype), same)  # [B, n, Lq]
+        coef_s = (coef.transpose(1, 2) * scale).to(q.dtype)  # [B, n, Lq]
+        # the kernel compares the ids itself; the bias takes same = [seg_i = seg_j] [B, 1, Lq, K]
+        seg = (coef_s,) if core == "triton" else (coef_s, (seg_q == seg_k).to(q.dtype))
     p = attn.dropatt.p if attn.training else 0.0
     table, sb, sn = distance_scores(q_r, k_r)
     geom = (bsz, n_head, sb, sn, klen)

@@ -256,7 +256,6 @@ def check_config(cfg: PretrainConfig, info: T.DistInfo) -> None:
     for ok, message in checks:
         if not ok:
             raise XLNetError(f"invalid pretrain config: {message}")
-    T.resolve_compile(cfg.compile, info.device, cfg.fsdp)  # a bad value fails before anything is written
 
 
 def resolve_resume(cfg: PretrainConfig, resume: str | None) -> Path | None:
@@ -358,6 +357,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     wall_start = time.perf_counter()
     info = info or T.init_distributed(cfg.device)
     check_config(cfg, info)
+    compiling = T.resolve_compile(cfg.compile, info.device, cfg.fsdp)  # a bad value fails before anything is written
     precision = T.resolve_precision(cfg.precision, info.device)
     out_dir = Path(cfg.out_dir)
     ckpt = resolve_resume(cfg, resume)
@@ -401,7 +401,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     logger = T.MetricsLogger(out_dir, enabled=info.is_main, resume_step=step if ckpt is not None else None)
     bar = T.Progress(cfg.max_steps, initial=step, enabled=info.is_main and cfg.progress, desc="pretrain",
                      echo=info.is_main)
-    if T.resolve_compile(cfg.compile, info.device, cfg.fsdp):
+    if compiling:
         bar.write("torch.compile: the first steps and evaluations compile the model (a minute or two on a GPU; "
                   "--compile false skips it)")
     last_ckpt: Path | None = ckpt

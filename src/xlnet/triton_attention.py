@@ -240,6 +240,11 @@ def _launch_args(qc: Tensor, klen: int, table: Tensor, strides: tuple[int, int],
     return dict(tensors=tensors, scalars=scalars, flags=flags)
 
 
+def _grid(rows: int, block: str, programs: int):
+    """Launch grid: blocks of `rows` by the autotuned tile size `block`, times one program per (batch, head)."""
+    return lambda meta: (triton.cdiv(rows, meta[block]), programs)
+
+
 # Custom operators (opaque to torch.compile, which traces around them without a graph break), with autograd.
 
 
@@ -251,7 +256,7 @@ def rel_attention(qc: Tensor, k: Tensor, v: Tensor, table: Tensor, c0: Tensor, c
     out = torch.empty_like(qc)
     stats = qc.new_empty((bsz, n_head, 2, qlen), dtype=torch.float32)  # row max, row sum
     args = _launch_args(qc, k.shape[2], table, (sb, sn), c0, coef, seg_q, seg_k, mask, seed, p, scale)
-    _forward[lambda meta: (triton.cdiv(qlen, meta["BLOCK_M"]), bsz * n_head)](
+    _forward[_grid(qlen, "BLOCK_M", bsz * n_head)](
         qc, k, v, *args["tensors"], out, stats, *args["scalars"], **args["flags"])
     return out, stats
 
@@ -275,9 +280,9 @@ def rel_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, qc: Ten
     dq, dk, dv = torch.empty_like(qc), torch.empty_like(k), torch.empty_like(v)
     d_table = torch.zeros_like(table)  # the columns no row reads keep a zero gradient
     d_coef = qc.new_empty((bsz, n_head, qlen) if coef is not None else (0,), dtype=torch.float32)
-    _backward_kv[lambda meta: (triton.cdiv(klen, meta["BLOCK_N"]), bsz * n_head)](
+    _backward_kv[_grid(klen, "BLOCK_N", bsz * n_head)](
         qc, k, v, *args["tensors"], do, stats, delta, dk, dv, *args["scalars"], **args["flags"])
-    _backward_q[lambda meta: (triton.cdiv(qlen, meta["BLOCK_M"]), bsz * n_head)](
+    _backward_q[_grid(qlen, "BLOCK_M", bsz * n_head)](
         qc, k, v, *args["tensors"], do, stats, delta, dq, d_table, d_coef if coef is not None else dq,
         *args["scalars"], **args["flags"])
     return dq, dk, dv, d_table, d_coef
