@@ -49,10 +49,13 @@ import time
 
 import torch
 
-IMPLS = ["fast", "reference", "hf_xlnet", "hf_bert"]  # the default set; also "fast_compile": fast + torch.compile
-LABELS = {"fast": "ours (fast)", "fast_compile": "ours (fast, compiled)", "reference": "ours (reference)",
+# the default set; also "fast_compile" (every block compiled in place, as `xlnet pretrain --compile` does) and
+# "fast_compile_graph" (the whole model as one graph: the A/B for regional compilation)
+IMPLS = ["fast", "reference", "hf_xlnet", "hf_bert"]
+LABELS = {"fast": "ours (fast)", "fast_compile": "ours (fast, compiled)",
+          "fast_compile_graph": "ours (fast, compiled as one graph)", "reference": "ours (reference)",
           "hf_xlnet": "HF XLNet", "hf_bert": "HF BERT"}
-OURS = ("fast", "fast_compile", "reference")
+OURS = ("fast", "fast_compile", "fast_compile_graph", "reference")
 MODES = ["plm", "finetune", "infer"]
 
 
@@ -72,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-memory", action="store_true", help="skip the per-implementation memory subprocesses")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                     help="bf16 autocast for every implementation (default: bf16 on cuda, fp32 on cpu)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our models (measured, not default)")
+    ap.add_argument("--compile", action="store_true", help="compile the blocks of every one of our models")
     ap.add_argument("--compile-mode", default="default",
                     choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode of the compiled implementations")
@@ -184,8 +187,12 @@ def build(args, mode: str, impl: str):
     if args.activation_checkpointing and impl in OURS:
         from xlnet.training import apply_activation_checkpointing
         apply_activation_checkpointing(model)
-    compiled = impl == "fast_compile" or (args.compile and impl in OURS)
-    call = torch.compile(model, mode=args.compile_mode) if compiled else model
+    call = model
+    if impl == "fast_compile_graph":
+        call = torch.compile(model, mode=args.compile_mode, dynamic=False)
+    elif impl == "fast_compile" or (args.compile and impl in OURS):
+        from xlnet.training import compile_blocks
+        compile_blocks(model, mode=args.compile_mode)
     vocab = ours_cfg.vocab_size
     if impl == "hf_bert":
         batch = mlm_batch(args, vocab, dev) if mode == "plm" else cls_batch(args, vocab, dev)
@@ -260,12 +267,17 @@ def sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_mode(args, mode: str, impls: list[str]) -> dict[str, float]:
+def time_mode(args, mode: str, impls: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """(median step, wall time of the warm-up steps: torch.compile's cost for the compiled ones)."""
     steps = {impl: build(args, mode, impl) for impl in impls}
+    warm = {}
     for impl, step in steps.items():
+        sync(args.device)
+        t0 = time.perf_counter()
         for _ in range(args.warmup):
             step()
-    sync(args.device)
+        sync(args.device)
+        warm[impl] = time.perf_counter() - t0
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(args.steps):  # interleaved rounds
         for impl, step in steps.items():
@@ -274,7 +286,7 @@ def time_mode(args, mode: str, impls: list[str]) -> dict[str, float]:
             step()
             sync(args.device)
             times[impl].append(time.perf_counter() - t0)
-    return {impl: statistics.median(ts) for impl, ts in times.items()}
+    return {impl: statistics.median(ts) for impl, ts in times.items()}, warm
 
 
 def profile(args, mode: str, impl: str, top: int = 25) -> None:
@@ -368,11 +380,11 @@ def main(argv=None) -> None:
     for mode in modes:
         if args.profile:
             profile(args, mode, args.profile)
-        med = time_mode(args, mode, impls)
+        med, warm = time_mode(args, mode, impls)
         for impl in impls:
             t = med[impl]
             fl = flops(args, mode, impl)
-            row = dict(mode=mode, impl=impl, step_s=t, tokens_per_s=args.batch * args.seq / t,
+            row = dict(mode=mode, impl=impl, step_s=t, warmup_s=warm[impl], tokens_per_s=args.batch * args.seq / t,
                        tflops=fl / t / 1e12, mfu=(fl / t / 1e12 / args.peak_tflops if args.device == "cuda" else None),
                        memory_mb=None if args.no_memory else memory(args, mode, impl))
             rows.append(row)
@@ -397,17 +409,17 @@ def main(argv=None) -> None:
     print(f"# {meta['date']} {meta['machine']}, {args.device}, {args.threads} threads, torch {meta['torch']}; "
           f"preset {args.preset}, seq {args.seq}, batch {args.batch}, targets {args.targets}, mem {args.mem}, "
           f"median of {args.steps} interleaved steps; load avg {meta['load']:.1f}; compile mode {args.compile_mode}, "
-          f"attention core {meta['attn_core']}")
+          f"attention core {meta['attn_core']}; warm-up = the first {args.warmup} steps (compiling, if compiled)")
     print(f"| mode | implementation | step ms | tokens/s | TFLOP/s | MFU | {mem_name} | speed vs HF XLNet "
-          f"| memory vs HF XLNet |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          f"| memory vs HF XLNet | warm-up s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "–"
         mem = f"{r['memory_mb']:.0f}" if r["memory_mb"] is not None else "–"
         sp = f"{r['speed_vs_hf_xlnet']:.2f}×" if "speed_vs_hf_xlnet" in r else "–"
         mr = f"{r['memory_vs_hf_xlnet']:.2f}×" if "memory_vs_hf_xlnet" in r else "–"
         print(f"| {r['mode']} | {LABELS[r['impl']]} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tflops']:.3f} | {mfu} | {mem} | {sp} | {mr} |")
+              f"{r['tflops']:.3f} | {mfu} | {mem} | {sp} | {mr} | {r['warmup_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, plm_inputs, tiny_config  # noqa: E402
+from xlnet import training as T
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
 from xlnet.fast_attention import FastDropout, dropout_linear, fast_dropout, residual_dropout
@@ -102,7 +103,7 @@ def test_both_cores_match_reference(core: str, variant: str, monkeypatch) -> Non
     """The CPU training core and the SDPA core (CUDA's; on CPU its math kernel) give the reference's numbers."""
     import xlnet.fast_attention as fa
 
-    monkeypatch.setattr(fa, "pick_core", lambda device: core)
+    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: core)
     config = tiny_config(mem_len=12, **CONFIGS[variant])
     ref, fast = pair(XLNetLMHeadModel, config)
     mems = [torch.randn(B, 5, config.d_model) for _ in range(config.n_layer)]
@@ -122,7 +123,7 @@ def test_cls_only_final_layer_matches_reference(core: str, variant: str, monkeyp
     output is the full model's last row."""
     import xlnet.fast_attention as fa
 
-    monkeypatch.setattr(fa, "pick_core", lambda device: core)
+    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: core)
     config = tiny_config(mem_len=12, **CONFIGS[variant])
     ref, fast = pair(XLNetForSequenceClassification, config)
     mems = [torch.randn(B, 5, config.d_model) for _ in range(config.n_layer)]
@@ -148,6 +149,28 @@ def test_compiles_as_one_graph_and_matches_reference() -> None:
     labels = x["input_ids"][:, :P]
     f = torch.compile(fast, fullgraph=True, backend="aot_eager")(**x, labels=labels, mems=mems)
     r = ref(**x, labels=labels, mems=mems)
+    assert_close(f.logits, r.logits, "logits")
+    r.loss.backward(), f.loss.backward()
+    assert_grads_close(ref, fast)
+
+
+def test_compiled_blocks_share_one_graph_and_match_reference() -> None:
+    """Regional compilation (training.compile_blocks, what `--compile` does): every block is compiled in place,
+    the blocks share their graphs (one for the inner blocks, one for the final block, which computes only the
+    query stream), the core is the traceable one, and numbers and gradients are the reference's."""
+    from torch._dynamo.utils import counters
+
+    config = tiny_config(mem_len=12, n_layer=4)
+    ref, fast = pair(XLNetLMHeadModel, config)
+    torch._dynamo.reset()
+    T.compile_blocks(fast, backend="aot_eager")
+    mems = [torch.randn(B, 5, config.d_model) for _ in range(config.n_layer)]
+    x = inputs()
+    labels = x["input_ids"][:, :P]
+    counters.clear()
+    f, r = fast(**x, labels=labels, mems=mems), ref(**x, labels=labels, mems=mems)
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert fast.transformer.blocks_compiled and set(fast.state_dict()) == set(ref.state_dict())
     assert_close(f.logits, r.logits, "logits")
     r.loss.backward(), f.loss.backward()
     assert_grads_close(ref, fast)
@@ -388,7 +411,7 @@ def test_sdpa_core_bias_in_autocast_dtype_and_head_dim(monkeypatch) -> None:
             return result
         return call
 
-    monkeypatch.setattr(fa, "pick_core", lambda device: "sdpa")
+    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "sdpa")
     monkeypatch.setattr(fa, "masked_bias", spied(fa.masked_bias, biases))  # query stream
     monkeypatch.setattr(fa._ShiftMaskQK, "apply", spied(fa._ShiftMaskQK.apply, biases))  # content stream
     monkeypatch.setattr(fa.F, "scaled_dot_product_attention", spied(F.scaled_dot_product_attention, heads))
@@ -415,3 +438,4 @@ def test_forced_core(monkeypatch) -> None:
         fa.pick_core(torch.device("cpu"))
     monkeypatch.setattr(fa, "FORCED_CORE", "")
     assert fa.pick_core(torch.device("cuda")) == "sdpa" and fa.pick_core(torch.device("cpu")) == "manual"
+    assert fa.pick_core(torch.device("cpu"), compiled=True) == "math"  # traceable ops for compiled blocks

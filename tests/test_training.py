@@ -211,16 +211,18 @@ def test_resolve_compile() -> None:
 
 
 def test_maybe_compile() -> None:
-    """'auto' compiles only on a GPU and falls back to eager where a frame fails to compile; 'true' compiles
-    anywhere and lets failures raise."""
+    """'auto' compiles (every block, in place) only on a GPU and falls back to eager where a frame fails to
+    compile; 'true' compiles anywhere and lets failures raise."""
     import torch._dynamo.config as dynamo_config
 
+    def compiled(model: torch.nn.Module) -> bool:
+        return all(block._compiled_call_impl is not None for block in model.transformer.layer)
+
     with dynamo_config.patch(suppress_errors=False):  # restored afterwards
-        model = torch.nn.Linear(2, 2)
-        assert T.maybe_compile(model, "auto", torch.device("cpu")) is model
-        assert T.maybe_compile(model, "false", torch.device("cuda")) is model
-        explicit = T.maybe_compile(model, "true", torch.device("cpu"))
-        assert explicit is not model and not dynamo_config.suppress_errors
-        assert torch.equal(explicit(torch.ones(1, 2)), model(torch.ones(1, 2)))
-        assert T.maybe_compile(model, "auto", torch.device("cuda")) is not model and dynamo_config.suppress_errors
+        model = tiny_model()
+        assert not T.maybe_compile(model, "auto", torch.device("cpu"))
+        assert not T.maybe_compile(model, "false", torch.device("cuda")) and not compiled(model)
+        assert T.maybe_compile(model, "true", torch.device("cpu")) and compiled(model)
+        assert not dynamo_config.suppress_errors and model.transformer.blocks_compiled
+        assert T.maybe_compile(tiny_model(), "auto", torch.device("cuda")) and dynamo_config.suppress_errors
     assert not dynamo_config.suppress_errors

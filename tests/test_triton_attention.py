@@ -46,7 +46,7 @@ def test_triton_core_matches_reference(variant: str, head: str, monkeypatch) -> 
     tables fall back to the math core (their windows are clamped)."""
     import xlnet.fast_attention as fa
 
-    monkeypatch.setattr(fa, "pick_core", lambda device: "triton")
+    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "triton")
     config = tiny_config(mem_len=12, **CONFIGS[variant])
     cls = XLNetLMHeadModel if head == "lm" else XLNetForSequenceClassification
     ref, fast = pair(cls, config)
@@ -65,7 +65,7 @@ def test_triton_core_without_memory_fully_masked_rows(monkeypatch) -> None:
     uniform softmax on every path); its backward must still recompute those probabilities as 1/K."""
     import xlnet.fast_attention as fa
 
-    monkeypatch.setattr(fa, "pick_core", lambda device: "triton")
+    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "triton")
     ref, fast = pair(XLNetLMHeadModel, tiny_config(mem_len=12))
     x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True).items()}
     labels = x["input_ids"][:, :P]
@@ -137,7 +137,7 @@ def test_cuda_bf16_training_step_close_to_sdpa_core(monkeypatch) -> None:
     config = tiny_config(mem_len=12, d_model=128, n_head=2, d_head=64, d_inner=256, **CONFIGS["bi"])
     runs = []
     for core in ("sdpa", "triton"):
-        monkeypatch.setattr(fa, "pick_core", lambda device, core=core: core)
+        monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False, core=core: core)
         torch.manual_seed(0)
         model = XLNetLMHeadModel(dataclasses.replace(config, attn_impl="fast")).cuda().train()
         x = {k: v.cuda() for k, v in plm_inputs(padding=True).items()}
@@ -170,7 +170,7 @@ def test_custom_ops_pass_opcheck_and_compile_as_one_graph(monkeypatch) -> None:
     torch.library.opcheck(rel_attention, args, test_utils=("test_schema", "test_faketensor",
                                                            "test_autograd_registration"))
 
-    monkeypatch.setattr(fa, "pick_core", lambda device: "triton")
+    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "triton")
     ref, fast = pair(XLNetLMHeadModel, tiny_config(mem_len=12))
     x = {k_: t.to(DEVICE) for k_, t in plm_inputs(padding=True).items()}
     labels = x["input_ids"][:, :P]

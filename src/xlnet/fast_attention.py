@@ -253,13 +253,14 @@ def distance_columns(pos: Tensor, qlen: int, klen: int, rlen: int) -> Tensor:
 
 def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: Tensor | None,
                 token_type_ids: Tensor | None, target_mapping: Tensor | None, dtype: torch.dtype,
-                device: torch.device) -> FastInputs:
+                device: torch.device, compiled: bool = False) -> FastInputs:
     """Masks (from model.attention_masks, bool [B|1, L, K]) and segment/target gathers for the fast path; rlen
-    is the length of the distance table (klen + qlen for bi, klen + 1 for uni); dtype that of the model's inputs."""
+    is the length of the distance table (klen + qlen for bi, klen + 1 for uni); dtype that of the model's inputs;
+    compiled: the layers run under torch.compile."""
     klen = mlen + qlen
     score_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
     windows = rlen == klen + qlen
-    core = pick_core(device)
+    core = pick_core(device, compiled)
     if core == "triton" and not windows:  # its kernel reads unclamped windows
         core = "sdpa" if device.type == "cuda" else "math"
     out = FastInputs(klen=klen, core=core, windows=windows,
@@ -299,7 +300,7 @@ def triton_usable(device: torch.device) -> bool:
         device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def pick_core(device: torch.device) -> str:
+def pick_core(device: torch.device, compiled: bool = False) -> str:
     """sdpa on CUDA (memory-efficient kernel: float bias with gradient, fused dropout); on CPU the manual core,
     where SDPA's flash kernel takes neither dropout nor a bias that needs a gradient, and was slower than the
     manual core even for inference (measured at the benchmark shape, torch 2.13); under torch.compile on CPU
@@ -313,7 +314,7 @@ def pick_core(device: torch.device) -> str:
         return FORCED_CORE
     if device.type == "cuda":
         return "sdpa"
-    return "math" if torch.compiler.is_compiling() else "manual"
+    return "math" if compiled else "manual"
 
 
 def distance_scores(q_r: Tensor, k_r: Tensor) -> tuple[Tensor, int, int]:

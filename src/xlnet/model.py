@@ -240,6 +240,7 @@ class XLNetModel(PretrainedMixin, nn.Module):
         self.mask_emb = nn.Parameter(torch.empty(1, 1, config.d_model))  # w: query stream input g^(0)
         self.layer = nn.ModuleList(Layer(config) for _ in range(config.n_layer))
         self.dropout = (FastDropout if config.attn_impl == "fast" else nn.Dropout)(config.dropout)
+        self.blocks_compiled = False  # set by training.compile_blocks
         if not config.untie_r:  # one set of relative biases shared by every layer (original TF `untie_r=False`)
             first = self.layer[0].rel_attn
             for layer in self.layer[1:]:
@@ -292,11 +293,12 @@ class XLNetModel(PretrainedMixin, nn.Module):
         g = None
         if target_mapping is not None:  # query stream g^(0) = w at every prediction slot
             target_mapping = target_mapping.to(h.dtype)
-            g = self.dropout(self.mask_emb.expand(bsz, target_mapping.shape[1], -1))
+            # materialized, not an expand: every block sees the same strides (compiled blocks share one graph)
+            g = self.dropout(self.mask_emb.repeat(bsz, target_mapping.shape[1], 1))
         if self.config.attn_impl == "fast":  # additive masks gathered at the targets, segments for the core
             rlen = pos_emb.shape[1]
             attn = dict(fast=fast_inputs(qlen, mlen, rlen, mask_h, mask_g, token_type_ids, target_mapping, h.dtype,
-                                          device))
+                                          device, compiled=self.blocks_compiled or torch.compiler.is_compiling()))
         else:
             attn = dict(seg=segment_matrix(token_type_ids, mlen), mask_h=mask_h, mask_g=mask_g,
                         target_mapping=target_mapping)

@@ -77,7 +77,7 @@ class PretrainConfig:
     # runtime (may change on resume)
     device: str = "auto"
     precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
-    compile: str = "auto"  # auto = torch.compile on a GPU (not under FSDP), eager on CPU; or true / false
+    compile: str = "auto"  # auto = compile every block on a GPU (not under FSDP), eager on CPU; or true / false
     activation_checkpointing: bool = False
     fsdp: bool = False
     progress: bool = True
@@ -286,7 +286,7 @@ def check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, ckpt: Path) 
 
 def build_model(cfg: PretrainConfig, model_cfg: XLNetConfig, ckpt: Path | None, info: T.DistInfo,
                 precision: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(plain model, wrapped model to train): AC, then FSDP2 or DDP, then compile."""
+    """(plain model, wrapped model to train): AC, then compile (per block, in place), then FSDP2 or DDP."""
     from xlnet.model import XLNetLMHeadModel
 
     if ckpt is not None:
@@ -299,13 +299,14 @@ def build_model(cfg: PretrainConfig, model_cfg: XLNetConfig, ckpt: Path | None, 
     wrapped: torch.nn.Module = model
     if cfg.activation_checkpointing:
         T.apply_activation_checkpointing(model)
+    T.maybe_compile(model, cfg.compile, info.device, cfg.fsdp)
     if cfg.fsdp:
         if not info.distributed:
             raise XLNetError("--fsdp needs torchrun with more than one process")
         wrapped = T.apply_fsdp(model, precision)
     elif info.distributed:
         wrapped = T.wrap_ddp(model, info)
-    return model, T.maybe_compile(wrapped, cfg.compile, info.device, cfg.fsdp)
+    return model, wrapped
 
 
 def forward_backward(model: torch.nn.Module, sampler: "PLMSampler", mems: list, cfg: PretrainConfig,
@@ -402,7 +403,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     bar = T.Progress(cfg.max_steps, initial=step, enabled=info.is_main and cfg.progress, desc="pretrain",
                      echo=info.is_main)
     if compiling:
-        bar.write("torch.compile: the first steps and evaluations compile the model (a minute or two on a GPU; "
+        bar.write("torch.compile: the first steps and evaluations compile the blocks (slow first steps; "
                   "--compile false skips it)")
     last_ckpt: Path | None = ckpt
     last_valid: float | None = None
