@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One device-machine call: GPU tests, SDPA backends, the throughput table, profile, compiled variant, largest batch
-# for XLNet-large.
+# Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
+# core, largest batch for XLNet-large. The default (`tests triton`) fits one 600 s call; `graph`, `compile`,
+# `cores`, `cudagraphs` are the next A/Bs, one or two per call.
 # Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|cores|cudagraphs|triton|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-steps=${*:-tests triton compile}
+steps=${*:-tests triton}
 for s in $steps; do
   case $s in
     tests) timeout 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
@@ -28,11 +29,12 @@ for s in $steps; do
     cudagraphs) timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile,hf_xlnet --modes plm,finetune \
              --steps 8 --compile-mode reduce-overhead --no-memory > "$OUT/cudagraphs.txt" 2>&1
            grep '^[|#]' "$OUT/cudagraphs.txt" ;;
-    # the fused Triton core (opt-in): its tests on real kernels, then the step against HF (autotuning on first use)
-    triton) timeout 150 python3 -m pytest -q tests/test_triton_attention.py -p no:cacheprovider 2>&1 | tail -3 \
+    # the fused Triton core (opt-in): its tests on real kernels, the core alone against SDPA, then compiled steps with
+    # each core interleaved in one process (autotuning on first use); sized with `tests` to fit one 600 s call
+    triton) timeout 120 python3 -m pytest -q tests/test_triton_attention.py -p no:cacheprovider 2>&1 | tail -3 \
              | tee "$OUT/triton_tests.txt"
-           timeout 150 python3 benchmarks/attention_kernels.py 2>&1 | tee "$OUT/kernels.txt" | grep '^[|#]'
-           XLNET_ATTN_CORE=triton timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast,hf_xlnet \
+           timeout 100 python3 benchmarks/attention_kernels.py 2>&1 | tee "$OUT/kernels.txt" | grep '^[|#]'
+           timeout 270 python3 benchmarks/throughput.py --device cuda --impls fast_compile_triton,fast_compile,hf_xlnet \
              --steps 8 --json-out "$OUT/triton.json" > "$OUT/triton.txt" 2>&1; grep '^[|#]' "$OUT/triton.txt" ;;
     maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1
              tail -6 "$OUT/maxbatch.txt" ;;

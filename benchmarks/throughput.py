@@ -49,11 +49,13 @@ import time
 
 import torch
 
-# the default set; also "fast_compile" (every block compiled in place, as `xlnet pretrain --compile` does) and
-# "fast_compile_graph" (the whole model as one graph: the A/B for regional compilation)
+# the default set; also "fast_compile" (every block compiled in place, as `xlnet pretrain --compile` does),
+# "fast_compile_graph" (the whole model as one graph: the A/B for regional compilation), and "fast_triton" /
+# "fast_compile_triton" (the Triton attention core for that implementation's steps only: an A/B in one process)
 IMPLS = ["fast", "reference", "hf_xlnet", "hf_bert"]
 LABELS = {"fast": "ours (fast)", "fast_compile": "ours (fast, compiled)",
-          "fast_compile_graph": "ours (fast, compiled as one graph)", "reference": "ours (reference)",
+          "fast_compile_graph": "ours (fast, compiled as one graph)", "fast_triton": "ours (fast, triton core)",
+          "fast_compile_triton": "ours (fast, compiled, triton core)", "reference": "ours (reference)",
           "hf_xlnet": "HF XLNet", "hf_bert": "HF BERT"}
 OURS = ("fast", "fast_compile", "fast_compile_graph", "reference")
 MODES = ["plm", "finetune", "infer"]
@@ -155,9 +157,26 @@ def our_config(args, impl: str):
                                    summary_last_dropout=0.1, num_labels=2)
 
 
+def with_core(step, core: str):
+    """step with the attention core forced while it runs (the core is picked per forward, outside the compiled
+    blocks, so the implementations of one process can differ in it)."""
+    import xlnet.fast_attention as fa
+
+    def run():
+        saved, fa.FORCED_CORE = fa.FORCED_CORE, core
+        try:
+            step()
+        finally:
+            fa.FORCED_CORE = saved
+    return run
+
+
 def build(args, mode: str, impl: str):
     """A zero-argument `step` for this mode and implementation (a training step, or an inference forward)."""
     import transformers
+
+    if impl.endswith("_triton"):
+        return with_core(build(args, mode, impl.removesuffix("_triton")), "triton")
 
     torch.manual_seed(0)
     dev = args.device
