@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xlnet.data.plm import (
-    CLS_ID, SEP_ID, PLMConfig, PLMSampler, layout_sample, make_plm_batch, sample_span_mask, sample_spans,
-    sentence_boundaries, split_a_b, truncate_pair,
+    CLS_ID, SEP_ID, PLMConfig, PLMSampler, Prefetcher, layout_sample, make_plm_batch, perm_mask_from_ranks,
+    sample_span_mask, sample_spans, sentence_boundaries, split_a_b, truncate_pair,
 )
 from xlnet.errors import XLNetError
 
@@ -423,3 +423,44 @@ def test_state_from_other_sampler_is_rejected():
     b = PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, seed=4))
     with pytest.raises(XLNetError):
         b.load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_prefetcher_yields_the_samplers_batches_and_keeps_its_state(depth):
+    """Batches built ahead in a thread are the sampler's own, in order (across micro-batches of a step), and
+    the sampler's state is that of the batches consumed: a checkpoint resumes at the right batch."""
+    tokens, sent, ws = make_corpus(8)
+    cfg = PLMConfig(**SMALL, seed=5)
+    plain = PLMSampler.for_rank(tokens, sent, ws, cfg, accum_steps=2)
+    ahead = Prefetcher(PLMSampler.for_rank(tokens, sent, ws, cfg, accum_steps=2), depth=depth,
+                       keys=("input_ids", "perm_q_rank", "perm_k_rank"))
+    for _ in range(5):  # stops mid-step
+        want, got = next(plain), next(ahead)
+        assert set(got) == {"input_ids", "perm_q_rank", "perm_k_rank"}
+        assert all(torch.equal(got[k], want[k]) for k in got)
+        assert ahead.sampler.state_dict() == plain.state_dict()
+        assert torch.equal(perm_mask_from_ranks(got["perm_q_rank"], got["perm_k_rank"]), want["perm_mask"])
+    ahead.close()
+    resumed = PLMSampler.for_rank(tokens, sent, ws, cfg, accum_steps=2)
+    resumed.load_state_dict(json.loads(json.dumps(ahead.sampler.state_dict())))
+    again = Prefetcher(resumed, depth=depth)
+    assert _same(_take(again, 3), _take(plain, 3))
+    again.close()
+
+
+def test_prefetcher_reports_the_workers_error_and_a_moved_sampler():
+    tokens, sent, ws = make_corpus(8)
+    sampler = PLMSampler(tokens, sent, ws, PLMConfig(**SMALL))
+    ahead = Prefetcher(sampler, depth=1)
+    next(sampler)  # moved behind the prefetcher's back
+    with pytest.raises(XLNetError, match="the sampler moved under its prefetcher"):
+        next(ahead)
+    ahead.close()
+
+    def broken(step, first_row):
+        raise XLNetError("corrupt corpus")
+    sampler.batch = broken
+    ahead = Prefetcher(sampler, depth=2)
+    with pytest.raises(XLNetError, match="corrupt corpus"):
+        next(ahead)
+    ahead.close()

@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
@@ -196,11 +196,26 @@ def make_sampler(cfg: PretrainConfig, data: Data, info: T.DistInfo, split: str) 
         raise XLNetError(f"{split} split of {data.data_dir}: {e}") from None
 
 
-MODEL_INPUTS = ("input_ids", "token_type_ids", "perm_mask", "target_mapping", "labels")
+# what goes to the device: perm_mask is rebuilt there from its [B, L] rank form (1/L of the [B, L, L] floats)
+DEVICE_INPUTS = ("input_ids", "token_type_ids", "target_mapping", "labels", "perm_q_rank", "perm_k_rank")
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+    """The model's inputs on `device` (asynchronous from pinned memory)."""
+    from xlnet.data.plm import perm_mask_from_ranks
+
+    moved = {k: batch[k].to(device, non_blocking=True) for k in DEVICE_INPUTS}
+    moved["perm_mask"] = perm_mask_from_ranks(moved.pop("perm_q_rank"), moved.pop("perm_k_rank"))
+    return moved
+
+
+def prefetch(sampler: "PLMSampler", device: torch.device) -> "Prefetcher":
+    """On a GPU the next two batches are built while the device works (pinned, for asynchronous copies);
+    on a CPU, where the step itself needs the cores, inline."""
+    from xlnet.data.plm import Prefetcher
+
+    cuda = device.type == "cuda"
+    return Prefetcher(sampler, depth=2 if cuda else 0, pin=cuda, keys=DEVICE_INPUTS)
 
 
 # ================================================================================================
@@ -309,14 +324,14 @@ def build_model(cfg: PretrainConfig, model_cfg: XLNetConfig, ckpt: Path | None, 
     return model, wrapped
 
 
-def forward_backward(model: torch.nn.Module, sampler: "PLMSampler", mems: list, cfg: PretrainConfig,
+def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], mems: list, cfg: PretrainConfig,
                      info: T.DistInfo, precision: str) -> float:
     """One step's micro-batches: gradients accumulate (synced on the last one), each micro-batch carries its
     own memory (`mems[m]`, updated in place). Returns the step's mean loss over all ranks."""
     loss_sum = torch.zeros((), device=info.device)
     for m in range(cfg.grad_accum):
         last = m == cfg.grad_accum - 1
-        batch = to_device(next(sampler), info.device)
+        batch = to_device(next(batches), info.device)
         if cfg.fsdp:
             T.set_fsdp_sync(model, last)
         with T.no_sync(model, not last), T.autocast(info.device, precision):
@@ -425,11 +440,12 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
         last_valid, first_valid = saved.get("valid_loss"), saved.get("valid_loss_start")
 
     wrapped.train()
+    batches = prefetch(sampler, info.device)
     try:
         with T.StopSignal() as stop:
             while step < cfg.max_steps:
                 t0 = time.perf_counter()
-                train_loss = forward_backward(wrapped, sampler, mems, cfg, info, precision)
+                train_loss = forward_backward(wrapped, batches, mems, cfg, info, precision)
                 grad_norm = T.clip_grad_norm(wrapped, cfg.clip)
                 if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                     raise XLNetError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at "
@@ -466,6 +482,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
                     bar.write(f"{stopped}: saved {last_ckpt}; continue with --resume")
                     break
     finally:
+        batches.close()
         bar.close()
         logger.close()
 
