@@ -154,18 +154,21 @@ def test_compiles_as_one_graph_and_matches_reference() -> None:
     assert_grads_close(ref, fast)
 
 
-def test_compiled_blocks_share_one_graph_and_match_reference() -> None:
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_compiled_blocks_share_one_graph_and_match_reference(variant: str) -> None:
     """Regional compilation (training.compile_blocks, what `--compile` does): every block is compiled in place,
     the blocks share their graphs (one for the inner blocks, one for the final block, which computes only the
     query stream), the core is the traceable one, and numbers and gradients are the reference's."""
     from torch._dynamo.utils import counters
 
-    config = tiny_config(mem_len=12, n_layer=4)
+    config = tiny_config(mem_len=12, n_layer=4, **CONFIGS[variant])
     ref, fast = pair(XLNetLMHeadModel, config)
     torch._dynamo.reset()
     T.compile_blocks(fast, backend="aot_eager")
     mems = [torch.randn(B, 5, config.d_model) for _ in range(config.n_layer)]
     x = inputs()
+    if variant == "uni_same_length":  # rows that see no key: see test_uni_same_length_query_stream_grads_when_...
+        x["perm_mask"].zero_()
     labels = x["input_ids"][:, :P]
     counters.clear()
     f, r = fast(**x, labels=labels, mems=mems), ref(**x, labels=labels, mems=mems)
