@@ -86,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small shape, 2 steps: a smoke run")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--json-out", default=None, help="also write the results as JSON to this file")
+    ap.add_argument("--plot", default=None, metavar="PNG", help="also draw tokens/s per mode and implementation")
     ap.add_argument("--profile", default=None, metavar="IMPL",
                     help="after timing, profile 3 steps of IMPL in each mode and print its top kernels")
     ap.add_argument("--_memory_child", nargs=2, metavar=("MODE", "IMPL"), help=argparse.SUPPRESS)
@@ -370,6 +371,38 @@ def memory(args, mode: str, impl: str) -> float | None:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta_mb"]
 
 
+def plot(rows: list[dict], meta: dict, path: str) -> None:
+    """Grouped bars: tokens/s of each implementation per mode (one panel per mode: their scales differ), the
+    ratio to HF XLNet on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    titles = {"plm": "PLM training step (with memory)", "finetune": "fine-tuning step", "infer": "inference"}
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.8), dpi=120, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        mine = [r for r in rows if r["mode"] == mode]
+        names = [LABELS[r["impl"]].replace(" (", "\n(") for r in mine]
+        colors = ["tab:blue" if r["impl"] in OURS else "tab:gray" for r in mine]
+        bars = ax.bar(range(len(mine)), [r["tokens_per_s"] for r in mine], color=colors)
+        for bar, r in zip(bars, mine):
+            if "speed_vs_hf_xlnet" in r:
+                ax.annotate(f"{r['speed_vs_hf_xlnet']:.2f}×", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(mine)), names, fontsize=7)
+        ax.set_title(titles.get(mode, mode), fontsize=10)
+        ax.set_ylabel("tokens/s")
+        ax.margins(y=0.15)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{meta['machine']} ({meta['device']}, {meta['threads']} threads), torch {meta['torch']}, "
+                 f"{meta['preset']} preset, seq {meta['seq']}, batch {meta['batch']}, {meta['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -421,6 +454,8 @@ def main(argv=None) -> None:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    if args.plot:
+        plot(rows, meta, args.plot)
     if args.json:
         print(json.dumps(dict(meta=meta, rows=rows), indent=2))
         return

@@ -62,7 +62,8 @@ def keep_mask(like: Tensor, p: float) -> tuple[Tensor, float]:
     forward and backward), and products fuse with what follows (`residual_dropout`, `fast_ffn`)."""
     drop = min(max(round(p * 65536), 0), 65535)
     n = like.numel()
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=like.device)
+    # from int64's minimum with no upper bound: raw 64-bit draws (randint's bounded range costs a modulo each)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-2**63, None)
     lanes = bits.view(torch.int16)[:n].view(like.shape)
     if like.dtype == torch.float32:  # int16 is exact in float32: convert, then compare in place (one pass less)
         keep = lanes.to(torch.float32).ge_(drop - 32768)

@@ -132,7 +132,7 @@ def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     """Regional compilation: torch.compile every transformer block in place (names, state dict and wrappers
     unchanged). The blocks share one code object, so one compiled graph serves them all, plus variants for the
     final block (fewer rows), the first segment (no memory), evaluation and each new shape: a cold compile of the
-    base model took 72 s instead of 253 s for the whole model as one graph, at the same step time (CPU, 2 threads,
+    base model took 70 s instead of 232 s for the whole model as one graph, at the same step time (CPU, 2 threads,
     benchmarks/README.md). Shapes stay static (a training run repeats one shape)."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
