@@ -346,18 +346,21 @@ def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.T
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: PretrainConfig, data: Data, info: T.DistInfo, precision: str) -> float:
     """Mean PLM loss over the same `eval_batches` valid batches every time, memory carried within the pass."""
-    sampler = make_sampler(cfg, data, info, "valid")
+    batches = prefetch(make_sampler(cfg, data, info, "valid"), info.device)
     was_training = model.training
     model.eval()
     mems: list[list[torch.Tensor] | None] = [None] * cfg.grad_accum
     total = torch.zeros((), device=info.device)
-    for _ in range(cfg.eval_batches):
-        for m in range(cfg.grad_accum):
-            batch = to_device(next(sampler), info.device)
-            with T.autocast(info.device, precision):
-                out = model(**batch, mems=mems[m])
-            mems[m] = out.mems
-            total += out.loss.float()
+    try:
+        for _ in range(cfg.eval_batches):
+            for m in range(cfg.grad_accum):
+                batch = to_device(next(batches), info.device)
+                with T.autocast(info.device, precision):
+                    out = model(**batch, mems=mems[m])
+                mems[m] = out.mems
+                total += out.loss.float()
+    finally:
+        batches.close()
     model.train(was_training)
     total /= max(1, cfg.eval_batches * cfg.grad_accum)
     return float(T.all_reduce(total, "mean"))
