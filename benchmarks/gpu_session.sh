@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
-# core, largest batch for XLNet-large. The default (`tests triton`) fits one 600 s call; `graph`, `compile`,
-# `cores`, `cudagraphs` are the next A/Bs, one or two per call.
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|cores|cudagraphs|triton|maxbatch]...
+# core, the real training loop, largest batch for XLNet-large. The default (`tests triton`) fits one 600 s call;
+# `graph e2e`, `compile`, `cores`, `cudagraphs` are the next ones, one or two per call.
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|cores|cudagraphs|triton|e2e|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -36,6 +36,12 @@ for s in $steps; do
            timeout 100 python3 benchmarks/attention_kernels.py 2>&1 | tee "$OUT/kernels.txt" | grep '^[|#]'
            timeout 270 python3 benchmarks/throughput.py --device cuda --impls fast_compile_triton,fast_compile,hf_xlnet \
              --steps 8 --json-out "$OUT/triton.json" > "$OUT/triton.txt" 2>&1; grep '^[|#]' "$OUT/triton.txt" ;;
+    # the real training loop (embedded corpus, base preset at the benchmark shape, compiled blocks, prefetched
+    # batches): its logged tokens/s (last 20 steps) against `compile`'s step shows what the loop around it costs
+    e2e) timeout 300 python3 -m xlnet.cli pretrain --model base --seq-len 512 --reuse-len 256 --mem-len 384 \
+             --num-predict 85 --batch-size 16 --max-steps 60 --warmup-steps 10 --eval-every 0 --save-every 0 \
+             --progress false --out-dir /tmp/e2e > "$OUT/e2e.txt" 2>&1; tail -4 "$OUT/e2e.txt"
+         cp /tmp/e2e/metrics.jsonl "$OUT/e2e_metrics.jsonl" 2>/dev/null; tail -1 "$OUT/e2e_metrics.jsonl" ;;
     maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1
              tail -6 "$OUT/maxbatch.txt" ;;
   esac
