@@ -37,7 +37,6 @@ MFU (CUDA only) = TFLOP/s / --peak-tflops (H100 SXM dense bf16: 989).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform

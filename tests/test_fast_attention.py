@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, V, assert_close, plm_inputs, tiny_config  # noqa: E402
+from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, assert_close, plm_inputs, tiny_config  # noqa: E402
 from xlnet import training as T
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError

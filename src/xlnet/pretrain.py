@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 import yaml
@@ -34,6 +34,9 @@ from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
 from xlnet.fileio import atomic_write
+
+if TYPE_CHECKING:  # annotations only; the functions import them where they are used
+    from xlnet.data.plm import PLMConfig, PLMSampler, Prefetcher
 
 
 @dataclass
@@ -324,8 +327,8 @@ def build_model(cfg: PretrainConfig, model_cfg: XLNetConfig, ckpt: Path | None, 
     return model, wrapped
 
 
-def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], mems: list, cfg: PretrainConfig,
-                     info: T.DistInfo, precision: str) -> float:
+def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], mems: list,
+                     cfg: PretrainConfig, info: T.DistInfo, precision: str) -> float:
     """One step's micro-batches: gradients accumulate (synced on the last one), each micro-batch carries its
     own memory (`mems[m]`, updated in place). Returns the step's mean loss over all ranks."""
     loss_sum = torch.zeros((), device=info.device)
