@@ -48,7 +48,8 @@ class XLNetConfig:
             (self.d_model == self.n_head * self.d_head, f"d_model ({self.d_model}) must equal n_head * d_head "
                                                         f"({self.n_head} * {self.d_head})"),
             (self.attn_type in ("bi", "uni"), f"attn_type must be 'bi' or 'uni', not {self.attn_type!r}"),
-            (self.attn_impl in ("reference", "fast"), f"attn_impl must be 'reference' or 'fast', not {self.attn_impl!r}"),
+            (self.attn_impl in ("reference", "fast"),
+             f"attn_impl must be 'reference' or 'fast', not {self.attn_impl!r}"),
             (self.d_model % 2 == 0, "d_model must be even (sinusoid positions)"),
             (self.mem_len >= 0 and self.reuse_len >= 0, "mem_len and reuse_len must be >= 0"),
             (min(self.vocab_size, self.n_layer, self.n_head, self.d_inner) > 0, "sizes must be positive"),
