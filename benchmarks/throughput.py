@@ -49,13 +49,17 @@ import time
 import torch
 
 # the default set; also "fast_compile" (every block compiled in place, as `xlnet pretrain --compile` does),
-# "fast_compile_graph" (the whole model as one graph: the A/B for regional compilation), and "fast_triton" /
-# "fast_compile_triton" (the Triton attention core for that implementation's steps only: an A/B in one process)
+# "fast_compile_graph" (the whole model as one graph: the A/B for regional compilation), and any of ours with a
+# core suffix, e.g. "fast_compile_triton", "fast_compile_math" (that attention core for that implementation's steps
+# only: an A/B of cores in one process)
 IMPLS = ["fast", "reference", "hf_xlnet", "hf_bert"]
 LABELS = {"fast": "ours (fast)", "fast_compile": "ours (fast, compiled)",
-          "fast_compile_graph": "ours (fast, compiled as one graph)", "fast_triton": "ours (fast, triton core)",
-          "fast_compile_triton": "ours (fast, compiled, triton core)", "reference": "ours (reference)",
+          "fast_compile_graph": "ours (fast, compiled as one graph)", "reference": "ours (reference)",
           "hf_xlnet": "HF XLNet", "hf_bert": "HF BERT"}
+FORCEABLE = ("triton", "math", "sdpa", "manual")  # fast_attention.CORES
+for _impl in ("fast", "fast_compile", "fast_compile_graph"):
+    for _core in FORCEABLE:
+        LABELS[f"{_impl}_{_core}"] = f"{LABELS[_impl][:-1]}, {_core} core)"
 OURS = ("fast", "fast_compile", "fast_compile_graph", "reference")
 MODES = ["plm", "finetune", "infer"]
 
@@ -175,8 +179,9 @@ def build(args, mode: str, impl: str):
     """A zero-argument `step` for this mode and implementation (a training step, or an inference forward)."""
     import transformers
 
-    if impl.endswith("_triton"):
-        return with_core(build(args, mode, impl.removesuffix("_triton")), "triton")
+    base, _, core = impl.rpartition("_")
+    if core in FORCEABLE and base in OURS:
+        return with_core(build(args, mode, base), core)
 
     torch.manual_seed(0)
     dev = args.device
@@ -384,7 +389,7 @@ def plot(rows: list[dict], meta: dict, path: str) -> None:
     for ax, mode in zip(axes[0], modes):
         mine = [r for r in rows if r["mode"] == mode]
         names = [LABELS[r["impl"]].replace(" (", "\n(") for r in mine]
-        colors = ["tab:blue" if r["impl"] in OURS else "tab:gray" for r in mine]
+        colors = ["tab:gray" if r["impl"].startswith("hf_") else "tab:blue" for r in mine]
         bars = ax.bar(range(len(mine)), [r["tokens_per_s"] for r in mine], color=colors)
         for bar, r in zip(bars, mine):
             if "speed_vs_hf_xlnet" in r:
