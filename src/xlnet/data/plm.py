@@ -52,7 +52,14 @@ input_ids [B, L] long, token_type_ids [B, L] long, perm_mask [B, L, L] float32 (
 query-stream mask; a content stream clears the diagonal), target_mapping [B, P, L] float32, labels [B, P] long
 (-100 on padding slots), target_mask [B, P] float32, is_masked [B, L] bool (the targets), and perm_q_rank /
 perm_k_rank [B, L] long with perm_mask == (perm_q_rank[:, :, None] <= perm_k_rank[:, None, :]) -- a
-rank form of the same mask for kernels that build masks on the fly (e.g. flex_attention's mask_mod).
+rank form of the same mask (`perm_mask_from_ranks`): `xlnet pretrain` sends the ranks to the GPU and rebuilds
+the mask there, and kernels can build masks on the fly from them (e.g. flex_attention's mask_mod).
+
+Feeding a GPU
+-------------
+Every batch is a pure function of (step, rows), so `Prefetcher` can build the next ones in a background thread
+while the device runs the current step, and the sampler's state (what a checkpoint stores) still counts only the
+batches consumed.
 """
 
 from __future__ import annotations
