@@ -217,8 +217,7 @@ def prefetch(sampler: "PLMSampler", device: torch.device) -> "Prefetcher":
     on a CPU, where the step itself needs the cores, inline."""
     from xlnet.data.plm import Prefetcher
 
-    cuda = device.type == "cuda"
-    return Prefetcher(sampler, depth=2 if cuda else 0, pin=cuda, keys=DEVICE_INPUTS)
+    return Prefetcher(sampler, depth=2 if device.type == "cuda" else 0, device=device, keys=DEVICE_INPUTS)
 
 
 # ================================================================================================

@@ -509,18 +509,27 @@ class PLMSampler:
         self.step, self.micro = int(state["step"]), int(state["micro"])
 
 
+def _prefetch_thread(device: torch.device | None) -> None:
+    torch.set_num_threads(1)  # thread-local: the batch's few torch ops leave the cores to the training step
+    if device is not None and device.index is not None:  # pinned buffers for this process's GPU, not a context
+        torch.cuda.set_device(device.index)  # on GPU 0 from every rank
+
+
 class Prefetcher:
     """Iterates a PLMSampler with the next `depth` batches built by a background thread (depth 0: inline). On a
     GPU the main thread spends the end of each step waiting for the device, with the GIL released, and that is
     when the next batch's numpy work runs (7-10 ms for 16 rows of 512 on one core, which a synchronous loop adds
     to every step). The sampler moves only as batches are consumed, so its state_dict stays the resume point.
-    keys: the fields to keep; pin: page-locked copies, so that `.to(cuda, non_blocking=True)` is asynchronous."""
+    keys: the fields to keep; device: a CUDA device makes page-locked copies (so that `.to(device,
+    non_blocking=True)` is asynchronous), allocated with that device current, as DataLoader's pinning thread does."""
 
-    def __init__(self, sampler: PLMSampler, depth: int = 2, pin: bool = False,
+    def __init__(self, sampler: PLMSampler, depth: int = 2, device: torch.device | None = None,
                  keys: Sequence[str] | None = None) -> None:
-        self.sampler, self.depth, self.pin, self.keys = sampler, depth, pin, keys
+        self.sampler, self.depth, self.keys = sampler, depth, keys
+        self.pin = device is not None and device.type == "cuda"
         self._cursor = (sampler.step, sampler.micro)  # the next position to submit
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plm-prefetch") if depth > 0 else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plm-prefetch", initializer=_prefetch_thread,
+                                        initargs=(device if self.pin else None,)) if depth > 0 else None
         self._pending: deque[tuple[tuple[int, int], Future]] = deque()
         for _ in range(depth):
             self._submit()
