@@ -448,6 +448,16 @@ def test_prefetcher_yields_the_samplers_batches_and_keeps_its_state(depth):
     again.close()
 
 
+def test_prefetcher_leaves_the_thread_count_alone():
+    """torch.set_num_threads is process-wide: a prefetching thread must not change the training step's pool."""
+    tokens, sent, ws = make_corpus(8)
+    before = torch.get_num_threads()
+    ahead = Prefetcher(PLMSampler(tokens, sent, ws, PLMConfig(**SMALL)), depth=2)
+    _take(ahead, 3)
+    ahead.close()
+    assert torch.get_num_threads() == before
+
+
 def test_prefetcher_reports_the_workers_error_and_a_moved_sampler():
     tokens, sent, ws = make_corpus(8)
     sampler = PLMSampler(tokens, sent, ws, PLMConfig(**SMALL))

@@ -510,7 +510,7 @@ class PLMSampler:
 
 
 def _prefetch_thread(device: torch.device | None) -> None:
-    torch.set_num_threads(1)  # thread-local: the batch's few torch ops leave the cores to the training step
+    # (no torch.set_num_threads here: it is not thread-local, it would shrink the training step's pool too)
     if device is not None and device.index is not None:  # pinned buffers for this process's GPU, not a context
         torch.cuda.set_device(device.index)  # on GPU 0 from every rank
 
@@ -521,7 +521,7 @@ class Prefetcher:
     when the next batch's numpy work runs (7-10 ms for 16 rows of 512 on one core, which a synchronous loop adds
     to every step). The sampler moves only as batches are consumed, so its state_dict stays the resume point.
     keys: the fields to keep; device: a CUDA device makes page-locked copies (so that `.to(device,
-    non_blocking=True)` is asynchronous), allocated with that device current, as DataLoader's pinning thread does."""
+    non_blocking=True)` is asynchronous), allocated with that device current (as DataLoader's pinning thread)."""
 
     def __init__(self, sampler: PLMSampler, depth: int = 2, device: torch.device | None = None,
                  keys: Sequence[str] | None = None) -> None:
