@@ -164,11 +164,13 @@ def test_fsdp2_matches_and_its_checkpoint_resumes_in_one_process(corpus, one_pro
     assert_same_run(one_process, resumed, steps={3, 4})
 
 
-def test_fsdp2_with_compiled_blocks_matches_one_process(corpus, one_process, tmp_path):
-    """--fsdp with --compile true: the blocks are compiled in place before they are sharded (auto leaves FSDP
-    eager: not yet measured on GPUs); the same run as one eager process, to within float reassociation."""
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_two_processes_with_compiled_blocks_match_one_process(corpus, one_process, tmp_path, wrapper):
+    """--compile true under DDP and FSDP2: the blocks are compiled in place before the wrapper goes on (auto
+    leaves FSDP eager: not yet measured on GPUs); the same run as one eager process, to within float
+    reassociation."""
     compiled = tmp_path / "compiled"
-    torchrun(corpus, compiled, "--fsdp", "true", "--compile", "true")
+    torchrun(corpus, compiled, "--compile", "true", *(["--fsdp", "true"] if wrapper == "fsdp" else []))
     assert_same_run(one_process, compiled)
 
 
