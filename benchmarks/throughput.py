@@ -48,6 +48,8 @@ import time
 
 import torch
 
+from xlnet.fast_attention import CORES  # the attention cores a benchmarked implementation can force
+
 # the default set; also "fast_compile" (every block compiled in place, as `xlnet pretrain --compile` does),
 # "fast_compile_graph" (the whole model as one graph: the A/B for regional compilation), and any of ours with a
 # core suffix, e.g. "fast_compile_triton", "fast_compile_math" (that attention core for that implementation's steps
@@ -56,9 +58,8 @@ IMPLS = ["fast", "reference", "hf_xlnet", "hf_bert"]
 LABELS = {"fast": "ours (fast)", "fast_compile": "ours (fast, compiled)",
           "fast_compile_graph": "ours (fast, compiled as one graph)", "reference": "ours (reference)",
           "hf_xlnet": "HF XLNet", "hf_bert": "HF BERT"}
-FORCEABLE = ("triton", "math", "sdpa", "manual")  # fast_attention.CORES
 for _impl in ("fast", "fast_compile", "fast_compile_graph"):
-    for _core in FORCEABLE:
+    for _core in CORES:
         LABELS[f"{_impl}_{_core}"] = f"{LABELS[_impl][:-1]}, {_core} core)"
 OURS = ("fast", "fast_compile", "fast_compile_graph", "reference")
 MODES = ["plm", "finetune", "infer"]
@@ -180,7 +181,7 @@ def build(args, mode: str, impl: str):
     import transformers
 
     base, _, core = impl.rpartition("_")
-    if core in FORCEABLE and base in OURS:
+    if core in CORES and base in OURS:
         return with_core(build(args, mode, base), core)
 
     torch.manual_seed(0)

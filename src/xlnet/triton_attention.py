@@ -53,6 +53,15 @@ def _row_stats(STATS, DELTA, bh, offs_m, Lq):
 
 
 @triton.jit
+def _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D):
+    """What the backward reads per block of query rows: q, dO, and the forward's row statistics with delta."""
+    q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
+    do = _load_rows(DO + bh * Lq * D, offs_m, Lq, offs_d, D)
+    m, l, delta = _row_stats(STATS, DELTA, bh, offs_m, Lq)
+    return q, do, m, l, delta
+
+
+@triton.jit
 def _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
                 stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
                 HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
@@ -164,9 +173,7 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
-        do = _load_rows(DO + bh * Lq * D, offs_m, Lq, offs_d, D)
-        m, l, delta = _row_stats(STATS, DELTA, bh, offs_m, Lq)
+        q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D)
         p_kept, ds, cols = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
                                            offs_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
                                            stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT,
@@ -191,11 +198,11 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
-    q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
-    do = _load_rows(DO + bh * Lq * D, offs_m, Lq, offs_d, D)
-    m, l, delta = _row_stats(STATS, DELTA, bh, offs_m, Lq)
+    q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dcoef = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_SEG:  # the rows' segment ids, once for the whole key loop
+        sq = tl.load(SEGQ + b * Lq + offs_m, mask=row_ok, other=-1)
     for start_n in range(0, K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D)
@@ -209,7 +216,6 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
         tl.store(DT + b * stride_tb + h * stride_th + offs_m[:, None] * stride_ti + cols, ds.to(DT.dtype.element_ty),
                  mask=ok)
         if HAS_SEG:
-            sq = tl.load(SEGQ + b * Lq + offs_m, mask=row_ok, other=-1)
             sk = tl.load(SEGK + b * K + offs_n, mask=offs_n < K, other=-2)
             dcoef += tl.sum(tl.where(sq[:, None] == sk[None, :], ds, 0.0), 1)
     tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
