@@ -8,12 +8,16 @@ T [.., Lq, R] is the position term against the distance table (one matrix produc
 scaled), c0_i the column holding key 0's distance for query row i (content stream: Lq - i; query stream: the
 target's position, `distance_columns`); each row reads K consecutive columns, so for the bidirectional table
 (R = K + Lq) a column is read at most once per row and its gradient is a plain store. Softmax is online
-(flash-attention style), attention dropout is drawn in the tile from a counter-based generator (philox: the
-backward regenerates the same mask), and the backward recomputes the scores: one kernel over key blocks (dk,
-dv), one over query blocks (dq, the table's gradient, the segment coefficient's gradient), no atomics.
+(flash-attention style), attention dropout is drawn in the tile from a counter-based generator (philox, one
+call per 8 keys: the backward regenerates the same mask), and the backward recomputes the scores: one kernel
+over key blocks (dk, dv), one over query blocks (dq, the table's gradient, the segment coefficient's gradient),
+no atomics. Loads clamp rows and keys past the end instead of masking them (their scores are discarded): a
+masked gather of the [BLOCK_M, BLOCK_N] table window kept its predicates and pointers live and spilled
+registers.
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before this module is
-imported): that is how the tests check them against the reference on CPU.
+imported): that is how the tests check them against the reference on CPU. Their register use on a GPU can be
+read without one too: benchmarks/kernel_resources.py compiles them for sm_90a.
 """
 
 import os
@@ -25,11 +29,27 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-# tile shapes and pipelining, chosen per shape by a timed trial on the GPU (none to choose under the interpreter)
-CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)] if INTERPRETED else [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-    for m, n, w, st in ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2))]
-tuned = triton.autotune(configs=CONFIGS, key=["Lq", "K", "D", "DROPOUT", "HAS_SEG", "HAS_MASK"])
+# Tile shapes (BLOCK_M query rows, BLOCK_N keys), warps and pipeline stages tried per shape by the autotuner on
+# a GPU: per kernel, the ones that compile for sm_90 without register spills at the base model's shapes
+# (benchmarks/kernel_resources.py lists registers and spills; test_kernel_resources.py holds them). The
+# backward kernels keep the iterated dimension narrow (kv: query rows, q: keys), as their accumulators stay
+# in registers. Under the interpreter: small tiles that differ between the kernels, so the tests run several
+# blocks per loop and check that kernels with different tiles draw the same dropout mask.
+TILES = {
+    "forward": ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2)),
+    "backward_kv": ((32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)),
+    "backward_q": ((64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2)),
+}
+INTERPRETER_TILES = {"forward": ((16, 32, 4, 1),), "backward_kv": ((32, 16, 4, 1),), "backward_q": ((16, 16, 4, 1),)}
+
+
+def configs(kernel: str) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+            for m, n, w, st in (INTERPRETER_TILES if INTERPRETED else TILES)[kernel]]
+
+
+def tuned(kernel: str):
+    return triton.autotune(configs=configs(kernel), key=["Lq", "K", "D", "DROPOUT", "HAS_SEG", "HAS_MASK"])
 
 
 @triton.jit
@@ -53,10 +73,10 @@ def _row_stats(STATS, DELTA, bh, offs_m, Lq):
 
 
 @triton.jit
-def _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D):
+def _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D, BLOCK_D):
     """What the backward reads per block of query rows: q, dO, and the forward's row statistics with delta."""
-    q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
-    do = _load_rows(DO + bh * Lq * D, offs_m, Lq, offs_d, D)
+    q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D, BLOCK_D)
+    do = _load_rows(DO + bh * Lq * D, offs_m, Lq, offs_d, D, BLOCK_D)
     m, l, delta = _row_stats(STATS, DELTA, bh, offs_m, Lq)
     return q, do, m, l, delta
 
@@ -65,40 +85,51 @@ def _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D):
 def _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
                 stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
                 HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
-    """S for one [BLOCK_M, BLOCK_N] tile in float32 (-inf past the last key) and the table column of each
-    entry."""
-    row_ok = offs_m < Lq
+    """S for one [BLOCK_M, BLOCK_N] tile in float32 (-inf past the last key) and each entry's offset in the
+    table of its (batch, head)."""
     col_ok = offs_n < K
-    ok = row_ok[:, None] & col_ok[None, :]
+    # rows and keys past the end clamped (their scores are discarded): every load in bounds, none masked
+    rows, keys = tl.minimum(offs_m, Lq - 1), tl.minimum(offs_n, K - 1)
     s = _dot(q, tl.trans(k), IEEE) * scale
-    c0 = tl.load(C0 + b * stride_cb + offs_m, mask=row_ok, other=0)
-    cols = c0[:, None] + offs_n[None, :]
-    s += tl.load(T + b * stride_tb + h * stride_th + offs_m[:, None] * stride_ti + cols, mask=ok,
-                 other=0.0).to(tl.float32)
+    c0 = tl.load(C0 + b * stride_cb + rows)
+    t_offs = rows[:, None] * stride_ti + c0[:, None] + keys[None, :]  # T[i, c0_i + j] in this (b, h)'s table
+    s += tl.load(T + b * stride_tb + h * stride_th + t_offs).to(tl.float32)
     if HAS_SEG:
-        coef = tl.load(COEF + (b * n_head + h) * Lq + offs_m, mask=row_ok, other=0.0).to(tl.float32)
-        sq = tl.load(SEGQ + b * Lq + offs_m, mask=row_ok, other=-1)
-        sk = tl.load(SEGK + b * K + offs_n, mask=col_ok, other=-2)
+        coef = tl.load(COEF + (b * n_head + h) * Lq + rows).to(tl.float32)
+        sq = tl.load(SEGQ + b * Lq + rows)
+        sk = tl.load(SEGK + b * K + keys)
         s += tl.where(sq[:, None] == sk[None, :], coef[:, None], 0.0)
     if HAS_MASK:
-        s += tl.load(MASK + b * stride_mb + offs_m[:, None] * stride_mi + offs_n[None, :], mask=ok,
-                     other=0.0).to(tl.float32)
-    return tl.where(col_ok[None, :], s, float("-inf")), cols
+        s += tl.load(MASK + b * stride_mb + rows[:, None] * stride_mi + keys[None, :]).to(tl.float32)
+    return tl.where(col_ok[None, :], s, float("-inf")), t_offs
 
 
 @triton.jit
-def _keep(SEED, bh, offs_m, offs_n, K, p_drop):
-    """The dropout keep mask of a tile: one philox stream per (batch, head), indexed by i·K + j."""
-    return tl.rand(tl.load(SEED) + bh, offs_m[:, None] * K + offs_n[None, :]) >= p_drop
+def _keep(SEED, bh, offs_m, start_n, K: tl.constexpr, p_drop, BLOCK_N: tl.constexpr):
+    """The dropout keep mask of a tile: one philox stream per (batch, head); one call per row and group of 8 keys
+    (counter i·⌈K/8⌉ + j // 8) gives four 32-bit words, i.e. eight 16-bit lanes, one per key: a key is dropped
+    iff its lane < p·65536 (p a multiple of 1/65536). The lane order inside a group does not depend on the tile
+    shape, so kernels with different tiles draw the same mask."""
+    groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+    r0, r1, r2, r3 = tl.randint4x(tl.load(SEED) + bh, offs_m[:, None] * ((K + 7) // 8) + groups[None, :])
+    words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3))
+    lanes = tl.interleave(words & 0xFFFF, words >> 16)
+    return lanes.to(tl.float32) >= p_drop * 65536.0
 
 
 @triton.jit
-def _load_rows(ptr, offs, n_rows, offs_d, D):
-    return tl.load(ptr + offs[:, None] * D + offs_d[None, :], mask=(offs < n_rows)[:, None] & (offs_d < D)[None, :],
-                   other=0.0)
+def _load_rows(ptr, offs, n_rows, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows offs of a [n_rows, D] matrix; rows past the end read the last one (callers discard what they give:
+    a load without a mask needs no predicate registers), columns past D read 0."""
+    ptrs = ptr + tl.minimum(offs, n_rows - 1)[:, None] * D + offs_d[None, :]
+    if D == BLOCK_D:
+        rows = tl.load(ptrs)
+    else:
+        rows = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return rows
 
 
-@tuned
+@tuned("forward")
 @triton.jit
 def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
              n_head, scale, p_drop, SEED,
@@ -109,15 +140,15 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
     b, h = bh // n_head, bh % n_head
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D)
+    q = _load_rows(Q + bh * Lq * D, offs_m, Lq, offs_d, D, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D)
-        v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D)
-        s, cols = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
+        k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
+        v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
+        s, _ = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
                               stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK,
                               IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -125,7 +156,7 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
-            p = tl.where(_keep(SEED, bh, offs_m, offs_n, K, p_drop), p / (1.0 - p_drop), 0.0)
+            p = tl.where(_keep(SEED, bh, offs_m, start_n, K, p_drop, BLOCK_N), p / (1.0 - p_drop), 0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     out = acc / l_i[:, None]
@@ -139,24 +170,26 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
 
 
 @triton.jit
-def _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m, offs_n, Lq, K,
-                    n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
-                    HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
-    """Recomputed tile: the probabilities after dropout (what multiplied v), dS (the scores' gradient), and the
-    table column of each entry."""
-    s, cols = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
+def _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m, start_n, Lq,
+                    K: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
+                    HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """Recomputed tile: the probabilities after dropout (what multiplied v), dS (the scores' gradient), and each
+    entry's table offset."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    s, t_offs = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
                           stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE)
     p = tl.where((offs_m < Lq)[:, None], tl.exp(s - m[:, None]) / l[:, None], 0.0)
     dp = _dot(do, tl.trans(v), IEEE)
     p_kept = p
     if DROPOUT:
-        keep = _keep(SEED, bh, offs_m, offs_n, K, p_drop)
+        keep = _keep(SEED, bh, offs_m, start_n, K, p_drop, BLOCK_N)
         p_kept = tl.where(keep, p / (1.0 - p_drop), 0.0)
         dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-    return p_kept, p * (dp - delta[:, None]), cols
+    return p_kept, p * (dp - delta[:, None]), t_offs
 
 
-@tuned
+@tuned("backward_kv")
 @triton.jit
 def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, DV, Lq: tl.constexpr,
                  K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
@@ -165,19 +198,20 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // n_head, bh % n_head
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = tl.program_id(0) * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D)
-    v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D)
+    k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
+    v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D)
-        p_kept, ds, cols = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
-                                           offs_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
+        q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D, BLOCK_D)
+        p_kept, ds, t_offs = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
+                                           start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
                                            stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT,
-                                           IEEE)
+                                           IEEE, BLOCK_N)
         dv += _dot(tl.trans(p_kept.to(do.dtype)), do, IEEE)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     ok = (offs_n < K)[:, None] & (offs_d < D)[None, :]
@@ -186,7 +220,7 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-@tuned
+@tuned("backward_q")
 @triton.jit
 def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, DT, DCOEF, Lq: tl.constexpr,
                 K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
@@ -198,23 +232,22 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
-    q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D)
+    q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dcoef = tl.zeros([BLOCK_M], tl.float32)
     if HAS_SEG:  # the rows' segment ids, once for the whole key loop
         sq = tl.load(SEGQ + b * Lq + offs_m, mask=row_ok, other=-1)
     for start_n in range(0, K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D)
-        v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D)
-        p_kept, ds, cols = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
-                                           offs_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
+        k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
+        v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
+        p_kept, ds, t_offs = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
+                                           start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
                                            stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT,
-                                           IEEE)
+                                           IEEE, BLOCK_N)
         dq += _dot(ds.to(k.dtype), k, IEEE)
-        ok = row_ok[:, None] & (offs_n < K)[None, :]
-        tl.store(DT + b * stride_tb + h * stride_th + offs_m[:, None] * stride_ti + cols, ds.to(DT.dtype.element_ty),
-                 mask=ok)
+        tl.store(DT + b * stride_tb + h * stride_th + t_offs, ds.to(DT.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_n < K)[None, :])  # clamped entries' offsets repeat real ones
         if HAS_SEG:
             sk = tl.load(SEGK + b * K + offs_n, mask=offs_n < K, other=-2)
             dcoef += tl.sum(tl.where(sq[:, None] == sk[None, :], ds, 0.0), 1)
@@ -329,6 +362,7 @@ def triton_attention(qc: Tensor, k: Tensor, v: Tensor, table: Tensor, strides: t
     bsz, n_head, qlen, _ = qc.shape
     if n_head * qlen * k.shape[2] >= 2**31 or table.numel() >= 2**31:  # 32-bit offsets in the kernels
         raise ValueError("the triton core needs n_head * Lq * K and the distance table below 2**31 entries")
+    p = round(p * 65536) / 65536  # the kernels draw 16-bit lanes
     seed = (torch.randint(0, 2**30, (1,), dtype=torch.int32, device=qc.device) if p > 0
             else torch.zeros(1, dtype=torch.int32, device=qc.device))
 
