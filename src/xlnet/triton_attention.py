@@ -106,12 +106,15 @@ def _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K
 
 @triton.jit
 def _keep(SEED, bh, offs_m, start_n, K: tl.constexpr, p_drop, BLOCK_N: tl.constexpr):
-    """The dropout keep mask of a tile: one philox stream per (batch, head); one call per row and group of 8 keys
-    (counter i·⌈K/8⌉ + j // 8) gives four 32-bit words, i.e. eight 16-bit lanes, one per key: a key is dropped
-    iff its lane < p·65536 (p a multiple of 1/65536). The lane order inside a group does not depend on the tile
-    shape, so kernels with different tiles draw the same mask."""
+    """The dropout keep mask of a tile. Philox keyed by the call's seed; the 64-bit counter is (batch·head) in
+    the high word and i·⌈K/8⌉ + j // 8 in the low one, so no two entries of a call share a counter (a seed per
+    head, seed + bh, would let two calls' heads coincide). One call per row and group of 8 keys gives four
+    32-bit words, i.e. eight 16-bit lanes, one per key: a key is dropped iff its lane < p·65536 (p a multiple
+    of 1/65536). The lane order inside a group does not depend on the tile shape, so kernels with different
+    tiles draw the same mask."""
     groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-    r0, r1, r2, r3 = tl.randint4x(tl.load(SEED) + bh, offs_m[:, None] * ((K + 7) // 8) + groups[None, :])
+    counter = (bh.to(tl.int64) << 32) + (offs_m[:, None] * ((K + 7) // 8) + groups[None, :])
+    r0, r1, r2, r3 = tl.randint4x(tl.load(SEED), counter)
     words = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3))
     lanes = tl.interleave(words & 0xFFFF, words >> 16)
     return lanes.to(tl.float32) >= p_drop * 65536.0
