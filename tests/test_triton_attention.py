@@ -16,6 +16,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("XLNET_TRITON_AUTOTUNE", "0")  # on a GPU: one tile per kernel, not a timed trial per shape
 triton = pytest.importorskip("triton")
 
 from helpers import CONFIGS, B, P, assert_close, plm_inputs, tiny_config  # noqa: E402
@@ -84,9 +85,32 @@ def test_triton_core_without_memory_fully_masked_rows(monkeypatch) -> None:
 def test_kernel_dropout_and_gradients_against_torch(with_seg: bool, with_mask: bool) -> None:
     """With attention dropout: v = identity reads back the kernel's dropped, rescaled probabilities (so its keep
     mask); under the same seed the kernel's output and the gradients of q, k, v, the table and the segment
-    coefficient equal plain PyTorch with that mask. Table rows read windows at arbitrary offsets c0."""
+    coefficient equal plain PyTorch with that mask. Table rows read windows at arbitrary offsets c0. Partial
+    tiles, a partial dropout group (20 keys) and a head dim below the kernel's BLOCK_D."""
+    check_kernel_against_torch(lq=12, klen=20, with_seg=with_seg, with_mask=with_mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("tile", range(4))
+def test_every_autotune_tile_against_torch(tile: int, monkeypatch) -> None:
+    """The other tests run each kernel's first tile (XLNET_TRITON_AUTOTUNE=0); here tile number `tile` of every
+    kernel is forced, at a shape with several row and key blocks, so whatever the autotuner picks was checked."""
+    import xlnet.triton_attention as ta
+
+    for kernel in ("forward", "backward_kv", "backward_q"):
+        tuner = getattr(ta, "_" + kernel)
+        m, n, w, st = ta.TILES[kernel][tile % len(ta.TILES[kernel])]
+        monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w,
+                                                             num_stages=st)])
+        monkeypatch.setattr(tuner, "cache", {})
+    check_kernel_against_torch(lq=100, klen=64, with_seg=True, with_mask=True)
+
+
+def check_kernel_against_torch(lq: int, klen: int, with_seg: bool, with_mask: bool) -> None:
+    """The kernel (dropout 0.3) against PyTorch with the mask it drew: output and every gradient."""
     g = torch.Generator().manual_seed(0)
-    bsz, n, lq, klen, dh, p, scale = 2, 2, 12, 20, 20, 0.3, 0.25  # partial tiles and dropout groups, dh < BLOCK_D
+    bsz, n, dh, p, scale = 2, 2, klen, 0.3, 0.25  # dh = klen: v = identity reads the probabilities back
     rlen = klen + lq
 
     def rand(*shape):
