@@ -110,6 +110,19 @@ def main() -> None:
                       for a, b in zip(grads(core, x, 0.0, scale), ref))
             ms = timed(core, x, 0.1, scale, args.device, repeats)
             print(f"| {stream} | {core_name} | {ms:.2f} | {err:.1e} |", flush=True)
+    print_picked_tiles()
+
+
+def print_picked_tiles() -> None:
+    """The tile the autotuner kept for each kernel and call shape (which of triton_attention.TILES win)."""
+    import xlnet.triton_attention as ta
+
+    for kernel in ("forward", "backward_kv", "backward_q"):
+        for key, config in getattr(ta, "_" + kernel).cache.items():
+            lq, klen, _, dropout, seg, mask = key[:6]  # the autotune key: triton_attention.tuned
+            kw = config.kwargs
+            print(f"# autotuned {kernel}: Lq {lq}, K {klen}, dropout {dropout}, segments {seg}, mask {mask} -> "
+                  f"{kw['BLOCK_M']} x {kw['BLOCK_N']}, {config.num_warps} warps, {config.num_stages} stages")
 
 
 if __name__ == "__main__":
