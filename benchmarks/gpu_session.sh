@@ -2,14 +2,15 @@
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
 # core, the real training loop, largest batch for XLNet-large. The default (`tests triton`) fits one 600 s call;
 # `graph e2e`, `compile`, `cores`, `cudagraphs` are the next ones, one or two per call.
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|cores|cudagraphs|triton|e2e|maxbatch]...
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|cores|cudagraphs|triton|triton_all|e2e|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 steps=${*:-tests triton}
 for s in $steps; do
   case $s in
-    tests) timeout 100 python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+    tests) timeout 100 python3 -m pytest -q -m gpu tests --ignore=tests/test_triton_attention.py -p no:cacheprovider \
+             2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
     bench) timeout 200 python3 benchmarks/throughput.py --device cuda --impls fast,hf_xlnet,hf_bert --steps 10 \
              --json-out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1; tail -14 "$OUT/bench.txt" ;;
     sdpa) timeout 60 python3 benchmarks/sdpa_backends.py 2>&1 | tee "$OUT/sdpa.txt" | tail -12 ;;
@@ -29,13 +30,17 @@ for s in $steps; do
     cudagraphs) timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile,hf_xlnet --modes plm,finetune \
              --steps 8 --compile-mode reduce-overhead --no-memory > "$OUT/cudagraphs.txt" 2>&1
            grep '^[|#]' "$OUT/cudagraphs.txt" ;;
-    # the fused Triton core (opt-in): its tests on real kernels, the core alone against SDPA, then compiled steps with
-    # each core interleaved in one process (autotuning on first use); sized with `tests` to fit one 600 s call
-    triton) timeout 120 python3 -m pytest -q tests/test_triton_attention.py -p no:cacheprovider 2>&1 | tail -3 \
+    # the fused Triton core (opt-in): its GPU tests (every autotune tile against PyTorch, a bf16 step against SDPA),
+    # the core alone against SDPA, then compiled steps with each core interleaved in one process (autotuning on
+    # first use); sized with `tests` to fit one 600 s call. `triton_all`: the whole file on real kernels (every
+    # model variant: many small shapes, each compiled; a call of its own)
+    triton) timeout 120 python3 -m pytest -q -m gpu tests/test_triton_attention.py -p no:cacheprovider 2>&1 | tail -3 \
              | tee "$OUT/triton_tests.txt"
            timeout 100 python3 benchmarks/attention_kernels.py 2>&1 | tee "$OUT/kernels.txt" | grep '^[|#]'
            timeout 270 python3 benchmarks/throughput.py --device cuda --impls fast_compile_triton,fast_compile,hf_xlnet \
              --steps 8 --json-out "$OUT/triton.json" > "$OUT/triton.txt" 2>&1; grep '^[|#]' "$OUT/triton.txt" ;;
+    triton_all) timeout 560 python3 -m pytest -q tests/test_triton_attention.py -p no:cacheprovider 2>&1 | tail -5 \
+             | tee "$OUT/triton_all.txt" ;;
     # the real training loop (embedded corpus, base preset at the benchmark shape, compiled blocks, prefetched
     # batches): its logged tokens/s (last 20 steps) against `compile`'s step shows what the loop around it costs
     e2e) timeout 300 python3 -m xlnet.cli pretrain --model base --seq-len 512 --reuse-len 256 --mem-len 384 \
