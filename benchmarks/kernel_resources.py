@@ -10,11 +10,13 @@ it ships do the work).
 A kernel that spills keeps part of its tile state in local memory (its stack frame: traffic through L1/L2 on
 every loop iteration); the autotuner only times what it is offered, so the tile lists in
 triton_attention.TILES are the spill-free ones at the base model's shapes. Register allocation changes with
-the Triton version: run it under each one the kernels should serve. Scenarios are the calls a base-model (12 heads × 64) training step
-makes at the issue's GPU shape (seq 512, mem 384, 85 targets): the content stream (512 rows over 896 keys),
-the query stream (85 target rows), fine-tuning (512 × 512, padding mask), and the same without dropout
-(inference's forward; training with dropout 0). The instruction count is of the whole kernel (SASS), a rough
-proxy for the work per tile, not a timing.
+the Triton version: run it under each one the kernels should serve.
+
+Scenarios are the calls a base-model (12 heads × 64) training step makes at the issue's GPU shape (seq 512,
+mem 384, 85 targets): the content stream (512 rows over 896 keys), the query stream (85 target rows),
+fine-tuning (512 × 512, padding mask), and the same without dropout (inference's forward; training with
+dropout 0). The instruction count is of the whole kernel (SASS), a rough proxy for the work per tile, not a
+timing.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def main() -> None:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", action="store_true", help="one JSON list instead of the table")
-    ap.add_argument("--check", action="store_true", help="exit 1 if a tile uses local memory or over 227 KiB of shared memory")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 if a tile uses local memory or over 227 KiB of shared memory")
     args = ap.parse_args()
     scenarios = args.scenarios.split(",")
     unknown = set(scenarios) - set(SCENARIOS)

@@ -160,8 +160,7 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
         k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         s, _ = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
-                              stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK,
-                              IEEE)
+                           stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -182,14 +181,14 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
 
 @triton.jit
 def _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m, start_n, Lq,
-                    K: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
-                    HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    K: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti, stride_cb,
+                    stride_mb, stride_mi, HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                    IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     """Recomputed tile: the probabilities after dropout (what multiplied v), dS (the scores' gradient), and each
     entry's table offset."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     s, t_offs = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
-                          stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE)
+                            stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE)
     p = tl.where((offs_m < Lq)[:, None], tl.exp(s - m[:, None]) / l[:, None], 0.0)
     dp = _dot(do, tl.trans(v), IEEE)
     p_kept = p
@@ -219,10 +218,9 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
     for start_m in range(0, Lq, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D, BLOCK_D)
-        p_kept, ds, t_offs = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
-                                           start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
-                                           stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT,
-                                           IEEE, BLOCK_N)
+        p_kept, ds, _ = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
+                                        start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
+                                        stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT, IEEE, BLOCK_N)
         dv += _dot(tl.trans(p_kept.to(do.dtype)), do, IEEE)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     ok = (offs_n < K)[:, None] & (offs_d < D)[None, :]
@@ -252,10 +250,9 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
-        p_kept, ds, t_offs = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
-                                           start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th,
-                                           stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT,
-                                           IEEE, BLOCK_N)
+        _, ds, t_offs = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
+                                        start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
+                                        stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT, IEEE, BLOCK_N)
         dq += _dot(ds.to(k.dtype), k, IEEE)
         tl.store(DT + b * stride_tb + h * stride_th + t_offs, ds.to(DT.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_n < K)[None, :])  # clamped entries' offsets repeat real ones
