@@ -52,7 +52,10 @@ AUTOTUNE = os.environ.get("XLNET_TRITON_AUTOTUNE", "1") != "0"
 
 
 def configs(kernel: str) -> list[triton.Config]:
-    tiles = INTERPRETER_TILES[kernel] if INTERPRETED else TILES[kernel] if AUTOTUNE else TILES[kernel][:1]
+    if INTERPRETED:
+        tiles = INTERPRETER_TILES[kernel]
+    else:
+        tiles = TILES[kernel] if AUTOTUNE else TILES[kernel][:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in tiles]
 
 
@@ -256,7 +259,7 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
         dq += _dot(ds.to(k.dtype), k, IEEE)
         tl.store(DT + b * stride_tb + h * stride_th + t_offs, ds.to(DT.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_n < K)[None, :])  # clamped entries' offsets repeat real ones
-        if HAS_SEG:
+        if HAS_SEG:  # (_score_tile read these ids clamped; masked, here, compiled to fewer registers)
             sk = tl.load(SEGK + b * K + offs_n, mask=offs_n < K, other=-2)
             dcoef += tl.sum(tl.where(sq[:, None] == sk[None, :], ds, 0.0), 1)
     tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
