@@ -122,7 +122,8 @@ def print_picked_tiles() -> None:
             lq, klen, _, dropout, seg, mask = key[:6]  # the autotune key: triton_attention.tuned
             kw = config.kwargs
             print(f"# autotuned {kernel}: Lq {lq}, K {klen}, dropout {dropout}, segments {seg}, mask {mask} -> "
-                  f"{kw['BLOCK_M']} x {kw['BLOCK_N']}, {config.num_warps} warps, {config.num_stages} stages")
+                  f"{kw['BLOCK_M']} x {kw['BLOCK_N']}, {config.num_warps} warps, {config.num_stages} stages"
+                  f"{', keys down' if kw.get('KEYS_DOWN') else ''}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Scenarios are the calls a base-model (12 heads × 64) training step makes at the
 mem 384, 85 targets): the content stream (512 rows over 896 keys), the query stream (85 target rows),
 fine-tuning (512 × 512, padding mask), and the same without dropout (inference's forward; training with
 dropout 0). The instruction count is of the whole kernel (SASS), a rough proxy for the work per tile, not a
-timing.
+timing. HGMMA / HMMA count the matrix instructions: Hopper's asynchronous warpgroup MMA (wgmma, which needs
+an M of 64 or more per warpgroup) against the older per-warp mma.sync.
 """
 
 from __future__ import annotations
@@ -70,11 +71,11 @@ def signature(fn, dtype: str) -> dict[str, str]:
 
 def measure(job: tuple) -> dict:
     kernel, tile, scenario, arch = job
-    m, n, warps, stages = tile
+    m, n, warps, stages = tile[:4]
     lq, klen, has_seg, has_mask, dropout = SCENARIOS[scenario]
     fn = KERNELS[kernel].fn
     consts = dict(Lq=lq, K=klen, D=64, HAS_SEG=has_seg, HAS_MASK=has_mask, DROPOUT=dropout, IEEE=False, BLOCK_D=64,
-                  BLOCK_M=m, BLOCK_N=n)
+                  **ta.tile_meta(kernel, tile))
     compiled = triton.compile(ASTSource(fn, signature(fn, "bf16"), consts), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
     with tempfile.TemporaryDirectory() as tmp:  # Triton's own cubin: its ptxas, its PTX version
@@ -83,10 +84,14 @@ def measure(job: tuple) -> dict:
             f.write(compiled.asm["cubin"])
         usage = cuobjdump("-res-usage", cubin)
         sass = cuobjdump("-sass", cubin)
+    ops = [line.split("*/", 1)[1].split() for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    ops = [words[1] if words[0].startswith("@") else words[0] for words in ops if words]  # opcode after a predicate
     return dict(kernel=kernel, scenario=scenario, block_m=m, block_n=n, warps=warps, stages=stages,
+                keys_down=ta.tile_meta(kernel, tile).get("KEYS_DOWN", False),
                 registers=int(re.search(r"REG:(\d+)", usage).group(1)),
                 stack_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)), shared_kib=compiled.metadata.shared / 1024,
-                instructions=sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)))
+                instructions=len(ops), hgmma=sum(op.startswith("HGMMA") for op in ops),
+                hmma=sum(op.startswith("HMMA") for op in ops))
 
 
 def cuobjdump(flag: str, cubin: str) -> str:
@@ -115,12 +120,12 @@ def main() -> None:
         print(json.dumps(rows, indent=1))
     else:
         print(f"| scenario | kernel | BLOCK_M × BLOCK_N | warps | stages | registers | stack bytes | shared KiB | "
-              f"SASS instructions |  (sm_{args.arch}, Triton {triton.__version__})")
-        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+              f"SASS instructions | HGMMA / HMMA |  (sm_{args.arch}, Triton {triton.__version__})")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['scenario']} | {r['kernel']} | {r['block_m']} × {r['block_n']} | {r['warps']} | "
-                  f"{r['stages']} | {r['registers']} | {r['stack_bytes']} | {r['shared_kib']:.1f} | "
-                  f"{r['instructions']} |")
+            print(f"| {r['scenario']} | {r['kernel']}{' (keys down)' * r['keys_down']} | {r['block_m']} × "
+                  f"{r['block_n']} | {r['warps']} | {r['stages']} | {r['registers']} | {r['stack_bytes']} | "
+                  f"{r['shared_kib']:.1f} | {r['instructions']} | {r['hgmma']} / {r['hmma']} |")
     bad = [r for r in rows if r["stack_bytes"] or r["shared_kib"] > 227]
     if args.check and bad:
         sys.exit(f"{len(bad)} of {len(rows)} kernel tiles spill registers (local memory) or overflow shared memory")

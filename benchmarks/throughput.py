@@ -420,6 +420,8 @@ def machine() -> str:
 
 
 def main(argv=None) -> None:
+    """Rows are printed (and --json-out rewritten) as each mode finishes: a run cut short by a time limit (a lent
+    GPU's lease) keeps the modes it measured."""
     args = parse_args(argv)
     if args._memory_child:
         memory_child(args, *args._memory_child)
@@ -433,37 +435,55 @@ def main(argv=None) -> None:
     if unknown:
         sys.exit(f"throughput.py: unknown mode/implementation {', '.join(unknown)} "
                  f"(modes: {', '.join(MODES)}; implementations: {', '.join(LABELS)})")
-    rows = []
-    for mode in modes:
-        if args.profile:
-            profile(args, mode, args.profile)
-        med, warm = time_mode(args, mode, impls)
-        for impl in impls:
-            t = med[impl]
-            fl = flops(args, mode, impl)
-            row = dict(mode=mode, impl=impl, step_s=t, warmup_s=warm[impl], tokens_per_s=args.batch * args.seq / t,
-                       tflops=fl / t / 1e12, mfu=(fl / t / 1e12 / args.peak_tflops if args.device == "cuda" else None),
-                       memory_mb=None if args.no_memory else memory(args, mode, impl))
-            rows.append(row)
-        ref = next((r for r in rows if r["mode"] == mode and r["impl"] == "hf_xlnet"), None)
-        for r in rows:
-            if r["mode"] == mode and ref:
-                r["speed_vs_hf_xlnet"] = r["tokens_per_s"] / ref["tokens_per_s"]
-                if r["memory_mb"] is not None and ref["memory_mb"]:
-                    r["memory_vs_hf_xlnet"] = r["memory_mb"] / ref["memory_mb"]
     meta = dict(device=args.device, machine=machine(), threads=args.threads, torch=torch.__version__,
                 preset=args.preset, seq=args.seq, batch=args.batch, targets=args.targets, mem=args.mem,
                 steps=args.steps, compile=args.compile, compile_mode=args.compile_mode,
                 attn_core=os.environ.get("XLNET_ATTN_CORE", "auto"), date=time.strftime("%Y-%m-%d"),
                 load=os.getloadavg()[0])
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=2)
+    if not args.json:
+        print_header(args, meta)
+    rows = []
+    for mode in modes:
+        if args.profile:
+            profile(args, mode, args.profile)
+        rows += measure_mode(args, mode, impls)
+        if args.json_out:
+            write_json(args.json_out, dict(meta=meta, rows=rows))
+        if not args.json:
+            print_rows([r for r in rows if r["mode"] == mode])
     if args.plot:
         plot(rows, meta, args.plot)
     if args.json:
         print(json.dumps(dict(meta=meta, rows=rows), indent=2))
-        return
+
+
+def measure_mode(args, mode: str, impls: list[str]) -> list[dict]:
+    med, warm = time_mode(args, mode, impls)
+    rows = []
+    for impl in impls:
+        t = med[impl]
+        fl = flops(args, mode, impl)
+        rows.append(dict(mode=mode, impl=impl, step_s=t, warmup_s=warm[impl], tokens_per_s=args.batch * args.seq / t,
+                         tflops=fl / t / 1e12,
+                         mfu=(fl / t / 1e12 / args.peak_tflops if args.device == "cuda" else None),
+                         memory_mb=None if args.no_memory else memory(args, mode, impl)))
+    ref = next((r for r in rows if r["impl"] == "hf_xlnet"), None)
+    for r in rows:
+        if ref:
+            r["speed_vs_hf_xlnet"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            if r["memory_mb"] is not None and ref["memory_mb"]:
+                r["memory_vs_hf_xlnet"] = r["memory_mb"] / ref["memory_mb"]
+    return rows
+
+
+def write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def print_header(args, meta: dict) -> None:
     mem_name = "peak RSS Δ MiB" if args.device == "cpu" else "max alloc MiB"
     print(f"# {meta['date']} {meta['machine']}, {args.device}, {args.threads} threads, torch {meta['torch']}; "
           f"preset {args.preset}, seq {args.seq}, batch {args.batch}, targets {args.targets}, mem {args.mem}, "
@@ -471,14 +491,17 @@ def main(argv=None) -> None:
           f"attention core {meta['attn_core']}; warm-up = the first {args.warmup} steps (compiling, if compiled)")
     print(f"| mode | implementation | step ms | tokens/s | TFLOP/s | MFU | {mem_name} | speed vs HF XLNet "
           f"| memory vs HF XLNet | warm-up s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+
+
+def print_rows(rows: list[dict]) -> None:
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "–"
         mem = f"{r['memory_mb']:.0f}" if r["memory_mb"] is not None else "–"
         sp = f"{r['speed_vs_hf_xlnet']:.2f}×" if "speed_vs_hf_xlnet" in r else "–"
         mr = f"{r['memory_vs_hf_xlnet']:.2f}×" if "memory_vs_hf_xlnet" in r else "–"
         print(f"| {r['mode']} | {LABELS[r['impl']]} | {1000 * r['step_s']:.0f} | {r['tokens_per_s']:,.0f} | "
-              f"{r['tflops']:.3f} | {mfu} | {mem} | {sp} | {mr} | {r['warmup_s']:.1f} |")
+              f"{r['tflops']:.3f} | {mfu} | {mem} | {sp} | {mr} | {r['warmup_s']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -92,19 +92,33 @@ def test_kernel_dropout_and_gradients_against_torch(with_seg: bool, with_mask: b
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("tile", range(4))
+@pytest.mark.parametrize("tile", range(max(map(len, TILES.values()))))
 def test_every_autotune_tile_against_torch(tile: int, monkeypatch) -> None:
     """The other tests run each kernel's first tile (XLNET_TRITON_AUTOTUNE=0); here tile number `tile` of every
     kernel is forced, at a shape with several row and key blocks, so whatever the autotuner picks was checked."""
+    for kernel, tiles in TILES.items():
+        force_tile(monkeypatch, kernel, tiles[tile % len(tiles)])
+    check_kernel_against_torch(lq=100, klen=64, with_seg=True, with_mask=True)
+
+
+@pytest.mark.parametrize("keys_down", [True, False])
+def test_dk_dv_kernel_in_both_layouts(keys_down: bool, monkeypatch) -> None:
+    """The dk/dv kernel's tile computed [rows, keys] or transposed [keys, rows] (the autotuner tries both on a
+    GPU): the same output, gradients and dropout mask as PyTorch."""
     import xlnet.triton_attention as ta
 
-    for kernel in ("forward", "backward_kv", "backward_q"):
-        tuner = getattr(ta, "_" + kernel)
-        m, n, w, st = ta.TILES[kernel][tile % len(ta.TILES[kernel])]
-        monkeypatch.setattr(tuner, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w,
-                                                             num_stages=st)])
-        monkeypatch.setattr(tuner, "cache", {})
-    check_kernel_against_torch(lq=100, klen=64, with_seg=True, with_mask=True)
+    first = (ta.INTERPRETER_TILES if ta.INTERPRETED else TILES)["backward_kv"][0]
+    force_tile(monkeypatch, "backward_kv", (*first[:4], keys_down))
+    check_kernel_against_torch(lq=12, klen=20, with_seg=True, with_mask=True)
+
+
+def force_tile(monkeypatch, kernel: str, tile: tuple) -> None:
+    """Only `tile` for this kernel (its autotuner's list and cache replaced for the test)."""
+    import xlnet.triton_attention as ta
+
+    tuner = getattr(ta, "_" + kernel)
+    monkeypatch.setattr(tuner, "configs", [ta.tile_config(kernel, tile)])
+    monkeypatch.setattr(tuner, "cache", {})
 
 
 def check_kernel_against_torch(lq: int, klen: int, with_seg: bool, with_mask: bool) -> None:
@@ -226,3 +240,5 @@ def test_autotune_tiles_compile_for_hopper_without_register_spills() -> None:
     rows = json.loads(run.stdout)
     assert len(rows) == 4 * sum(map(len, TILES.values()))  # 4 scenarios × every kernel's tiles
     assert all(r["stack_bytes"] == 0 and r["shared_kib"] <= 227 for r in rows)
+    # keys down, every product of the dk/dv kernel is a Hopper wgmma (HGMMA), none the older mma.sync (HMMA)
+    assert all(r["hgmma"] > 0 and r["hmma"] == 0 for r in rows if r["keys_down"])

@@ -31,19 +31,24 @@ from torch import Tensor
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Tile shapes (BLOCK_M query rows, BLOCK_N keys), warps and pipeline stages tried per shape by the autotuner on
 # a GPU: per kernel, the ones that compile for sm_90a without register spills at the base model's shapes under
-# Triton 3.6, 3.7 and 3.9 (torch 2.11 and 2.13 pin the first two; benchmarks/kernel_resources.py lists
-# registers and local memory, test_triton_attention.py holds them for the installed Triton). Each thread
+# Triton 3.6 to 3.9 (torch 2.11 pins 3.6, torch 2.13 3.7; benchmarks/kernel_resources.py lists registers, local
+# memory and matrix instructions, test_triton_attention.py holds them for the installed Triton). Each thread
 # holds at most 16 of the forward's scores (Triton >= 3.7 lays the distance-window gather out across threads
 # and spilled at 32); the backward kernels keep the iterated dimension narrow (kv: query rows, q: keys), as
-# their accumulators stay in registers. Under the interpreter: small tiles that differ between the kernels,
-# so the tests run several blocks per loop and check that kernels with different tiles draw the same
-# dropout mask.
+# their accumulators stay in registers. The dk/dv kernel's fifth entry, keys_down, computes its tile
+# transposed ([keys, rows]): then all four of its products have the keys (64 or more) as their M, which
+# Hopper's wgmma needs, and P and dS enter dv and dk from registers; rows-down, the two products that
+# recompute S and dP have 16-32 rows as M and compile to the older mma.sync (the autotuner keeps both kinds
+# until a GPU says which wins). Under the interpreter: small tiles that differ between the kernels, so the
+# tests run several blocks per loop and check that kernels with different tiles draw the same dropout mask.
 TILES = {
     "forward": ((64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
-    "backward_kv": ((32, 64, 4, 2), (32, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)),
+    "backward_kv": ((32, 64, 8, 2, True), (16, 128, 8, 2, True), (16, 64, 4, 2, True), (32, 64, 8, 2),
+                    (64, 32, 4, 2)),
     "backward_q": ((64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2), (32, 32, 4, 2)),
 }
-INTERPRETER_TILES = {"forward": ((16, 32, 4, 1),), "backward_kv": ((32, 16, 4, 1),), "backward_q": ((16, 16, 4, 1),)}
+INTERPRETER_TILES = {"forward": ((16, 32, 4, 1),), "backward_kv": ((32, 16, 4, 1, True),),
+                     "backward_q": ((16, 16, 4, 1),)}
 
 
 # XLNET_TRITON_AUTOTUNE=0: each kernel's first tile only, no timed trials (the GPU tests, whose many small
@@ -51,12 +56,25 @@ INTERPRETER_TILES = {"forward": ((16, 32, 4, 1),), "backward_kv": ((32, 16, 4, 1
 AUTOTUNE = os.environ.get("XLNET_TRITON_AUTOTUNE", "1") != "0"
 
 
+def tile_meta(kernel: str, tile: tuple) -> dict:
+    """The compile-time block sizes of one tile (m, n, warps, stages[, keys_down]); the dk/dv kernel also takes
+    KEYS_DOWN (its tile transposed, False where the tile does not say)."""
+    meta = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
+    if kernel == "backward_kv":
+        meta["KEYS_DOWN"] = bool(tile[4]) if len(tile) > 4 else False
+    return meta
+
+
+def tile_config(kernel: str, tile: tuple) -> triton.Config:
+    return triton.Config(tile_meta(kernel, tile), num_warps=tile[2], num_stages=tile[3])
+
+
 def configs(kernel: str) -> list[triton.Config]:
     if INTERPRETED:
         tiles = INTERPRETER_TILES[kernel]
     else:
         tiles = TILES[kernel] if AUTOTUNE else TILES[kernel][:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in tiles]
+    return [tile_config(kernel, tile) for tile in tiles]
 
 
 def tuned(kernel: str):
@@ -93,26 +111,51 @@ def _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D, BLOCK_D):
 
 
 @triton.jit
+def _by_row(x, KEYS_DOWN: tl.constexpr):
+    """A vector over the tile's query rows, broadcast along its keys (KEYS_DOWN: the tile is [keys, rows])."""
+    if KEYS_DOWN:
+        out = x[None, :]
+    else:
+        out = x[:, None]
+    return out
+
+
+@triton.jit
+def _by_key(x, KEYS_DOWN: tl.constexpr):
+    """A vector over the tile's keys, broadcast along its query rows."""
+    if KEYS_DOWN:
+        out = x[:, None]
+    else:
+        out = x[None, :]
+    return out
+
+
+@triton.jit
 def _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
                 stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
-                HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
-    """S for one [BLOCK_M, BLOCK_N] tile in float32 (-inf past the last key) and each entry's offset in the
-    table of its (batch, head)."""
-    col_ok = offs_n < K
+                HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, KEYS_DOWN: tl.constexpr):
+    """S for one tile in float32 (-inf past the last key) and each entry's offset in the table of its
+    (batch, head). The tile is [BLOCK_M, BLOCK_N], or with KEYS_DOWN its transpose [BLOCK_N, BLOCK_M] (the
+    dk/dv kernel: every product there then has the keys as its M, the side Hopper's wgmma needs >= 64)."""
     # rows and keys past the end clamped (their scores are discarded): every load in bounds, none masked
     rows, keys = tl.minimum(offs_m, Lq - 1), tl.minimum(offs_n, K - 1)
-    s = _dot(q, tl.trans(k), IEEE) * scale
+    if KEYS_DOWN:
+        s = _dot(k, tl.trans(q), IEEE) * scale
+    else:
+        s = _dot(q, tl.trans(k), IEEE) * scale
     c0 = tl.load(C0 + b * stride_cb + rows)
-    t_offs = rows[:, None] * stride_ti + c0[:, None] + keys[None, :]  # T[i, c0_i + j] in this (b, h)'s table
+    # T[i, c0_i + j] in this (b, h)'s table
+    t_offs = _by_row(rows * stride_ti + c0, KEYS_DOWN) + _by_key(keys, KEYS_DOWN)
     s += tl.load(T + b * stride_tb + h * stride_th + t_offs).to(tl.float32)
     if HAS_SEG:
         coef = tl.load(COEF + (b * n_head + h) * Lq + rows).to(tl.float32)
         sq = tl.load(SEGQ + b * Lq + rows)
         sk = tl.load(SEGK + b * K + keys)
-        s += tl.where(sq[:, None] == sk[None, :], coef[:, None], 0.0)
+        s += tl.where(_by_row(sq, KEYS_DOWN) == _by_key(sk, KEYS_DOWN), _by_row(coef, KEYS_DOWN), 0.0)
     if HAS_MASK:
-        s += tl.load(MASK + b * stride_mb + rows[:, None] * stride_mi + keys[None, :]).to(tl.float32)
-    return tl.where(col_ok[None, :], s, float("-inf")), t_offs
+        s += tl.load(MASK + b * stride_mb + _by_row(rows * stride_mi, KEYS_DOWN) + _by_key(keys, KEYS_DOWN)
+                     ).to(tl.float32)
+    return tl.where(_by_key(offs_n < K, KEYS_DOWN), s, float("-inf")), t_offs
 
 
 @triton.jit
@@ -163,7 +206,8 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
         k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         s, _ = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
-                           stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE)
+                           stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE,
+                           False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -186,20 +230,26 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
 def _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m, start_n, Lq,
                     K: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti, stride_cb,
                     stride_mb, stride_mi, HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                    IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Recomputed tile: the probabilities after dropout (what multiplied v), dS (the scores' gradient), and each
-    entry's table offset."""
+                    IEEE: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_DOWN: tl.constexpr):
+    """Recomputed tile (transposed with KEYS_DOWN, as in _score_tile): the probabilities after dropout (what
+    multiplied v), dS (the scores' gradient), and each entry's table offset."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     s, t_offs = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
-                            stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE)
-    p = tl.where((offs_m < Lq)[:, None], tl.exp(s - m[:, None]) / l[:, None], 0.0)
-    dp = _dot(do, tl.trans(v), IEEE)
+                            stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE,
+                            KEYS_DOWN)
+    p = tl.where(_by_row(offs_m < Lq, KEYS_DOWN), tl.exp(s - _by_row(m, KEYS_DOWN)) / _by_row(l, KEYS_DOWN), 0.0)
+    if KEYS_DOWN:
+        dp = _dot(v, tl.trans(do), IEEE)
+    else:
+        dp = _dot(do, tl.trans(v), IEEE)
     p_kept = p
     if DROPOUT:
         keep = _keep(SEED, bh, offs_m, start_n, K, p_drop, BLOCK_N)
+        if KEYS_DOWN:
+            keep = tl.trans(keep)
         p_kept = tl.where(keep, p / (1.0 - p_drop), 0.0)
         dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-    return p_kept, p * (dp - delta[:, None]), t_offs
+    return p_kept, p * (dp - _by_row(delta, KEYS_DOWN)), t_offs
 
 
 @tuned("backward_kv")
@@ -208,7 +258,7 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
                  K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
                  stride_cb, stride_mb, stride_mi,
                  HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KEYS_DOWN: tl.constexpr):
     bh = tl.program_id(1)
     b, h = bh // n_head, bh % n_head
     start_n = tl.program_id(0) * BLOCK_N
@@ -223,9 +273,14 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
         q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D, BLOCK_D)
         p_kept, ds, _ = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
                                         start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
-                                        stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT, IEEE, BLOCK_N)
-        dv += _dot(tl.trans(p_kept.to(do.dtype)), do, IEEE)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+                                        stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT, IEEE, BLOCK_N,
+                                        KEYS_DOWN)
+        if KEYS_DOWN:  # P and dS as they are: the products' A operand straight from registers
+            dv += _dot(p_kept.to(do.dtype), do, IEEE)
+            dk += _dot(ds.to(q.dtype), q, IEEE)
+        else:
+            dv += _dot(tl.trans(p_kept.to(do.dtype)), do, IEEE)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     ok = (offs_n < K)[:, None] & (offs_d < D)[None, :]
     ptrs = bh * K * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=ok)
@@ -255,7 +310,8 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
         v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         _, ds, t_offs = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
                                         start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
-                                        stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT, IEEE, BLOCK_N)
+                                        stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT, IEEE, BLOCK_N,
+                                        False)
         dq += _dot(ds.to(k.dtype), k, IEEE)
         tl.store(DT + b * stride_tb + h * stride_th + t_offs, ds.to(DT.dtype.element_ty),
                  mask=row_ok[:, None] & (offs_n < K)[None, :])  # clamped entries' offsets repeat real ones
