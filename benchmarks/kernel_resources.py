@@ -41,7 +41,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from xlnet import triton_attention as ta  # noqa: E402
 
 KERNELS = {"forward": ta._forward, "backward_kv": ta._backward_kv, "backward_q": ta._backward_q}
-# (Lq, K, HAS_SEG, HAS_MASK, DROPOUT) of each call at the GPU benchmark shape (base preset, head dim 64)
+# (Lq, K, HAS_SEG, HAS_MASK, DROPOUT) of each call at the GPU benchmark shape (base preset, head dim 64); the
+# distance table has R = K + 512 columns (K keys and the 512 tokens of the segment) in every one
 SCENARIOS = {"content": (512, 896, True, True, True), "query": (85, 896, True, True, True),
              "finetune": (512, 512, True, True, True), "no_dropout": (512, 512, True, True, False)}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -74,8 +75,8 @@ def measure(job: tuple) -> dict:
     m, n, warps, stages = tile[:4]
     lq, klen, has_seg, has_mask, dropout = SCENARIOS[scenario]
     fn = KERNELS[kernel].fn
-    consts = dict(Lq=lq, K=klen, D=64, HAS_SEG=has_seg, HAS_MASK=has_mask, DROPOUT=dropout, IEEE=False, BLOCK_D=64,
-                  **ta.tile_meta(kernel, tile))
+    consts = dict(Lq=lq, K=klen, R=klen + 512, D=64, HAS_SEG=has_seg, HAS_MASK=has_mask, DROPOUT=dropout,
+                  IEEE=False, BLOCK_D=64, **ta.tile_meta(kernel, tile))
     compiled = triton.compile(ASTSource(fn, signature(fn, "bf16"), consts), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
     with tempfile.TemporaryDirectory() as tmp:  # Triton's own cubin: its ptxas, its PTX version

@@ -11,9 +11,10 @@ target's position, `distance_columns`); each row reads K consecutive columns, so
 (flash-attention style), attention dropout is drawn in the tile from a counter-based generator (philox, one
 call per 8 keys: the backward regenerates the same mask), and the backward recomputes the scores: one kernel
 over key blocks (dk, dv), one over query blocks (dq, the table's gradient, the segment coefficient's gradient),
-no atomics. Loads clamp rows and keys past the end instead of masking them (their scores are discarded): a
-masked gather of the [BLOCK_M, BLOCK_N] table window kept its predicates and pointers live and spilled
-registers.
+no atomics; the dq kernel also writes the zeros of the table columns outside its rows' windows, so the table's
+gradient needs no zero-filled buffer (a pass over all of it). Loads clamp rows and keys past the end instead
+of masking them (their scores are discarded): a masked gather of the [BLOCK_M, BLOCK_N] table window kept its
+predicates and pointers live and spilled registers.
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before this module is
 imported): that is how the tests check them against the reference on CPU. Their register use on a GPU can be
@@ -132,7 +133,7 @@ def _by_key(x, KEYS_DOWN: tl.constexpr):
 
 @triton.jit
 def _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
-                stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
+                stride_tb, stride_th, R, stride_cb, stride_mb, stride_mi,
                 HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, KEYS_DOWN: tl.constexpr):
     """S for one tile in float32 (-inf past the last key) and each entry's offset in the table of its
     (batch, head). The tile is [BLOCK_M, BLOCK_N], or with KEYS_DOWN its transpose [BLOCK_N, BLOCK_M] (the
@@ -145,7 +146,7 @@ def _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K
         s = _dot(q, tl.trans(k), IEEE) * scale
     c0 = tl.load(C0 + b * stride_cb + rows)
     # T[i, c0_i + j] in this (b, h)'s table
-    t_offs = _by_row(rows * stride_ti + c0, KEYS_DOWN) + _by_key(keys, KEYS_DOWN)
+    t_offs = _by_row(rows * R + c0, KEYS_DOWN) + _by_key(keys, KEYS_DOWN)
     s += tl.load(T + b * stride_tb + h * stride_th + t_offs).to(tl.float32)
     if HAS_SEG:
         coef = tl.load(COEF + (b * n_head + h) * Lq + rows).to(tl.float32)
@@ -190,7 +191,7 @@ def _load_rows(ptr, offs, n_rows, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr
 @triton.jit
 def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr, K: tl.constexpr, D: tl.constexpr,
              n_head, scale, p_drop, SEED,
-             stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi,
+             stride_tb, stride_th, R: tl.constexpr, stride_cb, stride_mb, stride_mi,
              HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(1)
@@ -206,7 +207,7 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
         k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         s, _ = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
-                           stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE,
+                           stride_tb, stride_th, R, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE,
                            False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
@@ -228,14 +229,14 @@ def _forward(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, O, STATS, Lq: tl.constexpr
 
 @triton.jit
 def _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m, start_n, Lq,
-                    K: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti, stride_cb,
+                    K: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, R, stride_cb,
                     stride_mb, stride_mi, HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
                     IEEE: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_DOWN: tl.constexpr):
     """Recomputed tile (transposed with KEYS_DOWN, as in _score_tile): the probabilities after dropout (what
     multiplied v), dS (the scores' gradient), and each entry's table offset."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     s, t_offs = _score_tile(q, k, T, C0, COEF, SEGQ, SEGK, MASK, b, h, offs_m, offs_n, Lq, K, n_head, scale,
-                            stride_tb, stride_th, stride_ti, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE,
+                            stride_tb, stride_th, R, stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, IEEE,
                             KEYS_DOWN)
     p = tl.where(_by_row(offs_m < Lq, KEYS_DOWN), tl.exp(s - _by_row(m, KEYS_DOWN)) / _by_row(l, KEYS_DOWN), 0.0)
     if KEYS_DOWN:
@@ -255,7 +256,7 @@ def _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, 
 @tuned("backward_kv")
 @triton.jit
 def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, DV, Lq: tl.constexpr,
-                 K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
+                 K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, R: tl.constexpr,
                  stride_cb, stride_mb, stride_mi,
                  HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KEYS_DOWN: tl.constexpr):
@@ -272,7 +273,7 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D, BLOCK_D)
         p_kept, ds, _ = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
-                                        start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
+                                        start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th, R,
                                         stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT, IEEE, BLOCK_N,
                                         KEYS_DOWN)
         if KEYS_DOWN:  # P and dS as they are: the products' A operand straight from registers
@@ -290,7 +291,7 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
 @tuned("backward_q")
 @triton.jit
 def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, DT, DCOEF, Lq: tl.constexpr,
-                K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
+                K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, R: tl.constexpr,
                 stride_cb, stride_mb, stride_mi,
                 HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -309,7 +310,7 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
         k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
         _, ds, t_offs = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m,
-                                        start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th, stride_ti,
+                                        start_n, Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th, R,
                                         stride_cb, stride_mb, stride_mi, HAS_SEG, HAS_MASK, DROPOUT, IEEE, BLOCK_N,
                                         False)
         dq += _dot(ds.to(k.dtype), k, IEEE)
@@ -322,6 +323,22 @@ def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, D
              mask=row_ok[:, None] & (offs_d < D)[None, :])
     if HAS_SEG:
         tl.store(DCOEF + bh * Lq + offs_m, dcoef, mask=row_ok)
+    _zero_outside_windows(DT + b * stride_tb + h * stride_th, C0 + b * stride_cb, offs_m, Lq, K, R, BLOCK_M,
+                          BLOCK_N)
+
+
+@triton.jit
+def _zero_outside_windows(DT, C0, offs_m, Lq, K: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """Zero gradient for the R - K columns of each row's table that its window [c0_i, c0_i + K) leaves out,
+    so the table's gradient needs no zero-filled buffer (a full pass over it) before the kernel writes."""
+    row_ok = offs_m < Lq
+    c0 = tl.load(C0 + offs_m, mask=row_ok, other=0)
+    for start in range(0, R - K, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        cols = tl.where(offs[None, :] < c0[:, None], offs[None, :], offs[None, :] + K)
+        tl.store(DT + offs_m[:, None] * R + cols, tl.zeros([BLOCK_M, BLOCK_N], DT.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs < R - K)[None, :])
 
 
 def _launch_args(qc: Tensor, klen: int, table: Tensor, strides: tuple[int, int], c0: Tensor, coef: Tensor | None,
@@ -354,13 +371,18 @@ def _grid(rows: int, block: str, programs: int):
 # Custom operators (opaque to torch.compile, which traces around them without a graph break), with autograd.
 
 
+def _output_like(t: Tensor) -> Tensor:
+    """An uninitialised buffer shaped like t for a kernel to fill completely (tests poison it with NaN)."""
+    return torch.empty_like(t)
+
+
 @torch.library.custom_op("xlnet::rel_attention", mutates_args=())
 def rel_attention(qc: Tensor, k: Tensor, v: Tensor, table: Tensor, c0: Tensor, coef: Optional[Tensor],
                   seg_q: Optional[Tensor], seg_k: Optional[Tensor], mask: Optional[Tensor], seed: Tensor, sb: int,
                   sn: int, p: float, scale: float) -> tuple[Tensor, Tensor]:
     bsz, n_head, qlen, _ = qc.shape
-    out = torch.empty_like(qc)
-    stats = qc.new_empty((bsz, n_head, 2, qlen), dtype=torch.float32)  # row max, row sum
+    out = _output_like(qc)
+    stats = _output_like(qc.new_empty((bsz, n_head, 2, qlen), dtype=torch.float32))  # row max, row sum
     args = _launch_args(qc, k.shape[2], table, (sb, sn), c0, coef, seg_q, seg_k, mask, seed, p, scale)
     _forward[_grid(qlen, "BLOCK_M", bsz * n_head)](
         qc, k, v, *args["tensors"], out, stats, *args["scalars"], **args["flags"])
@@ -383,9 +405,8 @@ def rel_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, qc: Ten
     args = _launch_args(qc, klen, table, (sb, sn), c0, coef, seg_q, seg_k, mask, seed, p, scale)
     do = grad_out.contiguous()
     delta = (do.float() * out.float()).sum(-1)  # rowsum(dO ∘ O) = Σ_j P_ij dP_ij, dropout included
-    dq, dk, dv = torch.empty_like(qc), torch.empty_like(k), torch.empty_like(v)
-    d_table = torch.zeros_like(table)  # the columns no row reads keep a zero gradient
-    d_coef = qc.new_empty((bsz, n_head, qlen) if coef is not None else (0,), dtype=torch.float32)
+    dq, dk, dv, d_table = _output_like(qc), _output_like(k), _output_like(v), _output_like(table)
+    d_coef = _output_like(qc.new_empty((bsz, n_head, qlen) if coef is not None else (0,), dtype=torch.float32))
     _backward_kv[_grid(klen, "BLOCK_N", bsz * n_head)](
         qc, k, v, *args["tensors"], do, stats, delta, dk, dv, *args["scalars"], **args["flags"])
     _backward_q[_grid(qlen, "BLOCK_M", bsz * n_head)](
