@@ -15,7 +15,10 @@ seen by everyone), perm_mask[i, j] = 1 iff j is a target with rank(j) >= rank(i)
 Memory (plm) is the previous step's `mems`, so every timed step attends over mem + seq keys.
 
 Timing: all implementations of a mode live in one process and their steps are interleaved round by round (the
-machine is shared, so a burst of load hits all of them alike); the table gives the median step. Memory: CPU peak
+machine is shared, so a burst of load hits all of them alike); the table gives the median step. --isolated times
+each implementation alone in fresh processes instead (two per implementation, the second round in reverse order):
+one process shares its allocator's state and the caches between implementations, a user's process holds one.
+glibc malloc is tuned as the xlnet CLI tunes it (xlnet/allocator.py) unless --no-malloc-tune. Memory: CPU peak
 RSS delta (ru_maxrss at the end minus RSS before the model is built) from a fresh subprocess per implementation
 and mode; CUDA torch.cuda.max_memory_allocated in-process.
 
@@ -48,6 +51,7 @@ import time
 
 import torch
 
+from xlnet.allocator import tune_host_allocator
 from xlnet.fast_attention import CORES  # the attention cores a benchmarked implementation can force
 
 # the default set; also "fast_compile" (every block compiled in place, as `xlnet pretrain --compile` does),
@@ -91,9 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     ap.add_argument("--json-out", default=None, help="also write the results as JSON to this file")
     ap.add_argument("--plot", default=None, metavar="PNG", help="also draw tokens/s per mode and implementation")
+    ap.add_argument("--no-malloc-tune", action="store_true",
+                    help="leave glibc malloc at its defaults (the xlnet CLI tunes it: xlnet/allocator.py)")
     ap.add_argument("--profile", default=None, metavar="IMPL",
                     help="after timing, profile 3 steps of IMPL in each mode and print its top kernels")
+    ap.add_argument("--isolated", action="store_true",
+                    help="time each implementation alone in fresh processes (two each, in alternating order) "
+                         "instead of interleaved in one: what a user running one of them sees")
     ap.add_argument("--_memory_child", nargs=2, metavar=("MODE", "IMPL"), help=argparse.SUPPRESS)
+    ap.add_argument("--_time_child", nargs=2, metavar=("MODE", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = args.device == "cuda"
     defaults = dict(precision="bf16" if cuda else "fp32", preset="base" if cuda else "tiny", seq=512 if cuda else 256,
@@ -294,6 +304,35 @@ def sync(dev: str) -> None:
 
 def time_mode(args, mode: str, impls: list[str]) -> tuple[dict[str, float], dict[str, float]]:
     """(median step, wall time of the warm-up steps: torch.compile's cost for the compiled ones)."""
+    if args.isolated:
+        return time_isolated(args, mode, impls)
+    times, warm = time_steps(args, mode, impls)
+    return {impl: statistics.median(ts) for impl, ts in times.items()}, warm
+
+
+def time_isolated(args, mode: str, impls: list[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """Each implementation in a fresh process of its own, twice, the second round in reverse order (drift of
+    the machine spreads over all); the median of all its steps, the first round's warm-up."""
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    warm: dict[str, float] = {}
+    for order in (impls, impls[::-1]):
+        for impl in order:
+            out = child(args, "--_time_child", mode, impl)
+            if out is None:
+                sys.exit(f"throughput.py: timing {impl} ({mode}) in its own process failed (its error is above)")
+            times[impl] += out["times"]
+            warm.setdefault(impl, out["warmup_s"])
+    return {impl: statistics.median(ts) for impl, ts in times.items()}, warm
+
+
+def time_child(args, mode: str, impl: str) -> None:
+    torch.set_num_threads(args.threads)
+    times, warm = time_steps(args, mode, [impl])
+    print(json.dumps({"times": times[impl], "warmup_s": warm[impl]}))
+
+
+def time_steps(args, mode: str, impls: list[str]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Every step time of each implementation (interleaved round by round) and its warm-up's wall time."""
     steps = {impl: build(args, mode, impl) for impl in impls}
     warm = {}
     for impl, step in steps.items():
@@ -311,7 +350,7 @@ def time_mode(args, mode: str, impls: list[str]) -> tuple[dict[str, float], dict
             step()
             sync(args.device)
             times[impl].append(time.perf_counter() - t0)
-    return {impl: statistics.median(ts) for impl, ts in times.items()}, warm
+    return times, warm
 
 
 def profile(args, mode: str, impl: str, top: int = 25) -> None:
@@ -365,15 +404,24 @@ def memory(args, mode: str, impl: str) -> float | None:
             step()
         sync("cuda")
         return torch.cuda.max_memory_allocated() / 2**20
-    cmd = [sys.executable, __file__, "--_memory_child", mode, impl, "--device", args.device,
-           "--preset", args.preset, "--seq", str(args.seq), "--batch", str(args.batch), "--targets",
-           str(args.targets), "--mem", str(args.mem), "--threads", str(args.threads)]
-    cmd += ["--precision", args.precision, "--compile-mode", args.compile_mode] + ["--compile"] * args.compile
+    out = child(args, "--_memory_child", mode, impl)
+    return None if out is None else out["peak_rss_delta_mb"]
+
+
+def child(args, role: str, mode: str, impl: str) -> dict | None:
+    """Run this script as a fresh process in `role` (--_memory_child / --_time_child) with this run's settings;
+    its last output line, parsed (None if it failed: its error is shown)."""
+    cmd = [sys.executable, __file__, role, mode, impl, "--device", args.device, "--preset", args.preset,
+           "--seq", str(args.seq), "--batch", str(args.batch), "--targets", str(args.targets), "--mem",
+           str(args.mem), "--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--precision", args.precision, "--compile-mode", args.compile_mode]
+    cmd += ["--compile"] * args.compile + ["--no-malloc-tune"] * args.no_malloc_tune
+    cmd += ["--activation-checkpointing"] * args.activation_checkpointing
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         print(out.stderr[-2000:], file=sys.stderr)
         return None
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_delta_mb"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def plot(rows: list[dict], meta: dict, path: str) -> None:
@@ -423,8 +471,12 @@ def main(argv=None) -> None:
     """Rows are printed (and --json-out rewritten) as each mode finishes: a run cut short by a time limit (a lent
     GPU's lease) keeps the modes it measured."""
     args = parse_args(argv)
+    malloc_tuned = not args.no_malloc_tune and tune_host_allocator()  # as the CLI runs (both implementations)
     if args._memory_child:
         memory_child(args, *args._memory_child)
+        return
+    if args._time_child:
+        time_child(args, *args._time_child)
         return
     torch.set_num_threads(args.threads)
     if args.device == "cuda":
@@ -439,7 +491,7 @@ def main(argv=None) -> None:
                 preset=args.preset, seq=args.seq, batch=args.batch, targets=args.targets, mem=args.mem,
                 steps=args.steps, compile=args.compile, compile_mode=args.compile_mode,
                 attn_core=os.environ.get("XLNET_ATTN_CORE", "auto"), date=time.strftime("%Y-%m-%d"),
-                load=os.getloadavg()[0])
+                load=os.getloadavg()[0], malloc_tuned=malloc_tuned, isolated=args.isolated)
     if not args.json:
         print_header(args, meta)
     rows = []
@@ -485,10 +537,13 @@ def write_json(path: str, data: dict) -> None:
 
 def print_header(args, meta: dict) -> None:
     mem_name = "peak RSS Δ MiB" if args.device == "cpu" else "max alloc MiB"
+    timing = f"{args.steps} steps in each of 2 processes per implementation" if args.isolated else \
+        f"{args.steps} interleaved steps"
     print(f"# {meta['date']} {meta['machine']}, {args.device}, {args.threads} threads, torch {meta['torch']}; "
           f"preset {args.preset}, seq {args.seq}, batch {args.batch}, targets {args.targets}, mem {args.mem}, "
-          f"median of {args.steps} interleaved steps; load avg {meta['load']:.1f}; compile mode {args.compile_mode}, "
-          f"attention core {meta['attn_core']}; warm-up = the first {args.warmup} steps (compiling, if compiled)")
+          f"median of {timing}; load avg {meta['load']:.1f}; compile mode {args.compile_mode}, "
+          f"attention core {meta['attn_core']}; malloc {'tuned' if meta['malloc_tuned'] else 'default'}; "
+          f"warm-up = the first {args.warmup} steps (compiling, if compiled)")
     print(f"| mode | implementation | step ms | tokens/s | TFLOP/s | MFU | {mem_name} | speed vs HF XLNet "
           f"| memory vs HF XLNet | warm-up s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", flush=True)

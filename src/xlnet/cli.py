@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from xlnet.allocator import tune_host_allocator
 from xlnet.errors import XLNetError
 
 # verb -> (module, one-line help)
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 0
+    tune_host_allocator()  # freed step temporaries stay mapped (xlnet/allocator.py); XLNET_TUNE_MALLOC=0: off
     try:
         code = importlib.import_module(VERBS[args.verb][0]).run(args)
     except XLNetError as e:
