@@ -328,21 +328,29 @@ def time_isolated(args, mode: str, impls: list[str]) -> tuple[dict[str, float], 
 def time_child(args, mode: str, impl: str) -> None:
     torch.set_num_threads(args.threads)
     times, warm = time_steps(args, mode, [impl])
+    if impl not in warm:
+        sys.exit(1)
     print(json.dumps({"times": times[impl], "warmup_s": warm[impl]}))
 
 
 def time_steps(args, mode: str, impls: list[str]) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Every step time of each implementation (interleaved round by round) and its warm-up's wall time."""
-    steps = {impl: build(args, mode, impl) for impl in impls}
-    warm = {}
-    for impl, step in steps.items():
-        sync(args.device)
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        sync(args.device)
-        warm[impl] = time.perf_counter() - t0
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    """Every step time of each implementation (interleaved round by round) and its warm-up's wall time. One that
+    fails to build or warm up (a kernel on an untried GPU, say) is reported and left out; the others go on."""
+    steps, warm = {}, {}
+    for impl in impls:
+        try:
+            step = build(args, mode, impl)
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.warmup):
+                step()
+            sync(args.device)
+        except Exception as e:  # noqa: BLE001  (any failure of one implementation)
+            print(f"# {mode}: {LABELS[impl]} failed and is left out: {type(e).__name__}: {str(e)[:500]}",
+                  file=sys.stderr, flush=True)
+            continue
+        steps[impl], warm[impl] = step, time.perf_counter() - t0
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
     for _ in range(args.steps):  # interleaved rounds
         for impl, step in steps.items():
             sync(args.device)
@@ -512,7 +520,7 @@ def main(argv=None) -> None:
 def measure_mode(args, mode: str, impls: list[str]) -> list[dict]:
     med, warm = time_mode(args, mode, impls)
     rows = []
-    for impl in impls:
+    for impl in med:  # those that ran
         t = med[impl]
         fl = flops(args, mode, impl)
         rows.append(dict(mode=mode, impl=impl, step_s=t, warmup_s=warm[impl], tokens_per_s=args.batch * args.seq / t,

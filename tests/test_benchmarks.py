@@ -1,0 +1,56 @@
+"""benchmarks/throughput.py runs (a device session has minutes, not time to debug it): a smoke run of each timing
+mode, its JSON, and an implementation that fails being left out rather than ending the run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+QUICK = ["--quick", "--modes", "finetune", "--impls", "fast,hf_xlnet", "--no-memory"]
+
+
+@pytest.fixture
+def throughput(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import throughput
+
+    return throughput
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_throughput_quick_run_writes_rows(isolated: bool, tmp_path) -> None:
+    out = tmp_path / "rows.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "throughput.py"), *QUICK, "--json-out", str(out)]
+                         + ["--isolated"] * isolated, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["meta"]["isolated"] == isolated
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert set(rows) == {"fast", "hf_xlnet"}
+    assert all(r["tokens_per_s"] > 0 and r["step_s"] > 0 for r in rows.values())
+    assert rows["fast"]["speed_vs_hf_xlnet"] == pytest.approx(rows["fast"]["tokens_per_s"]
+                                                              / rows["hf_xlnet"]["tokens_per_s"])
+    assert "| finetune | ours (fast) |" in run.stdout
+
+
+def test_failing_implementation_is_left_out(throughput, capsys) -> None:
+    real_build = throughput.build
+
+    def build(args, mode, impl):
+        if impl == "fast":
+            raise RuntimeError("kernel failed to compile")
+        return real_build(args, mode, impl)
+
+    throughput.build = build
+    try:
+        throughput.main(QUICK + ["--steps", "1"])
+    finally:
+        throughput.build = real_build
+    out, err = capsys.readouterr()
+    assert "ours (fast) failed and is left out: RuntimeError: kernel failed to compile" in err
+    assert "| finetune | HF XLNet |" in out and "| finetune | ours (fast) |" not in out
