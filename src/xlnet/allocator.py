@@ -7,7 +7,7 @@ heap once more than twice that threshold is free there, so the next step's buffe
 4 KiB page is a fault that the kernel zero-fills. On the 2-core CPUs here that was 10-30 thousand faults per
 step for the tiny preset (up to a quarter of an inference forward: 86 ms a step, 65 ms without) and over a
 million for the base preset at seq 512 (a fine-tuning step of 8.3 s, 5.6 s without). Serving every block from
-the heap and never trimming it keeps freed memory mapped for the next step; peak RSS moved by 1-4% (it is the
+the heap and never trimming it keeps freed memory mapped for the next step; peak RSS grew by up to 5% (it is the
 same high-water mark), and a process keeps its peak until it exits.
 """
 
