@@ -38,7 +38,7 @@ def test_throughput_quick_run_writes_rows(isolated: bool, tmp_path) -> None:
     assert "| finetune | ours (fast) |" in run.stdout
 
 
-def test_failing_implementation_is_left_out(throughput, capsys) -> None:
+def test_failing_implementation_is_left_out(throughput, capsys, monkeypatch) -> None:
     real_build = throughput.build
 
     def build(args, mode, impl):
@@ -46,11 +46,8 @@ def test_failing_implementation_is_left_out(throughput, capsys) -> None:
             raise RuntimeError("kernel failed to compile")
         return real_build(args, mode, impl)
 
-    throughput.build = build
-    try:
-        throughput.main(QUICK + ["--steps", "1"])
-    finally:
-        throughput.build = real_build
+    monkeypatch.setattr(throughput, "build", build)
+    throughput.main(QUICK + ["--steps", "1"])
     out, err = capsys.readouterr()
     assert "ours (fast) failed and is left out: RuntimeError: kernel failed to compile" in err
     assert "| finetune | HF XLNet |" in out and "| finetune | ours (fast) |" not in out

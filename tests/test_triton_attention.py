@@ -34,7 +34,8 @@ def poisoned_outputs(monkeypatch) -> None:
     columns outside the windows) starts as NaN: an entry a kernel leaves unwritten fails the comparisons."""
     import xlnet.triton_attention as ta
 
-    monkeypatch.setattr(ta, "_output_like", lambda t: torch.full_like(t, float("nan")))
+    real = ta._new_output
+    monkeypatch.setattr(ta, "_new_output", lambda like, shape=None: real(like, shape).fill_(float("nan")))
 
 
 def pair(cls, config: XLNetConfig):

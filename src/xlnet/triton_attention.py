@@ -62,7 +62,7 @@ def tile_meta(kernel: str, tile: tuple) -> dict:
     KEYS_DOWN (its tile transposed, False where the tile does not say)."""
     meta = {"BLOCK_M": tile[0], "BLOCK_N": tile[1]}
     if kernel == "backward_kv":
-        meta["KEYS_DOWN"] = bool(tile[4]) if len(tile) > 4 else False
+        meta["KEYS_DOWN"] = len(tile) > 4 and bool(tile[4])
     return meta
 
 
@@ -371,9 +371,10 @@ def _grid(rows: int, block: str, programs: int):
 # Custom operators (opaque to torch.compile, which traces around them without a graph break), with autograd.
 
 
-def _output_like(t: Tensor) -> Tensor:
-    """An uninitialised buffer shaped like t for a kernel to fill completely (tests poison it with NaN)."""
-    return torch.empty_like(t)
+def _new_output(like: Tensor, shape: tuple[int, ...] | None = None) -> Tensor:
+    """An uninitialised buffer for a kernel to fill completely (tests poison it with NaN): like's shape and
+    layout, or the given shape in float32 (row statistics, the segment coefficient's gradient)."""
+    return torch.empty_like(like) if shape is None else like.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("xlnet::rel_attention", mutates_args=())
@@ -381,8 +382,8 @@ def rel_attention(qc: Tensor, k: Tensor, v: Tensor, table: Tensor, c0: Tensor, c
                   seg_q: Optional[Tensor], seg_k: Optional[Tensor], mask: Optional[Tensor], seed: Tensor, sb: int,
                   sn: int, p: float, scale: float) -> tuple[Tensor, Tensor]:
     bsz, n_head, qlen, _ = qc.shape
-    out = _output_like(qc)
-    stats = _output_like(qc.new_empty((bsz, n_head, 2, qlen), dtype=torch.float32))  # row max, row sum
+    out = _new_output(qc)
+    stats = _new_output(qc, (bsz, n_head, 2, qlen))  # row max, row sum
     args = _launch_args(qc, k.shape[2], table, (sb, sn), c0, coef, seg_q, seg_k, mask, seed, p, scale)
     _forward[_grid(qlen, "BLOCK_M", bsz * n_head)](
         qc, k, v, *args["tensors"], out, stats, *args["scalars"], **args["flags"])
@@ -405,8 +406,8 @@ def rel_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, qc: Ten
     args = _launch_args(qc, klen, table, (sb, sn), c0, coef, seg_q, seg_k, mask, seed, p, scale)
     do = grad_out.contiguous()
     delta = (do.float() * out.float()).sum(-1)  # rowsum(dO ∘ O) = Σ_j P_ij dP_ij, dropout included
-    dq, dk, dv, d_table = _output_like(qc), _output_like(k), _output_like(v), _output_like(table)
-    d_coef = _output_like(qc.new_empty((bsz, n_head, qlen) if coef is not None else (0,), dtype=torch.float32))
+    dq, dk, dv, d_table = _new_output(qc), _new_output(k), _new_output(v), _new_output(table)
+    d_coef = _new_output(qc, (bsz, n_head, qlen) if coef is not None else (0,))
     _backward_kv[_grid(klen, "BLOCK_N", bsz * n_head)](
         qc, k, v, *args["tensors"], do, stats, delta, dk, dv, *args["scalars"], **args["flags"])
     _backward_q[_grid(qlen, "BLOCK_M", bsz * n_head)](
