@@ -39,7 +39,7 @@ def inputs(args, lq: int, content: bool, device: str) -> dict:
     ids = (torch.arange(qlen) >= qlen // 2).long()
     seg_k = torch.cat([torch.zeros(args.mem, dtype=torch.long), ids]).expand(b, klen).to(device)
     seg_q = (ids if content else ids[pos]).expand(b, lq).to(device)
-    mask = torch.where(torch.rand(b, 1, lq, klen, generator=g) < 0.5, -1e30, 0.0)
+    mask = torch.where(torch.rand(b, 1, lq, klen, generator=g) < 0.5, fa.mask_value(dtype), 0.0)
     mask[..., 0] = 0.0
     return dict(qc=rand(b, n, lq, dh), k=rand(b, n, klen, dh), v=rand(b, n, klen, dh),
                 table=rand(b, n, lq, rlen, scale=0.1), coef=rand(b, n, lq, scale=0.1), cols=None if content else cols,
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--mem", type=int, default=384)
     ap.add_argument("--targets", type=int, default=85)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 timed call: a smoke run")
+    ap.add_argument("--profile", action="store_true", help="also each core's top kernels (GPU) or operators (CPU)")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.heads, args.head_dim, args.seq, args.mem, args.targets = 2, 2, 16, 32, 16, 6
@@ -102,6 +103,7 @@ def main() -> None:
           f"mem {args.mem}, P {args.targets}; forward + backward, median of {repeats}")
     print("| stream | core | ms (dropout 0.1) | max rel. grad difference vs sdpa (dropout 0) |")
     print("|---|---|---:|---:|")
+    profiles = []
     for stream, lq in (("content", args.seq), ("query", args.targets)):
         x = inputs(args, lq, stream == "content", args.device)
         ref = grads(sdpa_core, x, 0.0, scale)
@@ -110,7 +112,31 @@ def main() -> None:
                       for a, b in zip(grads(core, x, 0.0, scale), ref))
             ms = timed(core, x, 0.1, scale, args.device, repeats)
             print(f"| {stream} | {core_name} | {ms:.2f} | {err:.1e} |", flush=True)
+            if args.profile:
+                profiles.append((stream, core_name, top_kernels(core, x, 0.1, scale, args.device)))
+    for stream, core_name, rows in profiles:
+        print(f"## {stream} stream, {core_name}: self time per forward + backward call, dropout 0.1")
+        print("\n".join(f"{us:10.1f} us  {name[:90]}" for name, us in rows))
     print_picked_tiles()
+
+
+def top_kernels(core, x: dict, p: float, scale: float, device: str, top: int = 8) -> list[tuple[str, float]]:
+    """The kernels (CUDA) or operators (CPU) that take the most self time in a call, in microseconds per call:
+    where each core's time goes (the Triton kernels one by one, SDPA's kernels and the bias it needs)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = 3
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            grads(core, x, p, scale)
+        if cuda:
+            torch.cuda.synchronize()
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    rows = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / calls)
+            for e in prof.key_averages() if e.device_type == kind]
+    return sorted(rows, key=lambda row: -row[1])[:top]
 
 
 def print_picked_tiles() -> None:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
-# core, the real training loop, largest batch for XLNet-large. The default (`tests triton`) fits one 600 s call;
-# `graph e2e`, `compile`, `cores`, `cudagraphs` are the next ones, one or two per call.
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|cores|cudagraphs|triton|triton_all|e2e|maxbatch]...
+# core, the real training loop, largest batch for XLNet-large. The default (`tests graph`) fits one 600 s call;
+# `kernels e2e`, `compile`, `cores`, `cudagraphs`, `triton` are the next ones, one or two per call.
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|cores|cudagraphs|kernels|triton|triton_all|e2e|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-steps=${*:-tests triton}
+steps=${*:-tests graph}
 for s in $steps; do
   case $s in
     tests) timeout 100 python3 -m pytest -q -m gpu tests --ignore=tests/test_triton_attention.py -p no:cacheprovider \
@@ -30,15 +30,19 @@ for s in $steps; do
     cudagraphs) timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile,hf_xlnet --modes plm,finetune \
              --steps 8 --compile-mode reduce-overhead --no-memory > "$OUT/cudagraphs.txt" 2>&1
            grep '^[|#]' "$OUT/cudagraphs.txt" ;;
+    # the attention core alone, Triton against SDPA, with each core's kernels timed one by one (~1 minute)
+    kernels) timeout 100 python3 benchmarks/attention_kernels.py --profile > "$OUT/kernels.txt" 2>&1
+             grep -v Warning "$OUT/kernels.txt" ;;
     # the fused Triton core (opt-in): its GPU tests (every autotune tile against PyTorch, a bf16 step against SDPA),
     # the core alone against SDPA, then compiled steps with each core interleaved in one process (autotuning on
     # first use; the GPU targets are PLM and fine-tuning; rows print as each mode ends, and an
-    # implementation that fails is left out); sized with `tests` to fit one 600 s call. `triton_all`: the whole
-    # file on real kernels (every model variant: many small shapes, each compiled; a call of its own)
+    # implementation that fails is left out); sized with `tests` to fit one 600 s call (443 s on an H200).
+    # `triton_all`: the whole file on real kernels (every model variant: many small shapes, each compiled)
     triton) timeout 120 python3 -m pytest -q tests/test_triton_attention.py -k "every_autotune_tile or cuda_bf16" \
              -p no:cacheprovider 2>&1 | tail -3 \
              | tee "$OUT/triton_tests.txt"
-           timeout 100 python3 benchmarks/attention_kernels.py 2>&1 | tee "$OUT/kernels.txt" | grep '^[|#]'
+           timeout 100 python3 benchmarks/attention_kernels.py --profile > "$OUT/kernels.txt" 2>&1
+           grep '^[|#]' "$OUT/kernels.txt"
            timeout 270 python3 benchmarks/throughput.py --device cuda --impls fast_compile_triton,fast_compile,hf_xlnet \
              --modes plm,finetune --steps 8 --json-out "$OUT/triton.json" > "$OUT/triton.txt" 2>&1
            grep '^[|#]' "$OUT/triton.txt" ;;

@@ -126,10 +126,18 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     fuses into the pass laying out the position term (a bool select over a score-sized tensor takes about twice
     as long on CPU), and its gradient is the identity, as the reference's `score - 1e30 * mask` (where a whole
     row is masked the softmax is uniform and the gradient still reaches the scores). |score| < 1e22, so a
-    masked entry is exactly -1e30 in float32, as in the reference."""
+    masked entry is exactly -1e30 in float32, as in the reference; in bfloat16 -1e20 (`mask_value`)."""
     if mask is None:
         return None
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -NEG_INF)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, mask_value(dtype))
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """What a masked score becomes. In bfloat16 -1e20, not -1e30: CUDA's memory-efficient SDPA kernel returned NaN
+    gradients for rows whose every key was masked with bf16(-1e30) (the query stream's rank-0 rows), and finite
+    ones, those of the uniform softmax, with -1e10 to -1e25 (H200, torch 2.11). A whole masked row is still
+    uniform: bf16's spacing at 1e20 is 2^59, so -1e20 + score rounds to -1e20."""
+    return -NEG_INF if dtype in (torch.float32, torch.float64) else -1e20
 
 
 class _ShiftMaskQK(torch.autograd.Function):
