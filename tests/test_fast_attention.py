@@ -206,6 +206,19 @@ def test_no_segments_no_mask() -> None:
     assert_close(fast(**x).last_hidden_state, ref(**x).last_hidden_state, "hidden")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_value_keeps_a_fully_masked_row_uniform(dtype: torch.dtype) -> None:
+    """The masked score swallows the score it is added to, so a row with every key masked is the reference's
+    uniform softmax; finite in bf16 (the reference's -1e30 in float32, -1e20 below it: SDPA's NaN, see
+    fast_attention.mask_value)."""
+    from xlnet.fast_attention import mask_value
+
+    scores = (torch.randn(3, 7, generator=torch.Generator().manual_seed(0)) * 100).to(dtype)
+    masked = scores + mask_value(dtype)
+    assert masked.isfinite().all() and (masked == mask_value(dtype)).all()
+    assert mask_value(torch.float32) == -1e30
+
+
 def test_zero_target_row_gives_zero_attention() -> None:
     """A padded slot (zero row of target_mapping): the attention vector is 0, so g = LN(w) after layer 1 etc."""
     ref, fast = pair(XLNetModel, tiny_config(n_layer=1))
