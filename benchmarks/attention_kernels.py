@@ -65,16 +65,27 @@ LEAVES = ("qc", "k", "v", "table", "coef")
 
 def grads(core, x: dict, p: float, scale: float) -> list[torch.Tensor]:
     out = core(x, p, scale)
-    return list(torch.autograd.grad(out.float().square().mean(), [x[k] for k in LEAVES]))
+    return list(torch.autograd.grad(out.float().square().mean(), [x[k] for k in LEAVES if x[k] is not None]))
 
 
-def timed(core, x: dict, p: float, scale: float, device: str, repeats: int) -> float:
+def forward_only(core, x: dict, p: float, scale: float) -> torch.Tensor:
+    with torch.no_grad():
+        return core(x, p, scale)
+
+
+# Triton kernel variants without one feature each (its constexpr switches): their difference to the full
+# kernel is what that feature costs (no hardware counters needed)
+ABLATIONS = {"no dropout": {}, "no segments": dict(coef=None, seg_q=None, seg_k=None), "no mask": dict(mask=None),
+             "no dropout, segments, mask": dict(coef=None, seg_q=None, seg_k=None, mask=None)}
+
+
+def timed(core, x: dict, p: float, scale: float, device: str, repeats: int, run=grads) -> float:
     times = []
     for i in range(repeats + 3):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        grads(core, x, p, scale)
+        run(core, x, p, scale)
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= 3:
@@ -93,6 +104,8 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=85)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, 1 timed call: a smoke run")
     ap.add_argument("--profile", action="store_true", help="also each core's top kernels (GPU) or operators (CPU)")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also forward-only times, and the Triton kernels without dropout, segments or mask")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.heads, args.head_dim, args.seq, args.mem, args.targets = 2, 2, 16, 32, 16, 6
@@ -103,7 +116,7 @@ def main() -> None:
           f"mem {args.mem}, P {args.targets}; forward + backward, median of {repeats}")
     print("| stream | core | ms (dropout 0.1) | max rel. grad difference vs sdpa (dropout 0) |")
     print("|---|---|---:|---:|")
-    profiles = []
+    profiles, ablations = [], []
     for stream, lq in (("content", args.seq), ("query", args.targets)):
         x = inputs(args, lq, stream == "content", args.device)
         ref = grads(sdpa_core, x, 0.0, scale)
@@ -114,6 +127,17 @@ def main() -> None:
             print(f"| {stream} | {core_name} | {ms:.2f} | {err:.1e} |", flush=True)
             if args.profile:
                 profiles.append((stream, core_name, top_kernels(core, x, 0.1, scale, args.device)))
+            if args.ablate:
+                fwd = timed(core, x, 0.1, scale, args.device, repeats, forward_only)
+                ablations.append(f"| {stream} | {core_name} | forward only | {fwd:.2f} | {ms - fwd:.2f} |")
+        if args.ablate:
+            for variant, changes in ABLATIONS.items():
+                p = 0.0 if "dropout" in variant else 0.1
+                ms = timed(triton_core, {**x, **changes}, p, scale, args.device, repeats)
+                ablations.append(f"| {stream} | triton | {variant} | {ms:.2f} | |")
+    if ablations:
+        print("| stream | core | variant | ms | backward ms (the rest) |\n|---|---|---|---:|---:|")
+        print("\n".join(ablations))
     for stream, core_name, rows in profiles:
         print(f"## {stream} stream, {core_name}: self time per forward + backward call, dropout 0.1")
         print("\n".join(f"{us:10.1f} us  {name[:90]}" for name, us in rows))

@@ -30,8 +30,9 @@ for s in $steps; do
     cudagraphs) timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile,hf_xlnet --modes plm,finetune \
              --steps 8 --compile-mode reduce-overhead --no-memory > "$OUT/cudagraphs.txt" 2>&1
            grep '^[|#]' "$OUT/cudagraphs.txt" ;;
-    # the attention core alone, Triton against SDPA, with each core's kernels timed one by one (~1 minute)
-    kernels) timeout 100 python3 benchmarks/attention_kernels.py --profile > "$OUT/kernels.txt" 2>&1
+    # the attention core alone, Triton against SDPA: each core's kernels timed one by one, forward-only times, and
+    # the Triton kernels without dropout, segments or mask (what each feature costs; ~1-2 minutes)
+    kernels) timeout 160 python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1
              grep -v Warning "$OUT/kernels.txt" ;;
     # the fused Triton core (opt-in): its GPU tests (every autotune tile against PyTorch, a bf16 step against SDPA),
     # the core alone against SDPA, then compiled steps with each core interleaved in one process (autotuning on
@@ -41,7 +42,7 @@ for s in $steps; do
     triton) timeout 120 python3 -m pytest -q tests/test_triton_attention.py -k "every_autotune_tile or cuda_bf16" \
              -p no:cacheprovider 2>&1 | tail -3 \
              | tee "$OUT/triton_tests.txt"
-           timeout 100 python3 benchmarks/attention_kernels.py --profile > "$OUT/kernels.txt" 2>&1
+           timeout 100 python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1
            grep '^[|#]' "$OUT/kernels.txt"
            timeout 270 python3 benchmarks/throughput.py --device cuda --impls fast_compile_triton,fast_compile,hf_xlnet \
              --modes plm,finetune --steps 8 --json-out "$OUT/triton.json" > "$OUT/triton.txt" 2>&1

@@ -1,9 +1,10 @@
-"""benchmarks/throughput.py runs (a device session has minutes, not time to debug it): a smoke run of each timing
-mode, its JSON, and an implementation that fails being left out rather than ending the run."""
+"""The benchmarks run (a device session has minutes, not time to debug them): throughput.py's timing modes, its
+JSON, an implementation that fails being left out rather than ending the run; attention_kernels.py on CPU."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,16 @@ def test_failing_implementation_is_left_out(throughput, capsys, monkeypatch) -> 
     out, err = capsys.readouterr()
     assert "ours (fast) failed and is left out: RuntimeError: kernel failed to compile" in err
     assert "| finetune | HF XLNet |" in out and "| finetune | ours (fast) |" not in out
+
+
+def test_attention_kernels_quick_run_under_the_interpreter() -> None:
+    """attention_kernels.py end to end on CPU (Triton's interpreter): both cores, the kernel profile and the
+    ablations (the Triton kernels without dropout, segments, mask) that a GPU session reads."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "attention_kernels.py"), "--device", "cpu", "--quick",
+                          "--profile", "--ablate"], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for row in ("| content | triton |", "| query | sdpa |", "## content stream, triton:", "| forward only |",
+                "| content | triton | no dropout, segments, mask |"):
+        assert row in run.stdout, row
