@@ -237,7 +237,7 @@ class FastInputs:
     klen: int
     core: str  # "manual" | "math" | "sdpa" | "triton" (pick_core)
     windows: bool = True  # bidirectional table (R = K + L): every row's K distances lie inside it, unclamped
-    mask_h: Tensor | None = None  # [B|1, 1, L, K] additive: mask_value where masked, else 0 (scores. dtype)
+    mask_h: Tensor | None = None  # [B|1, 1, L, K] additive: mask_value where masked, else 0 (the scores' dtype)
     mask_g: Tensor | None = None  # [B|1, 1, P, K] the same for the query stream
     # segments: one-hots [B, 1, Lq|K, C] (float) for the manual core, which folds them into q·k; ids [B, 1, Lq, 1]
     # and [B, 1, 1, K] for the others, which add the segment term to the bias
