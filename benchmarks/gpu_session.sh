@@ -7,6 +7,8 @@ set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 steps=${*:-tests graph}
+# the attention core alone (attention_kernels.py, with its kernel profile and ablations) under a time limit
+kernels() { timeout "$1" python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1; }
 for s in $steps; do
   case $s in
     tests) timeout 100 python3 -m pytest -q -m gpu tests --ignore=tests/test_triton_attention.py -p no:cacheprovider \
@@ -32,8 +34,7 @@ for s in $steps; do
            grep '^[|#]' "$OUT/cudagraphs.txt" ;;
     # the attention core alone, Triton against SDPA: each core's kernels timed one by one, forward-only times, and
     # the Triton kernels without dropout, segments or mask (what each feature costs; ~1-2 minutes)
-    kernels) timeout 160 python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1
-             grep -v Warning "$OUT/kernels.txt" ;;
+    kernels) kernels 160; grep -v Warning "$OUT/kernels.txt" ;;
     # the fused Triton core (opt-in): its GPU tests (every autotune tile against PyTorch, a bf16 step against SDPA),
     # the core alone against SDPA, then compiled steps with each core interleaved in one process (autotuning on
     # first use; the GPU targets are PLM and fine-tuning; rows print as each mode ends, and an
@@ -42,8 +43,7 @@ for s in $steps; do
     triton) timeout 120 python3 -m pytest -q tests/test_triton_attention.py -k "every_autotune_tile or cuda_bf16" \
              -p no:cacheprovider 2>&1 | tail -3 \
              | tee "$OUT/triton_tests.txt"
-           timeout 100 python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1
-           grep '^[|#]' "$OUT/kernels.txt"
+           kernels 100; grep '^[|#]' "$OUT/kernels.txt"
            timeout 270 python3 benchmarks/throughput.py --device cuda --impls fast_compile_triton,fast_compile,hf_xlnet \
              --modes plm,finetune --steps 8 --json-out "$OUT/triton.json" > "$OUT/triton.txt" 2>&1
            grep '^[|#]' "$OUT/triton.txt" ;;

@@ -528,11 +528,10 @@ def measure_mode(args, mode: str, impls: list[str]) -> list[dict]:
                          mfu=(fl / t / 1e12 / args.peak_tflops if args.device == "cuda" else None),
                          memory_mb=None if args.no_memory else memory(args, mode, impl)))
     ref = next((r for r in rows if r["impl"] == "hf_xlnet"), None)
-    for r in rows:
-        if ref:
-            r["speed_vs_hf_xlnet"] = r["tokens_per_s"] / ref["tokens_per_s"]
-            if r["memory_mb"] is not None and ref["memory_mb"]:
-                r["memory_vs_hf_xlnet"] = r["memory_mb"] / ref["memory_mb"]
+    for r in rows if ref else []:
+        r["speed_vs_hf_xlnet"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        if r["memory_mb"] is not None and ref["memory_mb"]:
+            r["memory_vs_hf_xlnet"] = r["memory_mb"] / ref["memory_mb"]
     return rows
 
 
