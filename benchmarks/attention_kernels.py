@@ -48,9 +48,9 @@ def inputs(args, lq: int, content: bool, device: str) -> dict:
 
 def sdpa_core(x: dict, p: float, scale: float) -> torch.Tensor:
     b, n, lq, rlen = x["table"].shape
-    geom = (b, n, n * lq * rlen, lq * rlen, x["klen"])
+    geom = (b, n, 1, n * lq * rlen, lq * rlen, lq * rlen, x["klen"])  # one block of rows per (b, n) pair
     same = (x["seg_q"][:, None, :, None] == x["seg_k"][:, None, None, :]).to(x["qc"].dtype)
-    bias = fa.position_bias(x["table"], geom, lq, x["cols"], (x["coef"], same), x["mask"], scale, True)
+    bias = fa.position_bias(x["table"][:, :, None], geom, lq, x["cols"], (x["coef"], same), x["mask"], scale, True)
     return F.scaled_dot_product_attention(x["qc"], x["k"], x["v"], attn_mask=bias, dropout_p=p, scale=scale)
 
 

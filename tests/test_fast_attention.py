@@ -97,13 +97,16 @@ def test_uni_same_length_query_stream_grads_when_every_row_sees_a_key() -> None:
     assert_grads_close(ref, fast)
 
 
+@pytest.mark.parametrize("rows", [32, 3])
 @pytest.mark.parametrize("variant", ["bi", "uni", "bi_data"])
 @pytest.mark.parametrize("core", ["manual", "math", "sdpa"])
-def test_both_cores_match_reference(core: str, variant: str, monkeypatch) -> None:
-    """The CPU training core and the SDPA core (CUDA's; on CPU its math kernel) give the reference's numbers."""
+def test_both_cores_match_reference(core: str, variant: str, rows: int, monkeypatch) -> None:
+    """The CPU training core and the SDPA core (CUDA's; on CPU its math kernel) give the reference's numbers, with
+    the content stream's distance table in one block (L = 9 rows) and in blocks of 3 rows (fast_attention.row_block)."""
     import xlnet.fast_attention as fa
 
     monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: core)
+    monkeypatch.setitem(fa.ROW_BLOCK, "cpu", rows)
     config = tiny_config(mem_len=12, **CONFIGS[variant])
     ref, fast = pair(XLNetLMHeadModel, config)
     mems = [torch.randn(B, 5, config.d_model) for _ in range(config.n_layer)]
@@ -155,12 +158,16 @@ def test_compiles_as_one_graph_and_matches_reference() -> None:
 
 
 @pytest.mark.parametrize("variant", list(CONFIGS))
-def test_compiled_blocks_share_one_graph_and_match_reference(variant: str) -> None:
+def test_compiled_blocks_share_one_graph_and_match_reference(variant: str, monkeypatch) -> None:
     """Regional compilation (training.compile_blocks, what `--compile` does): every block is compiled in place,
     the blocks share their graphs (one for the inner blocks, one for the final block, which computes only the
-    query stream), the core is the traceable one, and numbers and gradients are the reference's."""
+    query stream), the core is the traceable one, and numbers and gradients are the reference's (the distance
+    table in blocks of 3 rows)."""
     from torch._dynamo.utils import counters
 
+    import xlnet.fast_attention as fa
+
+    monkeypatch.setitem(fa.ROW_BLOCK, "cpu", 3)
     config = tiny_config(mem_len=12, n_layer=4, **CONFIGS[variant])
     ref, fast = pair(XLNetLMHeadModel, config)
     torch._dynamo.reset()
@@ -177,6 +184,56 @@ def test_compiled_blocks_share_one_graph_and_match_reference(variant: str) -> No
     assert_close(f.logits, r.logits, "logits")
     r.loss.backward(), f.loss.backward()
     assert_grads_close(ref, fast)
+
+
+def test_row_block() -> None:
+    """The largest divisor of L from half the device's target to the target; one block when there is none."""
+    from xlnet.fast_attention import row_block
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [row_block(n, cpu) for n in (256, 512, 9, 100, 48, 254, 1)] == [32, 32, 9, 25, 24, 254, 1]
+    assert [row_block(n, cuda) for n in (512, 384, 96)] == [64, 64, 48]
+
+
+@pytest.mark.parametrize("bi_data", [False, True])
+@pytest.mark.parametrize("rows", [12, 6, 4, 1])
+@pytest.mark.parametrize("kind", ["scores", "bias"])
+def test_blocked_position_term_matches_rel_shift(kind: str, rows: int, bi_data: bool) -> None:
+    """distance_scores in blocks of rows + _ShiftMaskQK (the manual core's scores; the SDPA core's bias with the
+    segment term) equal the reference's rel_shift of the whole table plus mask (and q·k or segment term), forward
+    and every gradient (float64)."""
+    import xlnet.fast_attention as fa
+    from xlnet.model import rel_shift
+
+    g = torch.Generator().manual_seed(rows)
+    bsz, n, dh, qlen, mlen, scale = 2, 3, 5, 12, 7, 0.25
+    klen, rlen = qlen + mlen, 2 * qlen + mlen
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    q_r, k_r = rand(bsz, qlen, n, dh), rand(bsz if bi_data else 1, rlen, n, dh)
+    qc, kc, coef = rand(bsz, n, qlen, dh), rand(bsz, n, klen, dh), rand(bsz, n, qlen)
+    same = (torch.rand(bsz, 1, qlen, klen, generator=g) < 0.5).double()
+    mask = torch.where(torch.rand(bsz, 1, qlen, klen, generator=g) < 0.3, fa.mask_value(torch.float64), 0.0)
+    table, strides = fa.distance_scores(q_r, k_r, rows)
+    geom = (bsz, n, qlen // rows, *strides, klen)
+    flat = table.view(-1, rows, table.shape[-1])
+    ref = rel_shift(torch.einsum("bind,bjnd->bnij", q_r, k_r.expand(bsz, -1, -1, -1)), klen) + mask
+    if kind == "scores":
+        out = fa._ShiftMaskQK.apply(flat, mask, fa.flat3(qc), fa.flat3(kc), scale, geom)
+        ref = ref + scale * qc @ kc.transpose(-1, -2)
+    else:
+        out = fa._ShiftMaskQK.apply(flat, mask, None, None, scale, geom, coef, same)
+        ref = ref + coef[..., None] * same
+    assert out.shape == (bsz, n, qlen, klen) and out.is_contiguous()
+    weight = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    leaves = [q_r, k_r, *((qc, kc) if kind == "scores" else (coef,))]
+    got = torch.autograd.grad((out * weight).sum(), leaves)
+    want = torch.autograd.grad((ref * weight).sum(), leaves)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-9)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_inference_no_grad_matches_reference() -> None:

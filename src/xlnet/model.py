@@ -124,9 +124,9 @@ def rel_shift(bd: Tensor, klen: int) -> Tensor:
     """Turn scores against the distance table [.., L, R] into scores by key [.., L, K], entry (i, j) holding
     distance mlen + i - j. Row i of the table starts at distance klen, so key j sits at column L - i + j;
     viewing the buffer with one row fewer slides row i left by L - i without a gather."""
-    b, n, qlen, rlen = bd.shape
-    bd = bd.reshape(b, n, rlen, qlen)[:, :, 1:, :]
-    return bd.reshape(b, n, qlen, rlen - 1)[..., :klen]
+    *lead, qlen, rlen = bd.shape
+    bd = bd.reshape(*lead, rlen, qlen)[..., 1:, :]
+    return bd.reshape(*lead, qlen, rlen - 1)[..., :klen]
 
 
 # ---------------------------------------------------------------------------------------------------------------
