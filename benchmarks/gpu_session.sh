@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
 # core, the real training loop, largest batch for XLNet-large. The default (`tests graph`) fits one 600 s call;
-# `kernels e2e`, `compile`, `cores`, `cudagraphs`, `triton` are the next ones, one or two per call.
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|cores|cudagraphs|kernels|triton|triton_all|e2e|maxbatch]...
+# `rows kernels`, `e2e`, `compile`, `cores`, `cudagraphs`, `triton` are the next ones, one or two per call.
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -24,6 +24,11 @@ for s in $steps; do
     # A/B: compiled blocks against the whole model as one graph (a cold whole-graph compile took over 2 minutes)
     graph) timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile,fast_compile_graph \
              --modes plm,finetune --steps 8 --no-memory > "$OUT/graph.txt" 2>&1; grep '^[|#]' "$OUT/graph.txt" ;;
+    # A/B of the content stream's distance table in blocks of rows (one table on CUDA until this has run; 32-row
+    # blocks on CPU: 2-11% faster there), eager and compiled, in one process
+    rows) timeout 400 python3 benchmarks/throughput.py --device cuda \
+             --impls fast,fast_rows64,fast_compile,fast_compile_rows64,fast_compile_rows128 --modes plm,finetune \
+             --steps 8 --no-memory --json-out "$OUT/rows.json" > "$OUT/rows.txt" 2>&1; grep '^[|#]' "$OUT/rows.txt" ;;
     # A/B for the compiled step, in one process: the math core (inductor's softmax/dropout, cuBLAS products, no bias
     # gradient from SDPA) against SDPA's memory-efficient kernel
     cores) timeout 480 python3 benchmarks/throughput.py --device cuda --impls fast_compile_math,fast_compile,hf_xlnet \

@@ -57,14 +57,18 @@ from xlnet.fast_attention import CORES  # the attention cores a benchmarked impl
 # the default set; also "fast_compile" (every block compiled in place, as `xlnet pretrain --compile` does),
 # "fast_compile_graph" (the whole model as one graph: the A/B for regional compilation), and any of ours with a
 # core suffix, e.g. "fast_compile_triton", "fast_compile_math" (that attention core for that implementation's steps
-# only: an A/B of cores in one process)
+# only: an A/B of cores in one process) or a row-block suffix, e.g. "fast_compile_rows64" (the content stream's
+# distance table in blocks of 64 rows, fast_attention.row_block; "rows0": one block)
 IMPLS = ["fast", "reference", "hf_xlnet", "hf_bert"]
+ROWS = (0, 16, 32, 64, 128)  # the row-block suffixes
 LABELS = {"fast": "ours (fast)", "fast_compile": "ours (fast, compiled)",
           "fast_compile_graph": "ours (fast, compiled as one graph)", "reference": "ours (reference)",
           "hf_xlnet": "HF XLNet", "hf_bert": "HF BERT"}
 for _impl in ("fast", "fast_compile", "fast_compile_graph"):
     for _core in CORES:
         LABELS[f"{_impl}_{_core}"] = f"{LABELS[_impl][:-1]}, {_core} core)"
+    for _rows in ROWS:
+        LABELS[f"{_impl}_rows{_rows}"] = f"{LABELS[_impl][:-1]}, {f'rows {_rows}' if _rows else 'one table'})"
 OURS = ("fast", "fast_compile", "fast_compile_graph", "reference")
 MODES = ["plm", "finetune", "infer"]
 
@@ -172,17 +176,24 @@ def our_config(args, impl: str):
                                    summary_last_dropout=0.1, num_labels=2)
 
 
-def with_core(step, core: str):
-    """step with the attention core forced while it runs (the core is picked per forward, outside the compiled
-    blocks, so the implementations of one process can differ in it)."""
+def with_setting(step, core: str | None = None, rows: int | None = None):
+    """step with the attention core or the content stream's row block forced while it runs (both are picked per
+    forward and read as constants by the compiled blocks, which recompile for each value: the implementations of
+    one process can differ in them)."""
     import xlnet.fast_attention as fa
 
     def run():
-        saved, fa.FORCED_CORE = fa.FORCED_CORE, core
+        saved = fa.FORCED_CORE, dict(fa.ROW_BLOCK)
+        if core is not None:
+            fa.FORCED_CORE = core
+        if rows is not None:
+            fa.ROW_BLOCK.update({"cpu": rows, "cuda": rows})
         try:
             step()
         finally:
-            fa.FORCED_CORE = saved
+            fa.FORCED_CORE = saved[0]
+            fa.ROW_BLOCK.clear()
+            fa.ROW_BLOCK.update(saved[1])
     return run
 
 
@@ -190,9 +201,11 @@ def build(args, mode: str, impl: str):
     """A zero-argument `step` for this mode and implementation (a training step, or an inference forward)."""
     import transformers
 
-    base, _, core = impl.rpartition("_")
-    if core in CORES and base in OURS:
-        return with_core(build(args, mode, base), core)
+    base, _, suffix = impl.rpartition("_")
+    if suffix in CORES and base in OURS:
+        return with_setting(build(args, mode, base), core=suffix)
+    if suffix.startswith("rows") and base in OURS:
+        return with_setting(build(args, mode, base), rows=int(suffix[4:]))
 
     torch.manual_seed(0)
     dev = args.device

@@ -186,12 +186,16 @@ def test_compiled_blocks_share_one_graph_and_match_reference(variant: str, monke
     assert_grads_close(ref, fast)
 
 
-def test_row_block() -> None:
+def test_row_block(monkeypatch) -> None:
     """The largest divisor of L from half the device's target to the target; one block when there is none."""
     from xlnet.fast_attention import row_block
 
+    import xlnet.fast_attention as fa
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [row_block(n, cpu) for n in (256, 512, 9, 100, 48, 254, 1)] == [32, 32, 9, 25, 24, 254, 1]
+    assert row_block(512, cuda) == 512  # no target: one block
+    monkeypatch.setitem(fa.ROW_BLOCK, "cuda", 64)
     assert [row_block(n, cuda) for n in (512, 384, 96)] == [64, 64, 48]
 
 

@@ -260,6 +260,7 @@ class FastInputs:
 
     klen: int
     core: str  # "manual" | "math" | "sdpa" | "triton" (pick_core)
+    rows: int  # query rows per block of the content stream's distance table (row_block; L: one block)
     windows: bool = True  # bidirectional table (R = K + L): every row's K distances lie inside it, unclamped
     mask_h: Tensor | None = None  # [B|1, 1, L, K] additive: mask_value where masked, else 0 (the scores' dtype)
     mask_g: Tensor | None = None  # [B|1, 1, P, K] the same for the query stream
@@ -293,7 +294,9 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
     core = pick_core(device, compiled)
     if core == "triton" and not windows:  # its kernel reads unclamped windows
         core = "sdpa" if device.type == "cuda" else "math"
-    out = FastInputs(klen=klen, core=core, windows=windows,
+    # picked here, outside the compiled blocks, which read it as a constant (as the core)
+    rows = row_block(qlen, device) if windows and core != "triton" else qlen
+    out = FastInputs(klen=klen, core=core, rows=rows, windows=windows,
                      mask_h=None if mask_h is None else additive_mask(mask_h[:, None], score_dtype))
     pos = None
     if target_mapping is not None:
@@ -347,16 +350,18 @@ def pick_core(device: torch.device, compiled: bool = False) -> str:
     return "math" if compiled else "manual"
 
 
-ROW_BLOCK = {"cpu": 32, "cuda": 64}  # target rows per block of the content stream's distance table (row_block)
+# target rows per block of the content stream's distance table (row_block); a device not listed takes one block:
+# on CUDA blocks are untimed (the A/B is `benchmarks/gpu_session.sh rows`)
+ROW_BLOCK = {"cpu": 32}
 
 
 def row_block(qlen: int, device: torch.device) -> int:
     """Query rows per block of the content stream's distance table: the largest divisor of qlen between half the
-    device's target and the target (qlen, one block, when there is none). Rows i of a block of c read distances
+    device's target and the target (qlen, one block, when there is none or no target). Rows i of a block of c read distances
     i - j from a window of K + c of the K + L table rows, so blocks cut the position term's product from L·(K + L)
     to L·(K + c) dot products (37% fewer at L = K = 256, c = 32; its product took 8.1 ms -> 4.0 per layer,
     forward and backward, on 2 CPU cores)."""
-    target = ROW_BLOCK.get(device.type, ROW_BLOCK["cuda"])
+    target = ROW_BLOCK.get(device.type, 0)
     for rows in range(min(target, qlen), max(target // 2, 1) - 1, -1):
         if qlen % rows == 0:
             return rows
@@ -411,11 +416,12 @@ def position_bias(table: Tensor, geom: tuple[int, ...], qlen: int, shift: Tensor
 
 def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: Tensor, k_r: Tensor,
                 seg_q: Tensor | None, seg_k: Tensor | None, mask: Tensor | None, shift: Tensor | None, klen: int,
-                core: str, windows: bool) -> Tensor:
+                core: str, windows: bool, rows: int | None = None) -> Tensor:
     """q [B, Lq, n, dh] (Lq = L for the content stream, P target slots for the query stream); coef [B, Lq, n]
     the segment coefficient (q + b)·(s_same - s_diff) (None without segments); k, v [B, n, K, dh]; k_r
     [B|1, R, n, dh]; seg_q, seg_k, mask as in FastInputs; shift None (content: row i reads
-    distance i - j through rel_shift) or [B, 1, Lq, K] gather columns. -> [B, Lq, n, dh]."""
+    distance i - j through rel_shift, with the table in blocks of `rows` rows; None: one block) or [B, 1, Lq, K]
+    gather columns. -> [B, Lq, n, dh]."""
     bsz, qlen, n_head, d_head = q.shape
     scale = attn.scale
     q_r = (q + attn.r_r_bias) * scale
@@ -431,8 +437,7 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
         # the kernel compares the ids itself; the bias takes same = [seg_i = seg_j] [B, 1, Lq, K]
         seg = (coef_s,) if core == "triton" else (coef_s, (seg_q == seg_k).to(q.dtype))
     p = attn.dropatt.p if attn.training else 0.0
-    # the content stream's table in blocks of rows (the triton kernel reads one whole table per (b, n) pair)
-    rows = row_block(qlen, q.device) if shift is None and windows and core != "triton" else qlen
+    rows = qlen if rows is None else rows
     table, strides = distance_scores(q_r, k_r, rows)
     geom = (bsz, n_head, qlen // rows, *strides, klen)
     qc, kc = qc.to(table.dtype), kc.to(table.dtype)  # under autocast the biases made them float32
@@ -536,7 +541,7 @@ def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, f
             shift = distance_columns(torch.arange(start, qlen, device=x.device)[None], qlen, klen, k_r.shape[1])
             shift = shift.expand(bsz, -1, -1, -1)
         attn_h = fast_attend(attn, q_h, coef_h, k, v, k_r, seg_q, fast.seg_k, mask, shift, klen, fast.core,
-                             fast.windows)
+                             fast.windows, None if start else fast.rows)
         vec[:n_h].view(bsz, rows, n, dh).copy_(attn_h)
     if g is not None:
         n_pred = g.shape[1]
