@@ -469,9 +469,13 @@ def test_relative_attention_module_fast_forward() -> None:
 
 
 @pytest.mark.parametrize("two_stream", [True, False])
-def test_manual_core_under_cpu_bf16_autocast(two_stream: bool) -> None:
+def test_manual_core_under_cpu_bf16_autocast(two_stream: bool, monkeypatch) -> None:
     """`--precision bf16` on CPU: the manual core's in-place product takes bf16 q/k (the r_w_bias and segment
-    terms come out float32 under autocast) and gives the reference's loss to bf16 accuracy."""
+    terms come out float32 under autocast) and gives the reference's loss to bf16 accuracy (the distance table in
+    blocks of 3 rows)."""
+    import xlnet.fast_attention as fa
+
+    monkeypatch.setitem(fa.ROW_BLOCK, "cpu", 3)
     config = tiny_config(mem_len=12)
     ref, fast = pair(XLNetLMHeadModel, config)
     x = inputs(two_stream=two_stream)
@@ -498,6 +502,7 @@ def test_sdpa_core_bias_in_autocast_dtype_and_head_dim(monkeypatch) -> None:
         return call
 
     monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "sdpa")
+    monkeypatch.setitem(fa.ROW_BLOCK, "cpu", 3)  # the content stream's table in blocks of 3 rows
     monkeypatch.setattr(fa, "masked_bias", spied(fa.masked_bias, biases))  # query stream
     monkeypatch.setattr(fa._ShiftMaskQK, "apply", spied(fa._ShiftMaskQK.apply, biases))  # content stream
     monkeypatch.setattr(fa.F, "scaled_dot_product_attention", spied(F.scaled_dot_product_attention, heads))
