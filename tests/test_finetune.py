@@ -412,3 +412,81 @@ def test_compiled_training_step_learns_like_eager(lm_dir, tmp_path):
     assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5), losses
     assert runs[1]["dev"]["metrics"]["accuracy"] == runs[0]["dev"]["metrics"]["accuracy"]
     assert runs[1]["config"]["compile"] == "true"
+
+
+def left_padded(lengths: list[tuple[int, int]], max_len: int, choices: int = 0) -> dict[str, torch.Tensor]:
+    """Features of `A <sep> B <sep> <cls>` rows (A, B of the given lengths), left-padded to max_len; with choices,
+    [B / choices, choices, L] as the RACE featurizer lays them out."""
+    rows = [T.layout(list(range(10, 10 + a)), list(range(60, 60 + b)), max_len) for a, b in lengths]
+    batch = {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+    return {k: v.view(-1, choices, max_len) for k, v in batch.items()} if choices else batch
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+@pytest.mark.parametrize("head", ["classification", "race"])
+def test_trimmed_padding_gives_the_full_width_outputs(head: str, impl: str):
+    """Batches of the <cls> heads drop the positions that are padding in every row: the logits are the full
+    width's (positions are relative and no real token attends to a padded key), for a batch of classification
+    rows and of multiple-choice rows ([B, choices, L]); a batch with no all-padding column is left as it is."""
+    from xlnet.finetune import trim_padding
+    from xlnet.heads import XLNetForMultipleChoice, XLNetForSequenceClassification
+
+    torch.manual_seed(0)
+    config = XLNetConfig(**TINY, attn_impl=impl, num_labels=3)
+    lengths = [(3, 4), (6, 2), (5, 5), (2, 2)]
+    if head == "race":
+        batch, model = left_padded(lengths, 24, choices=2), XLNetForMultipleChoice(config).eval()
+    else:
+        batch, model = left_padded(lengths, 24), XLNetForSequenceClassification(config).eval()
+    trimmed = trim_padding(batch)
+    longest = max(a + b + 3 for a, b in lengths)
+    assert {k: v.shape[-1] for k, v in trimmed.items()} == dict.fromkeys(batch, longest)
+    assert (trimmed["attention_mask"][..., 0] == 1).any()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**trimmed).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+    assert trim_padding(trimmed) is trimmed
+
+
+def test_predict_trims_in_length_order_and_returns_rows_in_order(lm_dir, tmp_path):
+    """Prediction of a <cls> task sorts rows by length (tight batches, each trimmed) and hands the outputs back in
+    the split's order: the same logits as untrimmed batches in file order."""
+    from xlnet.finetune import Split, predict
+
+    cfg = cfg_for(lm_dir, tmp_path, "classification", tmp_path, eval_batch_size=3, precision="fp32")
+    model = build_model(cfg, T.get_task("classification"), ["a", "b"]).eval()
+    lengths = [(2, 3), (9, 6), (4, 1), (1, 1), (7, 7), (3, 3), (8, 2)]
+    tensors = {**left_padded(lengths, 32), "labels": torch.zeros(len(lengths), dtype=torch.long)}
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
+
+    def split(trimmable: bool) -> Split:
+        return Split(tmp_path, [], False, tensors, True, lambda out, d: {}, trimmable=trimmable)
+
+    full, trimmed = predict(model, split(False), cfg, torch.device("cpu")), predict(model, split(True), cfg,
+                                                                                    torch.device("cpu"))
+    assert seen == [32, 32, 32, 18, 9, 5]  # longest first, lengths 18, 17, 13 | 9, 8, 8 | 5
+    torch.testing.assert_close(trimmed["logits"], full["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_trimmed_batches_matches_full_width(lm_dir, tmp_path, monkeypatch):
+    """Fine-tuning a <cls> task trains on trimmed batches (narrower than max_seq_len), with the full-width run's
+    losses to within float reassociation (dropout 0) and its dev accuracy."""
+    import xlnet.finetune as FT
+
+    data = jsonl_data(tmp_path / "data", keyword="banana", n_train=32, n_dev=16)
+    widths, losses, runs = [], [], []
+    inputs = FT.model_inputs
+
+    def spy(batch, device, train):
+        widths.append(batch["input_ids"].shape[1])
+        return inputs(batch, device, train)
+    monkeypatch.setattr(FT, "model_inputs", spy)
+    for trim in (True, False):
+        monkeypatch.setattr(FT, "trims", lambda model, split, on=trim: on and split.trimmable)
+        runs.append(finetune(cfg_for(lm_dir, tmp_path / str(trim), "classification", data, epochs=2, dropout=0.0,
+                                     max_seq_len=48)))
+        rows = (tmp_path / str(trim) / "out" / "metrics.jsonl").read_text().splitlines()
+        losses.append([r["loss"] for r in map(json.loads, rows) if r["split"] == "train"])
+    assert max(widths[:len(widths) // 2]) < 48 and set(widths[len(widths) // 2:]) == {48}
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5), losses
+    assert runs[0]["dev"]["metrics"]["accuracy"] == runs[1]["dev"]["metrics"]["accuracy"]

@@ -166,6 +166,7 @@ class Split:
     tensors: dict[str, Tensor]
     labeled: bool
     write_predictions: Callable[[dict[str, Tensor], Path], dict[str, Path]]
+    trimmable: bool = False  # the task's head reads only <cls>: batches may drop all-padding positions
 
     @property
     def rows(self) -> int:
@@ -210,7 +211,8 @@ def load_split(spec: T.TaskSpec, path: Path, tok: Tokenizer, cfg: FinetuneConfig
         ids = [e.qid for e in examples]
         writer = lambda out, d: write_squad(feats, out, d)
     labeled = is_labeled(spec, examples, tensors)
-    return Split(path, ids, len(examples) < len(everything), tensors, labeled, writer)
+    return Split(path, ids, len(examples) < len(everything), tensors, labeled, writer,
+                 trimmable=spec.kind in ("classification", "regression", "race"))
 
 
 def is_labeled(spec: T.TaskSpec, examples: list, tensors: dict[str, Tensor]) -> bool:
@@ -337,12 +339,35 @@ def save_model_dir(model: nn.Module, directory: Path, tok: Tokenizer, meta: dict
 # prediction and scoring (shared with `xlnet evaluate --model`)
 
 
-def batches(tensors: dict[str, Tensor], size: int, generator: torch.Generator | None = None):
+TRIMMED = ("input_ids", "token_type_ids", "attention_mask")  # the per-position inputs of the <cls> heads' tasks
+
+
+def batches(tensors: dict[str, Tensor], size: int, generator: torch.Generator | None = None,
+            order: Tensor | None = None, trim: bool = False):
+    """Rows in `order` (default: shuffled by generator, else in order), `size` at a time; trim: without the
+    positions that are padding in every row of the batch (`trim_padding`)."""
     n = next(iter(tensors.values())).shape[0]
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if order is None:
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, size):
         idx = order[start : start + size]
-        yield {k: v[idx] for k, v in tensors.items()}
+        batch = {k: v[idx] for k, v in tensors.items()}
+        yield trim_padding(batch) if trim else batch
+
+
+def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the leading positions that are padding in every row (features are left-padded, `<cls>` last). For the
+    heads that read only `<cls>` this is the full width's result (no real token attends to a padded key, and
+    positions are relative), at the cost of the batch's longest row instead of max_seq_len."""
+    mask = batch["attention_mask"]
+    first = int(mask.reshape(-1, mask.shape[-1]).amax(0).argmax())  # the first position holding a real token
+    return batch if first == 0 else {k: v[..., first:] if k in TRIMMED else v for k, v in batch.items()}
+
+
+def trims(model: nn.Module, split: Split) -> bool:
+    """Whether batches of this split drop their all-padding positions: only for the <cls> heads, and not under
+    compiled blocks (every new length would compile them again)."""
+    return split.trimmable and not getattr(getattr(model, "transformer", model), "blocks_compiled", False)
 
 
 def model_inputs(batch: dict[str, Tensor], device: torch.device, train: bool) -> dict[str, Tensor]:
@@ -359,7 +384,12 @@ def predict(model: nn.Module, split: Split, cfg: FinetuneConfig, device: torch.d
     model.eval()
     keep = ("logits", "start_top_log_probs", "start_top_index", "end_top_log_probs", "end_top_index", "cls_logits")
     parts: dict[str, list[Tensor]] = {}
-    for batch in batches(split.tensors, cfg.eval_batch_size):
+    trim = trims(model, split)
+    order = None
+    if trim:  # longest first, so that each batch's rows are of about one length; outputs are put back in order
+        lengths = split.tensors["attention_mask"].flatten(1).sum(1)
+        order = torch.sort(lengths, descending=True, stable=True).indices
+    for batch in batches(split.tensors, cfg.eval_batch_size, order=order, trim=trim):
         with TR.autocast(device, cfg.precision):
             out = model(**model_inputs(batch, device, train=False))
         for key in keep:
@@ -367,7 +397,10 @@ def predict(model: nn.Module, split: Split, cfg: FinetuneConfig, device: torch.d
             if value is not None:
                 parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
     model.train(was_training)
-    return {k: torch.cat(v) for k, v in parts.items()}
+    result = {k: torch.cat(v) for k, v in parts.items()}
+    if order is not None:
+        result = {k: torch.empty_like(v).index_copy_(0, order, v) for k, v in result.items()}
+    return result
 
 
 def score(model: nn.Module, split: Split, spec: T.TaskSpec, cfg: FinetuneConfig, labels: list[str] | None,
@@ -424,10 +457,11 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
     best: dict[str, Any] | None = None
     step = 0
     TR.maybe_compile(model, cfg.compile, device)
+    trim = trims(model, train)
     model.train()
     try:
         while step < total:
-            for batch in batches(train.tensors, cfg.batch_size, gen):
+            for batch in batches(train.tensors, cfg.batch_size, gen, trim=trim):
                 with TR.autocast(device, cfg.precision):
                     loss = model(**model_inputs(batch, device, train=True)).loss
                 if not torch.isfinite(loss):
