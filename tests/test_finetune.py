@@ -490,3 +490,41 @@ def test_training_on_trimmed_batches_matches_full_width(lm_dir, tmp_path, monkey
     assert max(widths[:len(widths) // 2]) < 48 and set(widths[len(widths) // 2:]) == {48}
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-5), losses
     assert runs[0]["dev"]["metrics"]["accuracy"] == runs[1]["dev"]["metrics"]["accuracy"]
+
+
+def test_length_grouped_order():
+    """--group-by-length: every row once per epoch, each run of 50 batches' worth sorted longest first, batches
+    much narrower than uniformly shuffled ones; a task whose head reads every position refuses the option."""
+    from xlnet.finetune import length_grouped_order
+
+    g = torch.Generator().manual_seed(0)
+    lengths = (5 + 195 * torch.rand(1000, generator=g) ** 3).long()  # mostly short, a long tail (as text is)
+    order = length_grouped_order(lengths, 8, g, group=10)
+    assert sorted(order.tolist()) == list(range(1000))
+    for run in order.split(80):
+        assert (lengths[run].diff() <= 0).all()
+
+    def widths(o):  # the sum over batches of the longest row
+        return sum(int(lengths[b].max()) for b in o.split(8))
+    assert widths(order) < 0.5 * widths(torch.randperm(1000, generator=g))
+    with pytest.raises(XLNetError, match="group_by_length applies to the classification, regression, race tasks"):
+        resolve_config(FinetuneConfig(task="squad2", group_by_length=True), T.get_task("squad2"))
+
+
+def test_group_by_length_trains_on_narrower_batches(lm_dir, tmp_path, monkeypatch):
+    """A fine-tuning run with --group-by-length: as many steps, narrower batches than uniformly shuffled ones."""
+    import xlnet.finetune as FT
+
+    data = jsonl_data(tmp_path / "data", keyword="banana", n_train=64, n_dev=16)
+    widths: dict[bool, list[int]] = {True: [], False: []}
+    inputs = FT.model_inputs
+    for grouped in (True, False):
+        def spy(batch, device, train, out=widths[grouped]):
+            if train:
+                out.append(batch["input_ids"].shape[1])
+            return inputs(batch, device, train)
+        monkeypatch.setattr(FT, "model_inputs", spy)
+        run = finetune(cfg_for(lm_dir, tmp_path / str(grouped), "classification", data, epochs=2, batch_size=4,
+                               max_seq_len=48, group_by_length=grouped))
+        assert run["config"]["group_by_length"] == grouped and run["dev"]["metrics"]["accuracy"] >= 0
+    assert len(widths[True]) == len(widths[False]) == 32 and sum(widths[True]) < sum(widths[False])
