@@ -423,19 +423,23 @@ def left_padded(lengths: list[tuple[int, int]], max_len: int, choices: int = 0) 
 
 
 @pytest.mark.parametrize("impl", ["fast", "reference"])
-@pytest.mark.parametrize("head", ["classification", "race"])
+@pytest.mark.parametrize("head", ["classification", "race", "tokens"])
 def test_trimmed_padding_gives_the_full_width_outputs(head: str, impl: str):
-    """Batches of the <cls> heads drop the positions that are padding in every row: the logits are the full
-    width's (positions are relative and no real token attends to a padded key), for a batch of classification
-    rows and of multiple-choice rows ([B, choices, L]); a batch with no all-padding column is left as it is."""
+    """Batches drop the positions that are padding in every row: the logits are the full width's (positions are
+    relative and no real token attends to a padded key), for classification rows, multiple-choice rows
+    ([B, choices, L]) and tagging (every remaining position's logits, per-position labels trimmed alike; the
+    loss is the same); a batch with no all-padding column is left as it is."""
     from xlnet.finetune import trim_padding
-    from xlnet.heads import XLNetForMultipleChoice, XLNetForSequenceClassification
+    from xlnet.heads import XLNetForMultipleChoice, XLNetForSequenceClassification, XLNetForTokenClassification
 
     torch.manual_seed(0)
     config = XLNetConfig(**TINY, attn_impl=impl, num_labels=3)
     lengths = [(3, 4), (6, 2), (5, 5), (2, 2)]
     if head == "race":
         batch, model = left_padded(lengths, 24, choices=2), XLNetForMultipleChoice(config).eval()
+    elif head == "tokens":
+        batch, model = left_padded(lengths, 24), XLNetForTokenClassification(config).eval()
+        batch["labels"] = torch.where(batch["attention_mask"] == 1, batch["input_ids"] % 3, -100)
     else:
         batch, model = left_padded(lengths, 24), XLNetForSequenceClassification(config).eval()
     trimmed = trim_padding(batch)
@@ -443,7 +447,11 @@ def test_trimmed_padding_gives_the_full_width_outputs(head: str, impl: str):
     assert {k: v.shape[-1] for k, v in trimmed.items()} == dict.fromkeys(batch, longest)
     assert (trimmed["attention_mask"][..., 0] == 1).any()
     with torch.no_grad():
-        torch.testing.assert_close(model(**trimmed).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
+        short, full = model(**trimmed), model(**batch)
+    want = full.logits[:, -longest:] if head == "tokens" else full.logits
+    torch.testing.assert_close(short.logits, want, rtol=1e-5, atol=1e-5)
+    if head == "tokens":
+        torch.testing.assert_close(short.loss, full.loss, rtol=1e-5, atol=1e-6)
     assert trim_padding(trimmed) is trimmed
 
 
@@ -459,13 +467,21 @@ def test_predict_trims_in_length_order_and_returns_rows_in_order(lm_dir, tmp_pat
     seen = []
     model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
 
-    def split(trimmable: bool) -> Split:
-        return Split(tmp_path, [], False, tensors, True, lambda out, d: {}, trimmable=trimmable)
+    def split(trimmable: bool, **kw) -> Split:
+        return Split(tmp_path, [], False, tensors, True, lambda out, d: {}, trimmable=trimmable, **kw)
 
     full, trimmed = predict(model, split(False), cfg, torch.device("cpu")), predict(model, split(True), cfg,
                                                                                     torch.device("cpu"))
     assert seen == [32, 32, 32, 18, 9, 5]  # longest first, lengths 18, 17, 13 | 9, 8, 8 | 5
     torch.testing.assert_close(trimmed["logits"], full["logits"], rtol=1e-5, atol=1e-5)
+
+    # tagging: per-position logits come back at the full width, each real position's as untrimmed
+    tagger = build_model(cfg, T.get_task("conll"), ["O", "B-X", "I-X"]).eval()
+    full, trimmed = (predict(tagger, split(t, per_position=("logits",)), cfg, torch.device("cpu"))["logits"]
+                     for t in (False, True))
+    real = tensors["attention_mask"].bool()
+    assert trimmed.shape == full.shape == (len(lengths), 32, 3)
+    torch.testing.assert_close(trimmed[real], full[real], rtol=1e-5, atol=1e-5)
 
 
 def test_training_on_trimmed_batches_matches_full_width(lm_dir, tmp_path, monkeypatch):
@@ -507,7 +523,7 @@ def test_length_grouped_order():
     def widths(o):  # the sum over batches of the longest row
         return sum(int(lengths[b].max()) for b in o.split(8))
     assert widths(order) < 0.5 * widths(torch.randperm(1000, generator=g))
-    with pytest.raises(XLNetError, match="group_by_length applies to the classification, regression, race tasks"):
+    with pytest.raises(XLNetError, match="group_by_length applies to the classification, regression, race, tokens tasks"):
         resolve_config(FinetuneConfig(task="squad2", group_by_length=True), T.get_task("squad2"))
 
 

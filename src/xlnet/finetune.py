@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xlnet import tasks as T
@@ -58,7 +59,9 @@ NOT_INPUTS = ("window_index", "word_ids")
 # What a fine-tuned directory records beside the weights (read back by `xlnet evaluate --model`).
 META_FILE = "finetune.json"
 META_FIELDS = ("task", "max_seq_len", "doc_stride", "max_query_len")
-CLS_KINDS = ("classification", "regression", "race")  # the tasks whose head reads only <cls>
+# the tasks whose batches may drop the positions that are padding in every row: the heads that read only <cls>,
+# and tagging (each real token's output is the same without them); not SQuAD, whose labels are positions
+TRIM_KINDS = ("classification", "regression", "race", "tokens")
 # Tokenizer settings that travel with spiece.model (ours, then HF's).
 TOKENIZER_SETTINGS = ("tokenizer.json", "tokenizer_config.json")
 
@@ -115,8 +118,8 @@ def resolve_config(cfg: FinetuneConfig, spec: T.TaskSpec) -> FinetuneConfig:
               (0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1], got {cfg.layer_decay}"),
               (0 <= cfg.warmup_frac < 1, f"warmup_frac must be in [0, 1), got {cfg.warmup_frac}"),
               (cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
-              (not cfg.group_by_length or spec.kind in CLS_KINDS,
-               f"group_by_length applies to the {', '.join(CLS_KINDS)} tasks, not {spec.kind}")]
+              (not cfg.group_by_length or spec.kind in TRIM_KINDS,
+               f"group_by_length applies to the {', '.join(TRIM_KINDS)} tasks, not {spec.kind}")]
     for ok, message in checks:
         if not ok:
             raise XLNetError(f"invalid FinetuneConfig: {message}")
@@ -172,7 +175,8 @@ class Split:
     tensors: dict[str, Tensor]
     labeled: bool
     write_predictions: Callable[[dict[str, Tensor], Path], dict[str, Path]]
-    trimmable: bool = False  # the task's head reads only <cls>: batches may drop all-padding positions
+    trimmable: bool = False  # batches may drop all-padding positions (TRIM_KINDS)
+    per_position: tuple[str, ...] = ()  # outputs with a position dim (tagging's logits), padded back when trimmed
 
     @property
     def rows(self) -> int:
@@ -218,7 +222,7 @@ def load_split(spec: T.TaskSpec, path: Path, tok: Tokenizer, cfg: FinetuneConfig
         writer = lambda out, d: write_squad(feats, out, d)
     labeled = is_labeled(spec, examples, tensors)
     return Split(path, ids, len(examples) < len(everything), tensors, labeled, writer,
-                 trimmable=spec.kind in CLS_KINDS)
+                 trimmable=spec.kind in TRIM_KINDS, per_position=("logits",) if spec.kind == "tokens" else ())
 
 
 def is_labeled(spec: T.TaskSpec, examples: list, tensors: dict[str, Tensor]) -> bool:
@@ -345,9 +349,6 @@ def save_model_dir(model: nn.Module, directory: Path, tok: Tokenizer, meta: dict
 # prediction and scoring (shared with `xlnet evaluate --model`)
 
 
-TRIMMED = ("input_ids", "token_type_ids", "attention_mask")  # the per-position inputs of the <cls> heads' tasks
-
-
 def batches(tensors: dict[str, Tensor], size: int, generator: torch.Generator | None = None,
             order: Tensor | None = None, trim: bool = False):
     """Rows in `order` (default: shuffled by generator, else in order), `size` at a time; trim: without the
@@ -362,12 +363,15 @@ def batches(tensors: dict[str, Tensor], size: int, generator: torch.Generator | 
 
 
 def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Drop the leading positions that are padding in every row (features are left-padded, `<cls>` last). For the
-    heads that read only `<cls>` this is the full width's result (no real token attends to a padded key, and
-    positions are relative), at the cost of the batch's longest row instead of max_seq_len."""
+    """Drop the leading positions that are padding in every row (features are left-padded, `<cls>` last) from
+    every per-position tensor (those shaped as attention_mask: ids, segments, tagging labels). Each real token's
+    output is then the full width's (no real token attends to a padded key, and positions are relative), at the
+    cost of the batch's longest row instead of max_seq_len."""
     mask = batch["attention_mask"]
     first = int(mask.reshape(-1, mask.shape[-1]).amax(0).argmax())  # the first position holding a real token
-    return batch if first == 0 else {k: v[..., first:] if k in TRIMMED else v for k, v in batch.items()}
+    if first == 0:
+        return batch
+    return {k: v[..., first:] if v.shape == mask.shape else v for k, v in batch.items()}
 
 
 def length_grouped_order(lengths: Tensor, batch_size: int, generator: torch.Generator, group: int = 50) -> Tensor:
@@ -384,8 +388,8 @@ def row_lengths(split: Split) -> Tensor:
 
 
 def trims(model: nn.Module, split: Split) -> bool:
-    """Whether batches of this split drop their all-padding positions: only for the <cls> heads, and not under
-    compiled blocks (every new length would compile them again)."""
+    """Whether batches of this split drop their all-padding positions: for TRIM_KINDS, and not under compiled
+    blocks (every new length would compile them again)."""
     return split.trimmable and not getattr(getattr(model, "transformer", model), "blocks_compiled", False)
 
 
@@ -407,13 +411,17 @@ def predict(model: nn.Module, split: Split, cfg: FinetuneConfig, device: torch.d
     order = None
     if trim:  # longest first, so that each batch's rows are of about one length; outputs are put back in order
         order = torch.sort(row_lengths(split), descending=True, stable=True).indices
+    width = split.tensors["attention_mask"].shape[-1]
     for batch in batches(split.tensors, cfg.eval_batch_size, order=order, trim=trim):
         with TR.autocast(device, cfg.precision):
             out = model(**model_inputs(batch, device, train=False))
         for key in keep:
             value = getattr(out, key)
-            if value is not None:
-                parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
+            if value is None:
+                continue
+            if key in split.per_position:  # back to the full width (zeros where the batch was trimmed)
+                value = F.pad(value, (0, 0, width - value.shape[1], 0))
+            parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
     model.train(was_training)
     result = {k: torch.cat(v) for k, v in parts.items()}
     if order is not None:
