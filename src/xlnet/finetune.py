@@ -81,7 +81,7 @@ class FinetuneConfig:
     max_query_len: int = 0  # SQuAD question / RACE question+option tokens; 0 = the task's default (64 / 128)
     batch_size: int = 32
     eval_batch_size: int = 64
-    # <cls> tasks: each batch from rows of similar length (shuffled runs of 50 batches' worth of rows, each sorted
+    # TRIM_KINDS: each batch from rows of similar length (shuffled runs of 50 batches' worth of rows, each sorted
     # by length): cheaper batches, a less random order; off = uniformly shuffled batches
     group_by_length: bool = False
     epochs: int = 3
