@@ -368,10 +368,15 @@ def test_fused_dropouts_are_unbiased() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_fast_close_to_reference() -> None:
+@pytest.mark.parametrize("rows", [0, 3])
+def test_cuda_bf16_fast_close_to_reference(rows: int, monkeypatch) -> None:
     """bf16 autocast on the CUDA core against the float32 reference: logits, and every parameter gradient finite
     and within bf16 rounding. The inputs have query rows with every key masked (rank 0 in the order, no mems):
-    with the reference's -1e30 as a bf16 bias, the memory-efficient kernel's backward gave NaN there."""
+    with the reference's -1e30 as a bf16 bias, the memory-efficient kernel's backward gave NaN there. The
+    content stream's distance table in one product (CUDA's default) and in blocks of 3 rows."""
+    import xlnet.fast_attention as fa
+
+    monkeypatch.setitem(fa.ROW_BLOCK, "cuda", rows)
     config = tiny_config(mem_len=12)
     ref, fast = pair(XLNetLMHeadModel, config)
     ref, fast = ref.cuda(), fast.cuda()
@@ -394,12 +399,17 @@ def test_cuda_bf16_fast_close_to_reference() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [0, 3])
 @pytest.mark.parametrize("head", ["lm", "classification"])
 @pytest.mark.parametrize("variant", ["bi", "uni", "bi_data"])
-def test_cuda_fast_training_matches_reference_fp32(variant: str, head: str) -> None:
+def test_cuda_fast_training_matches_reference_fp32(variant: str, head: str, rows: int, monkeypatch) -> None:
     """The CUDA core (SDPA with the masked position bias, its gradient through the bias) in float32 against the
     reference on the same GPU: logits, mems and every parameter gradient, with memory, padding, segments; the
-    PLM head (final layer without content stream) and a classification head (final layer at <cls> only)."""
+    PLM head (final layer without content stream) and a classification head (final layer at <cls> only); the
+    content stream's distance table in one product (CUDA's default) and in blocks of 3 rows."""
+    import xlnet.fast_attention as fa
+
+    monkeypatch.setitem(fa.ROW_BLOCK, "cuda", rows)
     torch.backends.cuda.matmul.allow_tf32 = False
     config = tiny_config(mem_len=12, **CONFIGS[variant])
     lm = head == "lm"
