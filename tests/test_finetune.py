@@ -456,8 +456,9 @@ def test_trimmed_padding_gives_the_full_width_outputs(head: str, impl: str):
 
 
 def test_predict_trims_in_length_order_and_returns_rows_in_order(lm_dir, tmp_path):
-    """Prediction of a <cls> task sorts rows by length (tight batches, each trimmed) and hands the outputs back in
-    the split's order: the same logits as untrimmed batches in file order."""
+    """Prediction sorts rows by length (tight batches, each trimmed) and hands the outputs back in the split's
+    order: the same logits as untrimmed batches in file order; tagging's logits at the full width, SQuAD's beam
+    positions in full-width coordinates."""
     from xlnet.finetune import Split, predict
 
     cfg = cfg_for(lm_dir, tmp_path, "classification", tmp_path, eval_batch_size=3, precision="fp32")
@@ -482,6 +483,19 @@ def test_predict_trims_in_length_order_and_returns_rows_in_order(lm_dir, tmp_pat
     real = tensors["attention_mask"].bool()
     assert trimmed.shape == full.shape == (len(lengths), 32, 3)
     torch.testing.assert_close(trimmed[real], full[real], rtol=1e-5, atol=1e-5)
+
+    # SQuAD: the beam's positions come back in full-width coordinates
+    from xlnet.finetune import SQUAD_POSITION_OUTPUTS, SQUAD_POSITIONS
+
+    reader = build_model(cfg, T.get_task("squad2"), None).eval()
+    squad = {**tensors, "p_mask": 1.0 - tensors["attention_mask"].float(),
+             "cls_index": torch.full((len(lengths),), 31)}
+    full, trimmed = (predict(reader, Split(tmp_path, [], False, squad, True, lambda out, d: {}, trimmable=t,
+                                           positions=SQUAD_POSITIONS, position_outputs=SQUAD_POSITION_OUTPUTS),
+                             cfg, torch.device("cpu")) for t in (False, True))
+    assert set(trimmed) == set(full) >= {"start_top_index", "end_top_index", "cls_logits"}
+    for key in full:
+        torch.testing.assert_close(trimmed[key], full[key], rtol=1e-5, atol=1e-5)
 
 
 def test_training_on_trimmed_batches_matches_full_width(lm_dir, tmp_path, monkeypatch):
@@ -510,7 +524,7 @@ def test_training_on_trimmed_batches_matches_full_width(lm_dir, tmp_path, monkey
 
 def test_length_grouped_order():
     """--group-by-length: every row once per epoch, each run of 50 batches' worth sorted longest first, batches
-    much narrower than uniformly shuffled ones; a task whose head reads every position refuses the option."""
+    much narrower than uniformly shuffled ones."""
     from xlnet.finetune import length_grouped_order
 
     g = torch.Generator().manual_seed(0)
@@ -523,8 +537,6 @@ def test_length_grouped_order():
     def widths(o):  # the sum over batches of the longest row
         return sum(int(lengths[b].max()) for b in o.split(8))
     assert widths(order) < 0.5 * widths(torch.randperm(1000, generator=g))
-    with pytest.raises(XLNetError, match="group_by_length applies to the classification, regression, race, tokens tasks"):
-        resolve_config(FinetuneConfig(task="squad2", group_by_length=True), T.get_task("squad2"))
 
 
 def test_group_by_length_trains_on_narrower_batches(lm_dir, tmp_path, monkeypatch):
@@ -544,3 +556,35 @@ def test_group_by_length_trains_on_narrower_batches(lm_dir, tmp_path, monkeypatc
                                max_seq_len=48, group_by_length=grouped))
         assert run["config"]["group_by_length"] == grouped and run["dev"]["metrics"]["accuracy"] >= 0
     assert len(widths[True]) == len(widths[False]) == 32 and sum(widths[True]) < sum(widths[False])
+
+
+@pytest.mark.parametrize("impl", ["fast", "reference"])
+def test_trimmed_squad_batches_shift_positions(impl: str):
+    """SQuAD batches drop their all-padding positions too: cls_index and the answer span shift with them (the
+    same training loss), and the beam's positions shifted back are the full width's, with the same log-probs
+    and answer-class logits."""
+    from xlnet.finetune import SQUAD_POSITIONS, trim_padding
+    from xlnet.heads import XLNetForQuestionAnswering
+
+    torch.manual_seed(0)
+    model = XLNetForQuestionAnswering(XLNetConfig(**TINY, attn_impl=impl, dropout=0.0)).eval()
+    lengths = [(9, 3), (5, 4), (11, 2)]
+    batch = left_padded(lengths, 32)
+    width, real = 32, batch["attention_mask"].sum(1)
+    batch["p_mask"] = (torch.arange(width) < width - real[:, None]).float()  # padding may not be an answer
+    batch["cls_index"] = torch.full((3,), width - 1)
+    batch["start_positions"] = width - real + torch.tensor([1, 0, 2])
+    batch["end_positions"] = batch["start_positions"] + torch.tensor([2, 1, 0])
+    batch["is_impossible"] = torch.zeros(3)
+    trimmed = trim_padding(batch, SQUAD_POSITIONS)
+    dropped = width - trimmed["input_ids"].shape[1]
+    assert dropped == width - int(real.max()) and (trimmed["cls_index"] == width - 1 - dropped).all()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**trimmed).loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
+        beam = ("start_positions", "end_positions", "is_impossible")
+        short = model(**{k: v for k, v in trimmed.items() if k not in beam})
+        full = model(**{k: v for k, v in batch.items() if k not in beam})
+    for key in ("start_top_log_probs", "end_top_log_probs", "cls_logits"):
+        torch.testing.assert_close(getattr(short, key), getattr(full, key), rtol=1e-5, atol=1e-5)
+    for key in ("start_top_index", "end_top_index"):
+        assert torch.equal(getattr(short, key) + dropped, getattr(full, key)), key

@@ -59,9 +59,9 @@ NOT_INPUTS = ("window_index", "word_ids")
 # What a fine-tuned directory records beside the weights (read back by `xlnet evaluate --model`).
 META_FILE = "finetune.json"
 META_FIELDS = ("task", "max_seq_len", "doc_stride", "max_query_len")
-# the tasks whose batches may drop the positions that are padding in every row: the heads that read only <cls>,
-# and tagging (each real token's output is the same without them); not SQuAD, whose labels are positions
-TRIM_KINDS = ("classification", "regression", "race", "tokens")
+# SQuAD's tensors that hold positions (shifted when a batch drops its leading padding): inputs, then outputs
+SQUAD_POSITIONS = ("cls_index", "start_positions", "end_positions")
+SQUAD_POSITION_OUTPUTS = ("start_top_index", "end_top_index")
 # Tokenizer settings that travel with spiece.model (ours, then HF's).
 TOKENIZER_SETTINGS = ("tokenizer.json", "tokenizer_config.json")
 
@@ -81,8 +81,8 @@ class FinetuneConfig:
     max_query_len: int = 0  # SQuAD question / RACE question+option tokens; 0 = the task's default (64 / 128)
     batch_size: int = 32
     eval_batch_size: int = 64
-    # TRIM_KINDS: each batch from rows of similar length (shuffled runs of 50 batches' worth of rows, each sorted
-    # by length): cheaper batches, a less random order; off = uniformly shuffled batches
+    # each training batch from rows of similar length (shuffled runs of 50 batches' worth of rows, each sorted by
+    # length): cheaper batches, a less random order; off = uniformly shuffled batches
     group_by_length: bool = False
     epochs: int = 3
     max_steps: int = 0  # 0 = run `epochs`
@@ -117,9 +117,7 @@ def resolve_config(cfg: FinetuneConfig, spec: T.TaskSpec) -> FinetuneConfig:
               (cfg.epochs > 0 or cfg.max_steps > 0, "needs epochs > 0 or max_steps > 0"),
               (0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1], got {cfg.layer_decay}"),
               (0 <= cfg.warmup_frac < 1, f"warmup_frac must be in [0, 1), got {cfg.warmup_frac}"),
-              (cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
-              (not cfg.group_by_length or spec.kind in TRIM_KINDS,
-               f"group_by_length applies to the {', '.join(TRIM_KINDS)} tasks, not {spec.kind}")]
+              (cfg.lr > 0, f"lr must be positive, got {cfg.lr}")]
     for ok, message in checks:
         if not ok:
             raise XLNetError(f"invalid FinetuneConfig: {message}")
@@ -175,8 +173,13 @@ class Split:
     tensors: dict[str, Tensor]
     labeled: bool
     write_predictions: Callable[[dict[str, Tensor], Path], dict[str, Path]]
-    trimmable: bool = False  # batches may drop all-padding positions (TRIM_KINDS)
-    per_position: tuple[str, ...] = ()  # outputs with a position dim (tagging's logits), padded back when trimmed
+    # How batches may drop the positions that are padding in every row (`trim_padding`): whether they may, the
+    # tensors holding positions (shifted), the outputs with a position dim (tagging's logits: padded back to the
+    # full width) and the outputs holding positions (SQuAD's beam: shifted back)
+    trimmable: bool = False
+    positions: tuple[str, ...] = ()
+    per_position: tuple[str, ...] = ()
+    position_outputs: tuple[str, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -221,8 +224,10 @@ def load_split(spec: T.TaskSpec, path: Path, tok: Tokenizer, cfg: FinetuneConfig
         ids = [e.qid for e in examples]
         writer = lambda out, d: write_squad(feats, out, d)
     labeled = is_labeled(spec, examples, tensors)
-    return Split(path, ids, len(examples) < len(everything), tensors, labeled, writer,
-                 trimmable=spec.kind in TRIM_KINDS, per_position=("logits",) if spec.kind == "tokens" else ())
+    squad = spec.kind == "squad"
+    return Split(path, ids, len(examples) < len(everything), tensors, labeled, writer, trimmable=True,
+                 positions=SQUAD_POSITIONS if squad else (), per_position=("logits",) if spec.kind == "tokens" else (),
+                 position_outputs=SQUAD_POSITION_OUTPUTS if squad else ())
 
 
 def is_labeled(spec: T.TaskSpec, examples: list, tensors: dict[str, Tensor]) -> bool:
@@ -350,28 +355,30 @@ def save_model_dir(model: nn.Module, directory: Path, tok: Tokenizer, meta: dict
 
 
 def batches(tensors: dict[str, Tensor], size: int, generator: torch.Generator | None = None,
-            order: Tensor | None = None, trim: bool = False):
+            order: Tensor | None = None, trim: bool = False, positions: tuple[str, ...] = ()):
     """Rows in `order` (default: shuffled by generator, else in order), `size` at a time; trim: without the
-    positions that are padding in every row of the batch (`trim_padding`)."""
+    positions that are padding in every row of the batch (`trim_padding`, shifting the `positions` tensors)."""
     n = next(iter(tensors.values())).shape[0]
     if order is None:
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, size):
         idx = order[start : start + size]
         batch = {k: v[idx] for k, v in tensors.items()}
-        yield trim_padding(batch) if trim else batch
+        yield trim_padding(batch, positions) if trim else batch
 
 
-def trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+def trim_padding(batch: dict[str, Tensor], positions: tuple[str, ...] = ()) -> dict[str, Tensor]:
     """Drop the leading positions that are padding in every row (features are left-padded, `<cls>` last) from
-    every per-position tensor (those shaped as attention_mask: ids, segments, tagging labels). Each real token's
-    output is then the full width's (no real token attends to a padded key, and positions are relative), at the
-    cost of the batch's longest row instead of max_seq_len."""
+    every per-position tensor (those shaped as attention_mask: ids, segments, SQuAD's p_mask, tagging labels),
+    and shift the tensors that hold positions (SQuAD's cls_index and answer span). Each real token's output is
+    then the full width's (no real token attends to a padded key, and positions are relative), at the cost of the
+    batch's longest row instead of max_seq_len."""
     mask = batch["attention_mask"]
     first = int(mask.reshape(-1, mask.shape[-1]).amax(0).argmax())  # the first position holding a real token
     if first == 0:
         return batch
-    return {k: v[..., first:] if v.shape == mask.shape else v for k, v in batch.items()}
+    return {k: v[..., first:] if v.shape == mask.shape else v - first if k in positions else v
+            for k, v in batch.items()}
 
 
 def length_grouped_order(lengths: Tensor, batch_size: int, generator: torch.Generator, group: int = 50) -> Tensor:
@@ -388,8 +395,8 @@ def row_lengths(split: Split) -> Tensor:
 
 
 def trims(model: nn.Module, split: Split) -> bool:
-    """Whether batches of this split drop their all-padding positions: for TRIM_KINDS, and not under compiled
-    blocks (every new length would compile them again)."""
+    """Whether batches of this split drop their all-padding positions: not under compiled blocks (every new
+    length would compile them again)."""
     return split.trimmable and not getattr(getattr(model, "transformer", model), "blocks_compiled", False)
 
 
@@ -412,15 +419,18 @@ def predict(model: nn.Module, split: Split, cfg: FinetuneConfig, device: torch.d
     if trim:  # longest first, so that each batch's rows are of about one length; outputs are put back in order
         order = torch.sort(row_lengths(split), descending=True, stable=True).indices
     width = split.tensors["attention_mask"].shape[-1]
-    for batch in batches(split.tensors, cfg.eval_batch_size, order=order, trim=trim):
+    for batch in batches(split.tensors, cfg.eval_batch_size, order=order, trim=trim, positions=split.positions):
         with TR.autocast(device, cfg.precision):
             out = model(**model_inputs(batch, device, train=False))
+        dropped = width - batch["attention_mask"].shape[-1]  # leading positions trimmed off this batch
         for key in keep:
             value = getattr(out, key)
             if value is None:
                 continue
             if key in split.per_position:  # back to the full width (zeros where the batch was trimmed)
-                value = F.pad(value, (0, 0, width - value.shape[1], 0))
+                value = F.pad(value, (0, 0, dropped, 0))
+            elif key in split.position_outputs:
+                value = value + dropped
             parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
     model.train(was_training)
     result = {k: torch.cat(v) for k, v in parts.items()}
@@ -489,7 +499,8 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
     try:
         while step < total:
             order = None if lengths is None else length_grouped_order(lengths, cfg.batch_size, gen)
-            for batch in batches(train.tensors, cfg.batch_size, gen, order=order, trim=trim):
+            for batch in batches(train.tensors, cfg.batch_size, gen, order=order, trim=trim,
+                                 positions=train.positions):
                 with TR.autocast(device, cfg.precision):
                     loss = model(**model_inputs(batch, device, train=True)).loss
                 if not torch.isfinite(loss):
