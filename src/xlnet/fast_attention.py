@@ -440,18 +440,19 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     rows = qlen if rows is None else rows
     table, strides = distance_scores(q_r, k_r, rows)
     geom = (bsz, n_head, qlen // rows, *strides, klen)
+    blocks = table.view(-1, rows, table.shape[-1])  # each (b, n, block)'s distance rows, in order
     qc, kc = qc.to(table.dtype), kc.to(table.dtype)  # under autocast the biases made them float32
     if core == "triton":  # (only given the bidirectional table: fast_inputs)
         from xlnet.triton_attention import triton_attention
 
         c0 = (qlen - torch.arange(qlen, device=q.device))[None] if shift is None else shift[:, 0, :, 0]
         ids = (seg_q[:, 0, :, 0], seg_k[:, 0, 0, :]) if seg else (None, None)
-        out = triton_attention(qc, kc, v.to(table.dtype), table.view(-1, qlen, table.shape[-1]), strides[:2], c0,
-                               seg[0] if seg else None, *ids, mask, p, scale)
+        out = triton_attention(qc, kc, v.to(table.dtype), blocks, strides[:2], c0, seg[0] if seg else None, *ids,
+                               mask, p, scale)  # (one block: rows = qlen)
         return out.transpose(1, 2)
     if core == "manual" and shift is None and windows:
         # the position term read by distance i - j, masked, plus the content/segment product: one fresh tensor
-        score = _ShiftMaskQK.apply(table.view(-1, rows, table.shape[-1]), mask, flat3(qc), flat3(kc), scale, geom)
+        score = _ShiftMaskQK.apply(blocks, mask, flat3(qc), flat3(kc), scale, geom)
     else:
         bias = position_bias(table, geom, qlen, shift, seg, mask, scale, windows)
         if core == "sdpa":

@@ -62,6 +62,9 @@ META_FIELDS = ("task", "max_seq_len", "doc_stride", "max_query_len")
 # SQuAD's tensors that hold positions (shifted when a batch drops its leading padding): inputs, then outputs
 SQUAD_POSITIONS = ("cls_index", "start_positions", "end_positions")
 SQUAD_POSITION_OUTPUTS = ("start_top_index", "end_top_index")
+# per task kind, how its batches' trimming touches more than the per-position inputs (Split's fields)
+TRIM_SPECS = {"squad": dict(positions=SQUAD_POSITIONS, position_outputs=SQUAD_POSITION_OUTPUTS),
+              "tokens": dict(per_position=("logits",))}
 # Tokenizer settings that travel with spiece.model (ours, then HF's).
 TOKENIZER_SETTINGS = ("tokenizer.json", "tokenizer_config.json")
 
@@ -224,10 +227,8 @@ def load_split(spec: T.TaskSpec, path: Path, tok: Tokenizer, cfg: FinetuneConfig
         ids = [e.qid for e in examples]
         writer = lambda out, d: write_squad(feats, out, d)
     labeled = is_labeled(spec, examples, tensors)
-    squad = spec.kind == "squad"
     return Split(path, ids, len(examples) < len(everything), tensors, labeled, writer, trimmable=True,
-                 positions=SQUAD_POSITIONS if squad else (), per_position=("logits",) if spec.kind == "tokens" else (),
-                 position_outputs=SQUAD_POSITION_OUTPUTS if squad else ())
+                 **TRIM_SPECS.get(spec.kind, {}))
 
 
 def is_labeled(spec: T.TaskSpec, examples: list, tensors: dict[str, Tensor]) -> bool:
