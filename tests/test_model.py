@@ -15,6 +15,7 @@ from xlnet.heads import (  # noqa: E402
     XLNetForSequenceClassification,
     XLNetForTokenClassification,
 )
+from xlnet.data.plm import perm_mask_from_ranks  # noqa: E402
 from xlnet.model import XLNetLMHeadModel, XLNetModel  # noqa: E402
 
 
@@ -188,3 +189,69 @@ def test_bi_data_needs_even_batch() -> None:
     model = XLNetModel(tiny_config(bi_data=True))
     with pytest.raises(ValueError, match="even"):
         model(torch.ones(3, 4, dtype=torch.long))
+
+
+def _content_objective_inputs(objective: str, seed: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Inputs of the content-stream objectives as `xlnet pretrain` builds them: (model inputs, target_positions,
+    labels); masked LM: P sorted random positions (row 0's last slot padding); left-to-right: every next token."""
+    x = plm_inputs(seed=seed, two_stream=False)
+    ids = x["input_ids"]
+    if objective == "clm":
+        order = torch.arange(L).repeat(B, 1)
+        x["perm_mask"] = perm_mask_from_ranks(order, order)
+        return x, order[:, :-1], ids[:, 1:]
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.stack([torch.randperm(L, generator=g)[:P].sort().values for _ in range(B)])
+    labels = ids.gather(1, positions)
+    labels[0, -1] = -100
+    return x, positions, labels
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_content_stream_objectives_match_hf_with_mems(objective: str, impl: str) -> None:
+    """Masked and left-to-right LM through `target_positions` == HF's LM head on all positions with the labels
+    placed at those positions (-100 elsewhere): logits there, loss and every gradient, with memory."""
+    config = tiny_config(mem_len=12, reuse_len=5, attn_impl=impl)
+    ours, hf = twins(XLNetLMHeadModel, config)
+    ours.train(), hf.train()
+    first, _, _ = _content_objective_inputs(objective, seed=4)
+    mems_o, mems_h = ours(**first).mems, hf(**first, use_mems=True).mems
+    x, positions, labels = _content_objective_inputs(objective, seed=5)
+    hf_labels = torch.full_like(x["input_ids"], -100).scatter(1, positions, labels)
+    o = ours(**x, labels=labels, target_positions=positions, mems=mems_o)
+    h = hf(**x, labels=hf_labels, mems=mems_h, use_mems=True)
+    assert o.logits.shape == (B, positions.shape[1], V)
+    assert_close(o.logits, h.logits.gather(1, positions[:, :, None].expand(-1, -1, V)), "logits at the positions")
+    assert_close(o.loss, h.loss, "loss")
+    o.loss.backward(), h.loss.backward()
+    assert_grads_match(ours, hf, config)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_left_to_right_batches_are_causal(impl: str) -> None:
+    """A `clm` batch's logits at position i do not move when tokens after i change (and do for tokens before)."""
+    from xlnet.data.plm import clm_batch
+
+    torch.manual_seed(0)
+    model = XLNetLMHeadModel(tiny_config(attn_impl=impl)).eval()
+    ids = torch.randint(9, V, (B, L))
+    seg = torch.zeros(B, L, dtype=torch.long)
+
+    def logits(tokens: torch.Tensor) -> torch.Tensor:
+        b = clm_batch(tokens.numpy(), seg.numpy())
+        return model(b["input_ids"], token_type_ids=b["token_type_ids"], perm_mask=b["perm_mask"],
+                     target_positions=b["target_positions"]).logits
+
+    base, cut = logits(ids), 5
+    changed = ids.clone()
+    changed[:, cut:] = torch.randint(9, V, (B, L - cut))
+    assert torch.equal(logits(changed)[:, :cut], base[:, :cut])  # positions < cut read no changed token
+    assert not torch.allclose(logits(changed)[:, cut:], base[:, cut:])
+
+
+def test_target_positions_refuse_a_target_mapping() -> None:
+    model = XLNetLMHeadModel(tiny_config())
+    x = plm_inputs()
+    with pytest.raises(ValueError, match="content stream"):
+        model(**x, target_positions=torch.zeros(B, P, dtype=torch.long))

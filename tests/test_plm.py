@@ -474,3 +474,72 @@ def test_prefetcher_reports_the_workers_error_and_a_moved_sampler():
     with pytest.raises(XLNetError, match="corrupt corpus"):
         next(ahead)
     ahead.close()
+
+
+# ------------------------------------------------------------------------------------------- objectives
+
+
+def _samplers(objectives=("plm", "mlm", "clm"), **kw):
+    tokens, sent, ws = make_corpus(11)
+    return {o: PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, seed=2, objective=o, **kw)) for o in objectives}
+
+
+@pytest.mark.parametrize("bi_data", [False, True])
+def test_objectives_see_the_same_samples(bi_data):
+    """mlm: PLM's targets and labels at PLM's target positions, corrupted only there; clm: PLM's tokens, the
+    identity order, every next token as label."""
+    s = _samplers(bi_data=bi_data)
+    for _ in range(3):
+        plm, mlm, clm = (next(s[o]) for o in ("plm", "mlm", "clm"))
+        valid = plm["target_mask"].bool()
+        assert torch.equal(mlm["is_masked"], plm["is_masked"]) and torch.equal(mlm["labels"], plm["labels"])
+        assert torch.equal(mlm["target_mask"], plm["target_mask"])
+        assert torch.equal(mlm["target_positions"][valid], plm["target_mapping"].argmax(-1)[valid])
+        assert (mlm["target_positions"][~valid] == 0).all()
+        untouched = ~plm["is_masked"]
+        assert torch.equal(mlm["input_ids"][untouched], plm["input_ids"][untouched])
+        assert (mlm["input_ids"][plm["is_masked"]] != plm["input_ids"][plm["is_masked"]]).any()
+        assert "perm_mask" not in mlm and "target_mapping" not in mlm
+
+        ids = plm["input_ids"]
+        assert torch.equal(clm["input_ids"], ids) and torch.equal(clm["token_type_ids"], plm["token_type_ids"])
+        assert torch.equal(clm["labels"], ids[:, 1:]) and (clm["target_mask"] == 1).all()
+        L = ids.shape[1]
+        assert torch.equal(clm["target_positions"], torch.arange(L - 1).expand(len(ids), -1))
+        future = torch.ones(L, L).triu()  # the query stream's mask; the content stream clears the diagonal
+        assert torch.equal(clm["perm_mask"], future.expand(len(ids), -1, -1))
+        assert torch.equal(perm_mask_from_ranks(clm["perm_q_rank"], clm["perm_k_rank"]), clm["perm_mask"])
+
+
+def test_mlm_corruption_follows_bert():
+    """80% <mask>, 10% a random ordinary piece, 10% unchanged, measured over many targets; nothing else moves."""
+    from xlnet.data.plm import MASK_ID, NUM_SPECIAL, mlm_inputs
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(NUM_SPECIAL, VOCAB, 200_000)
+    target = rng.random(len(ids)) < 0.15
+    out = mlm_inputs(ids, target, np.random.default_rng(1), VOCAB)
+    assert np.array_equal(out[~target], ids[~target])
+    t_out, t_in = out[target], ids[target]
+    masked = t_out == MASK_ID
+    replaced = ~masked & (t_out != t_in)
+    n = target.sum()
+    assert abs(masked.mean() - 0.8) < 0.01
+    # a random piece equals the original with probability 1 / (VOCAB - NUM_SPECIAL)
+    assert abs(replaced.sum() / n - 0.1 * (1 - 1 / (VOCAB - NUM_SPECIAL))) < 0.005
+    assert ((t_out[~masked] >= NUM_SPECIAL) & (t_out[~masked] < VOCAB)).all()
+
+
+def test_objective_is_checked_and_old_states_resume_plm():
+    tokens, sent, ws = make_corpus(1)
+    with pytest.raises(XLNetError, match="objective must be one of"):
+        PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, objective="bert"))
+    s = _samplers(("plm", "mlm"))
+    next(s["plm"])
+    state = s["plm"].state_dict()
+    del state["cfg"]["objective"]  # a checkpoint written before objectives existed
+    fresh = _samplers(("plm",))["plm"]
+    fresh.load_state_dict(state)
+    assert fresh.step == 1
+    with pytest.raises(XLNetError, match="does not match"):
+        s["mlm"].load_state_dict(state)

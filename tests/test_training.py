@@ -186,6 +186,11 @@ def test_flops_and_throughput():
     tp.step(100, 1.0), tp.step(300, 1.0), tp.step(500, 1.0)
     assert tp.tokens_per_s == 400 and tp.total_tokens == 900 and tp.mfu == pytest.approx(400 * f / 1e12)
     assert T.peak_flops(torch.device("cpu"), "bf16") is None
+    # without a query stream: the final layer's content stream is read instead (a whole layer against 4 x 21/128
+    # of one here), and predicting every next token costs 127/21 of the head
+    content = T.xlnet_flops_per_token(256, 4, 1024, 8000, 128, 64, 21, query_stream=False)
+    every = T.xlnet_flops_per_token(256, 4, 1024, 8000, 128, 64, 127, query_stream=False)
+    assert dense < f < content < every and every - content == pytest.approx(3 * 2 * 256 * 8000 * 106 / 128)
 
 
 def test_rng_state_roundtrip_through_weights_only_load(tmp_path):

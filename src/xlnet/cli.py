@@ -18,7 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("xlnet.demo", "pretrain a tiny model on the embedded corpus, fine-tune it, print scores, write plots"),
     "tokenizer": ("xlnet.tokenizer", "train a SentencePiece tokenizer with XLNet's special ids"),
     "prepare": ("xlnet.data.prepare", "turn raw text into token shards for pretraining"),
-    "pretrain": ("xlnet.pretrain", "pretrain with the permutation LM objective (resumable, torchrun-ready)"),
+    "pretrain": ("xlnet.pretrain", "pretrain with the permutation LM (or masked / left-to-right LM); resumable, torchrun-ready"),
     "finetune": ("xlnet.finetune", "fine-tune on GLUE / SQuAD / RACE / CoNLL / CSV / JSONL tasks"),
     "evaluate": ("xlnet.evaluate", "score predictions or a fine-tuned model with the official metrics"),
     "convert": ("xlnet.interop", "convert checkpoints to and from Hugging Face XLNet directories"),

@@ -52,7 +52,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if tp is bool:
             group.add_argument(flag, type=parse_bool, default=None, metavar="BOOL", help=f"(default {default})")
         elif tp in (int, float, str):
-            group.add_argument(flag, type=tp, default=None, help=f"(default {default})")
+            literal = typing.get_origin(hints[f.name]) is typing.Literal
+            group.add_argument(flag, type=tp, default=None, help=f"(default {default})",
+                               choices=typing.get_args(hints[f.name]) if literal else None)
         elif typing.get_origin(tp) in (list, tuple):
             item = typing.get_args(tp)[0] if typing.get_args(tp) else str
             group.add_argument(flag, type=item, nargs="+", default=None, help=f"(default {default})")

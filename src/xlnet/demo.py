@@ -5,6 +5,9 @@
 2. fine-tune it on WordNet supersense classification (45 classes; gloss -> lexicographer file);
 3. fine-tune the same architecture from random initialisation with the same recipe;
 4. score both on held-out test synsets next to a majority-class baseline, print a table, write plots.
+
+`--objectives plm mlm clm` pretrains one model per objective (the same backbone, samples and budget; BERT's masked
+LM and a left-to-right LM next to XLNet's permutation LM) and fine-tunes each: the objectives compared downstream.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from xlnet import metrics as M
 from xlnet import tasks as T
 from xlnet.assets import supersense_path
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
+from xlnet.errors import XLNetError
 from xlnet.fileio import atomic_write
 from xlnet.finetune import FinetuneConfig, finetune, subsample
 from xlnet.pretrain import PretrainConfig, format_summary, pretrain
@@ -37,34 +41,56 @@ class DemoConfig:
     finetune_lr: float = 5e-4
     seed: int = 0
     quick: bool = False  # a one-minute smoke version (a handful of steps; scores are meaningless)
+    objectives: tuple[str, ...] = ("plm",)  # pretraining objectives to compare: plm, mlm, clm
+
+
+def pretrain_config(cfg: DemoConfig, objective: str) -> PretrainConfig:
+    name = "pretrain" if objective == "plm" else f"pretrain-{objective}"
+    pre = PretrainConfig(out_dir=str(Path(cfg.out_dir) / name), seed=cfg.seed, objective=objective)
+    if cfg.pretrain_steps:
+        pre.max_steps = cfg.pretrain_steps
+    if cfg.quick:
+        pre.max_steps, pre.eval_every, pre.eval_batches, pre.warmup_steps = 4, 2, 1, 1
+    return pre
+
+
+def check_objectives(objectives: tuple[str, ...]) -> None:
+    from xlnet.data.plm import OBJECTIVES
+
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad or not objectives or len(set(objectives)) != len(objectives):
+        raise XLNetError(f"--objectives takes distinct names among {', '.join(OBJECTIVES)}, got {' '.join(objectives)}")
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    check_objectives(cfg.objectives)
     out = Path(cfg.out_dir)
-    pre_cfg = PretrainConfig(out_dir=str(out / "pretrain"), seed=cfg.seed)
-    if cfg.pretrain_steps:
-        pre_cfg.max_steps = cfg.pretrain_steps
-    if cfg.quick:
-        pre_cfg.max_steps, pre_cfg.eval_every, pre_cfg.eval_batches, pre_cfg.warmup_steps = 4, 2, 1, 1
-    print(f"== 1/3 pretraining ({pre_cfg.max_steps} steps of {pre_cfg.batch_size} x {pre_cfg.seq_len} tokens)")
-    # A second `xlnet demo` into the same directory reuses (or finishes) the pretraining run it finds there.
-    pre = pretrain(pre_cfg, resume="latest" if latest_checkpoint(pre_cfg.out_dir) else None)
-    print(format_summary(pre))
-    if pre["stopped"]:  # SIGTERM / Ctrl-C: the checkpoint is saved; a rerun continues from it
-        raise KeyboardInterrupt
+    stages, stage = 2 * len(cfg.objectives) + 1, 0
+    pre: dict[str, dict[str, Any]] = {}
+    for objective in cfg.objectives:
+        pre_cfg = pretrain_config(cfg, objective)
+        stage += 1
+        print(f"== {stage}/{stages} pretraining, {objective.upper()} ({pre_cfg.max_steps} steps of "
+              f"{pre_cfg.batch_size} x {pre_cfg.seq_len} tokens)")
+        # A second `xlnet demo` into the same directory reuses (or finishes) the pretraining run it finds there.
+        pre[objective] = pretrain(pre_cfg, resume="latest" if latest_checkpoint(pre_cfg.out_dir) else None)
+        print(format_summary(pre[objective]))
+        if pre[objective]["stopped"]:  # SIGTERM / Ctrl-C: the checkpoint is saved; a rerun continues from it
+            raise KeyboardInterrupt
 
     runs = {}
-    for i, name in enumerate(("pretrained", "random init")):
-        print(f"== {i + 2}/3 fine-tuning on supersense from {name}")
-        ft = finetune_config(cfg, out / ("finetune-" + name.split()[0]), pre["checkpoint"], random_init=i == 1)
-        runs[name] = finetune(ft)
+    arms = [(f"{o.upper()} pretrained", f"finetune-{o}", pre[o]["checkpoint"]) for o in cfg.objectives]
+    for name, folder, model in [*arms, ("random init", "finetune-random", arms[0][2])]:
+        stage += 1
+        print(f"== {stage}/{stages} fine-tuning on supersense from {name}")
+        runs[name] = finetune(finetune_config(cfg, out / folder, model, random_init=name == "random init"))
 
     table = score_table(cfg, runs)
     results = {"config": asdict(cfg), "pretrain": pre, "table": table,
                "finetune": {k: {"dev": v.get("dev"), "test": v.get("test")} for k, v in runs.items()}}
+    results["plots"] = [str(p) for p in write_plots(out, pre, runs, table)]
     with atomic_write(out / "results.json", "w") as f:
         json.dump(results, f, indent=2, default=str)
-    results["plots"] = [str(p) for p in write_plots(out, runs, table)]
     print(format_table(table))
     print("plots: " + ", ".join(results["plots"]))
     return results
@@ -117,41 +143,50 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_plots(out: Path, runs: dict[str, dict[str, Any]], table: list[dict[str, Any]]) -> list[Path]:
+ARM_COLORS = {"PLM pretrained": "tab:green", "MLM pretrained": "tab:blue", "CLM pretrained": "tab:purple",
+              "random init": "tab:gray", "majority class": "tab:red"}
+
+
+def write_plots(out: Path, pre: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]],
+                table: list[dict[str, Any]]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_dev, ax_bar) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
-    pre_rows = read_metrics(out / "pretrain" / "metrics.jsonl")
-    for split, color in (("train", "tab:blue"), ("valid", "tab:orange")):
-        pts = [(r["step"], r["loss"]) for r in pre_rows if r.get("split") == split and "loss" in r]
-        if pts:
-            ax_loss.plot(*zip(*pts), color=color, marker="o" if split == "valid" else None, markersize=3,
-                         alpha=0.6 if split == "train" else 1.0, label=split)
-    ax_loss.set(title="pretraining: PLM loss", xlabel="step", ylabel="loss")
-    for (name, summary), color in zip(runs.items(), ("tab:green", "tab:gray")):
+    for objective, summary in pre.items():
+        color = ARM_COLORS[f"{objective.upper()} pretrained"]
+        rows = read_metrics(Path(summary["out_dir"]) / "metrics.jsonl")
+        for split in ("train", "valid"):
+            pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
+            if pts:
+                ax_loss.plot(*zip(*pts), color=color, marker="o" if split == "valid" else None, markersize=3,
+                             alpha=0.35 if split == "train" else 1.0, label=f"{objective.upper()} {split}")
+    ax_loss.set(title="pretraining loss" + (" (PLM)" if len(pre) == 1 else " (each objective's own targets)"),
+                xlabel="step", ylabel="loss")
+    for name, summary in runs.items():
         rows = read_metrics(Path(summary["config"]["out_dir"]) / "metrics.jsonl")
         pts = [(r["step"], r["accuracy"]) for r in rows if r.get("split") == "valid" and "accuracy" in r]
         if pts:
-            ax_dev.plot(*zip(*pts), color=color, marker="o", label=name)
+            ax_dev.plot(*zip(*pts), color=ARM_COLORS[name], marker="o", label=name)
     ax_dev.set(title="fine-tuning: dev accuracy", xlabel="step", ylabel="accuracy")
     names = [r["model"].replace("mini XLNet, ", "") for r in table]
     values = [r.get("test_accuracy") or 0.0 for r in table]
-    ax_bar.bar(names, values, color=["tab:red", "tab:green", "tab:gray"][: len(names)])
+    short = [n.replace(" pretrained", "").replace(" class", "") for n in names]  # bar labels side by side
+    ax_bar.bar(short, values, color=[ARM_COLORS[n] for n in names])
     for i, v in enumerate(values):
         ax_bar.text(i, v, f"{100 * v:.1f}%", ha="center", va="bottom")
     ax_bar.set(title="test accuracy (held-out synsets)", ylabel="accuracy")
     for ax in (ax_loss, ax_dev):
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = out / "demo.png"
     with atomic_write(path) as f:
         fig.savefig(f, format="png")
     plt.close(fig)
-    return [path, out / "pretrain" / "loss.png"]
+    return [path, *(Path(s["plot"]) for s in pre.values() if s.get("plot"))]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

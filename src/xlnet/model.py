@@ -45,7 +45,7 @@ class XLNetOutput:
     loss: Tensor | None = None
     logits: Tensor | None = None
     mems: list[Tensor] | None = None
-    last_hidden_state: Tensor | None = None  # content stream h, or query stream g at the targets
+    last_hidden_state: Tensor | None = None  # content stream h (at target_positions), or query stream g
     # question answering (inference): beam over starts x ends, and the answerability logit
     start_logits: Tensor | None = None
     end_logits: Tensor | None = None
@@ -349,8 +349,12 @@ class XLNetPreTrainedHead(PretrainedMixin, nn.Module):
 
 
 class XLNetLMHeadModel(XLNetPreTrainedHead):
-    """Permutation language model: the query stream at each target slot predicts its token through the tied
-    word embedding (HF: `lm_loss` with bias)."""
+    """Language-model head: predicts tokens through the tied word embedding (HF: `lm_loss` with bias).
+
+    Permutation LM: the query stream at each target slot (`target_mapping`, with `perm_mask`). Content-stream
+    objectives (masked LM, left-to-right LM with a causal `perm_mask`): `target_positions` [B, P] picks the
+    positions whose content stream predicts `labels` [B, P]. With neither, every position has logits.
+    """
 
     hf_architecture = "XLNetLMHeadModel"
 
@@ -360,8 +364,14 @@ class XLNetLMHeadModel(XLNetPreTrainedHead):
         self.init_head()
         self.lm_loss.weight = self.transformer.word_embedding.weight
 
-    def forward(self, input_ids: Tensor, labels: Tensor | None = None, **kw: Any) -> XLNetOutput:
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, target_positions: Tensor | None = None,
+                **kw: Any) -> XLNetOutput:
         out = self.body(input_ids, **kw)
+        if target_positions is not None:
+            if kw.get("target_mapping") is not None:
+                raise ValueError("target_positions reads the content stream; pass it without a target_mapping")
+            h = out.last_hidden_state
+            out.last_hidden_state = h.gather(1, target_positions[:, :, None].expand(-1, -1, h.shape[-1]))
         out.logits = self.lm_loss(out.last_hidden_state)
         if labels is not None:
             out.loss = F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), labels.reshape(-1))

@@ -1,5 +1,8 @@
 """`xlnet pretrain`: permutation-LM pretraining, resumable to the exact trajectory, torchrun-ready.
 
+`--objective mlm` (BERT's masked LM) or `--objective clm` (left-to-right LM) trains the same backbone on the same
+samples with another objective (data/plm.py, "Objectives"), to compare them downstream.
+
     xlnet pretrain                                   # tiny model on the embedded corpus (~5 min on 2 CPU cores)
     xlnet pretrain --config configs/pretrain-mini.yaml --max-steps 5000 --out-dir runs/mini
     xlnet pretrain --out-dir runs/tiny --resume      # continue from the latest checkpoint
@@ -24,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
 import yaml
@@ -60,6 +63,7 @@ class PretrainConfig:
     num_predict: int = 16
     perm_size: int | None = None  # None = reuse_len (reference)
     bi_data: bool = False
+    objective: Literal["plm", "mlm", "clm"] = "plm"  # XLNet's | BERT's masked LM | left-to-right LM
     # optimization
     batch_size: int = 32  # stream rows per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1
@@ -97,7 +101,8 @@ class PretrainConfig:
         from xlnet.data.plm import PLMConfig
 
         return PLMConfig(seq_len=self.seq_len, reuse_len=self.reuse_len, batch_size=micro_batch,
-                         num_predict=self.num_predict, perm_size=self.perm_size, bi_data=self.bi_data, seed=seed)
+                         num_predict=self.num_predict, perm_size=self.perm_size, bi_data=self.bi_data, seed=seed,
+                         objective=self.objective)
 
 
 # Fields that may differ between a checkpoint and the run resuming it: they do not change the trajectory
@@ -199,16 +204,21 @@ def make_sampler(cfg: PretrainConfig, data: Data, info: T.DistInfo, split: str) 
         raise XLNetError(f"{split} split of {data.data_dir}: {e}") from None
 
 
-# what goes to the device: perm_mask is rebuilt there from its [B, L] rank form (1/L of the [B, L, L] floats)
-DEVICE_INPUTS = ("input_ids", "token_type_ids", "target_mapping", "labels", "perm_q_rank", "perm_k_rank")
+# what goes to the device, per objective: perm_mask is rebuilt there from its [B, L] rank form (1/L of the floats)
+DEVICE_INPUTS = {
+    "plm": ("input_ids", "token_type_ids", "target_mapping", "labels", "perm_q_rank", "perm_k_rank"),
+    "mlm": ("input_ids", "token_type_ids", "target_positions", "labels"),
+    "clm": ("input_ids", "token_type_ids", "target_positions", "labels", "perm_q_rank", "perm_k_rank"),
+}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The model's inputs on `device` (asynchronous from pinned memory)."""
     from xlnet.data.plm import perm_mask_from_ranks
 
-    moved = {k: batch[k].to(device, non_blocking=True) for k in DEVICE_INPUTS}
-    moved["perm_mask"] = perm_mask_from_ranks(moved.pop("perm_q_rank"), moved.pop("perm_k_rank"))
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if "perm_q_rank" in moved:
+        moved["perm_mask"] = perm_mask_from_ranks(moved.pop("perm_q_rank"), moved.pop("perm_k_rank"))
     return moved
 
 
@@ -217,7 +227,8 @@ def prefetch(sampler: "PLMSampler", device: torch.device) -> "Prefetcher":
     on a CPU, where the step itself needs the cores, inline."""
     from xlnet.data.plm import Prefetcher
 
-    return Prefetcher(sampler, depth=2 if device.type == "cuda" else 0, device=device, keys=DEVICE_INPUTS)
+    return Prefetcher(sampler, depth=2 if device.type == "cuda" else 0, device=device,
+                      keys=DEVICE_INPUTS[sampler.cfg.objective])
 
 
 # ================================================================================================
@@ -257,9 +268,17 @@ def scatter_mems(full: list[torch.Tensor] | None, info: T.DistInfo, grad_accum: 
 # ================================================================================================
 
 
+def predictions_per_row(cfg: PretrainConfig) -> int:
+    """Tokens a row predicts: the PLM and MLM targets, or every next token (left-to-right)."""
+    return cfg.seq_len - 1 if cfg.objective == "clm" else cfg.num_predict
+
+
 def check_config(cfg: PretrainConfig, info: T.DistInfo) -> None:
+    from xlnet.data.plm import OBJECTIVES
+
     n = info.world_size * cfg.grad_accum
     checks = [
+        (cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}"),
         (cfg.batch_size > 0 and cfg.grad_accum > 0, "batch_size and grad_accum must be positive"),
         (cfg.batch_size % n == 0, f"batch_size {cfg.batch_size} must be divisible by world_size x grad_accum = {n}"),
         (not cfg.bi_data or (cfg.batch_size // max(n, 1)) % 2 == 0,
@@ -294,6 +313,7 @@ def resolve_resume(cfg: PretrainConfig, resume: str | None) -> Path | None:
 
 def check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, ckpt: Path) -> None:
     now = dataclasses.asdict(cfg)
+    saved = {**dataclasses.asdict(PretrainConfig()), **saved}  # fields added since the checkpoint: their defaults
     diff = [k for k in now if k not in RUNTIME_FIELDS and saved.get(k) != now[k]]
     if diff:
         k = diff[0]
@@ -347,7 +367,7 @@ def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.T
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: PretrainConfig, data: Data, info: T.DistInfo, precision: str) -> float:
-    """Mean PLM loss over the same `eval_batches` valid batches every time, memory carried within the pass."""
+    """Mean loss (of the run's objective) over the same `eval_batches` valid batches every time, memory carried within the pass."""
     batches = prefetch(make_sampler(cfg, data, info, "valid"), info.device)
     was_training = model.training
     model.eval()
@@ -417,7 +437,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     throughput = T.Throughput(
         T.xlnet_flops_per_token(model_cfg.d_model, model_cfg.n_layer, model_cfg.d_inner, model_cfg.vocab_size,
-                                cfg.seq_len, cfg.mem_len, cfg.num_predict),
+                                cfg.seq_len, cfg.mem_len, predictions_per_row(cfg), cfg.objective == "plm"),
         T.peak_flops(info.device, precision))
     logger = T.MetricsLogger(out_dir, enabled=info.is_main, resume_step=step if ckpt is not None else None)
     bar = T.Progress(cfg.max_steps, initial=step, enabled=info.is_main and cfg.progress, desc="pretrain",
@@ -495,13 +515,14 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     if info.is_main:
         from xlnet.plots import plot_loss_curves
 
-        plot = plot_loss_curves(T.read_metrics(logger.path), out_dir / "loss.png")
+        plot = plot_loss_curves(T.read_metrics(logger.path), out_dir / "loss.png",
+                                title=f"pretraining ({cfg.objective.upper()} loss)")
     return {
         "steps": step, "tokens": tokens_seen, "tokens_per_s": throughput.total_tokens / max(throughput.total_time, 1e-9),
         "mfu": throughput.mfu, "train_loss": train_loss, "valid_loss_start": first_valid, "valid_loss": last_valid,
         "checkpoint": str(last_ckpt) if last_ckpt else None, "plot": str(plot) if plot else None,
         "stopped": stopped, "train_s": throughput.total_time, "wall_s": time.perf_counter() - wall_start,
-        "out_dir": str(out_dir),
+        "out_dir": str(out_dir), "objective": cfg.objective,
     }
 
 
@@ -513,7 +534,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{'stopped by ' + s['stopped'] if s['stopped'] else 'done'}: {s['steps']} steps, {s['tokens']:,} tokens "
         f"in {s['wall_s']:.0f}s this run ({s['tokens_per_s']:,.0f} tokens/s while training"
         f"{', MFU ' + format(s['mfu'], '.1%') if s['mfu'] is not None else ''})",
-        f"train loss {f(s['train_loss'])}   valid loss {f(s['valid_loss_start'])} -> {f(s['valid_loss'])}",
+        f"{s['objective'].upper()} train loss {f(s['train_loss'])}   valid loss {f(s['valid_loss_start'])} -> "
+        f"{f(s['valid_loss'])}",
         f"checkpoint {s['checkpoint'] or '-'}",
         f"plot       {s['plot'] or '-'}",
     ]

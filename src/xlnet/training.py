@@ -607,7 +607,7 @@ class StopSignal:
 
 
 def xlnet_flops_per_token(d_model: int, n_layer: int, d_inner: int, vocab_size: int, seq_len: int,
-                          mem_len: int = 0, num_predict: int | None = None) -> float:
+                          mem_len: int = 0, num_predict: int | None = None, query_stream: bool = True) -> float:
     """Training FLOPs per input token (3 x forward matmul FLOPs) of one PLM step, two streams included, counting
     the work whose result is read (as benchmarks/throughput.py's `flops`).
 
@@ -615,14 +615,18 @@ def xlnet_flops_per_token(d_model: int, n_layer: int, d_inner: int, vocab_size: 
     sum over klen = seq_len + mem_len keys (content + position terms) 6·d·klen, position projection
     2d²·(klen + seq_len)/seq_len; in the final layer only k, v and the position projection (nothing reads its
     content stream). The query stream repeats q, o, FFN and attention for the P targets only, and the tied LM
-    head costs 2·d·V per target.
+    head costs 2·d·V per target. Without a query stream (masked or left-to-right LM) every layer's content
+    stream is read and the P predictions cost only the head.
     """
     d, klen = d_model, seq_len + mem_len
     p = (num_predict if num_predict is not None else seq_len) / seq_len
     positions = 2 * d * d * (klen + seq_len) / seq_len
     content = 8 * d * d + 4 * d * d_inner + 6 * d * klen + positions
+    head = p * 2 * d * vocab_size
+    if not query_stream:
+        return 3.0 * (n_layer * content + head)
     query = p * (4 * d * d + 4 * d * d_inner + 6 * d * klen)
-    forward = (n_layer - 1) * content + (4 * d * d + positions) + n_layer * query + p * 2 * d * vocab_size
+    forward = (n_layer - 1) * content + (4 * d * d + positions) + n_layer * query + head
     return 3.0 * forward
 
 

@@ -55,6 +55,21 @@ perm_k_rank [B, L] long with perm_mask == (perm_q_rank[:, :, None] <= perm_k_ran
 rank form of the same mask (`perm_mask_from_ranks`): `xlnet pretrain` sends the ranks to the GPU and rebuilds
 the mask there, and kernels can build masks on the fly from them (e.g. flex_attention's mask_mod).
 
+Objectives (`PLMConfig.objective`)
+---------------------------------
+The same samples (layout, A/B split, span targets, random streams) feed three objectives, so that comparing them
+changes nothing but the objective:
+
+* "plm" (XLNet): the batch above; the query stream predicts the targets in a sampled factorization order.
+* "mlm" (BERT's masked LM on the same backbone, the paper's "DAE + Transformer-XL" ablation): the same targets,
+  corrupted in the input as BERT does (80% `<mask>`, 10% a random ordinary piece, 10% unchanged), no
+  permutation mask; the content stream at the targets predicts them. Keys: input_ids (corrupted),
+  token_type_ids, target_positions [B, P] long (0 on padding slots), labels, target_mask, is_masked.
+* "clm" (left-to-right LM): the identity factorization order as perm ranks (content stream: i sees j <= i and
+  the memory); the content stream at position i predicts token i + 1, every position but the last. Keys:
+  input_ids, token_type_ids, perm_mask, perm_q_rank, perm_k_rank, target_positions [B, L - 1], labels
+  [B, L - 1], target_mask.
+
 Feeding a GPU
 -------------
 Every batch is a pure function of (step, rows), so `Prefetcher` can build the next ones in a background thread
@@ -78,8 +93,11 @@ from xlnet.errors import XLNetError
 
 SEP_ID = 4
 CLS_ID = 3
+MASK_ID = 6
 NUM_SPECIAL = 9  # ids 0..8 are "<...>" pieces, which the reference counts as word starts
 STATE_VERSION = 1
+OBJECTIVES = ("plm", "mlm", "clm")
+MLM_MASK, MLM_RANDOM = 0.8, 0.1  # BERT: shares of the targets shown as <mask> and as a random piece
 
 
 @dataclass
@@ -97,6 +115,7 @@ class PLMConfig:
     bi_data: bool = False
     seed: int = 0
     sample_b_random_prob: float = 0.5
+    objective: str = "plm"  # plm | mlm | clm (module docstring)
 
     @property
     def resolved_perm_size(self) -> int:
@@ -125,6 +144,8 @@ class PLMConfig:
             raise XLNetError("PLMConfig: need max_ngram >= 1 and mask_alpha >= mask_beta > 0")
         if self.seed < 0:
             raise XLNetError(f"PLMConfig: seed must be >= 0, got {self.seed}")
+        if self.objective not in OBJECTIVES:
+            raise XLNetError(f"PLMConfig: objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if not 0.0 <= self.sample_b_random_prob <= 1.0:
             raise XLNetError(f"PLMConfig: sample_b_random_prob must be in [0, 1], got {self.sample_b_random_prob}")
 
@@ -291,34 +312,87 @@ def perm_mask_from_ranks(q_rank: Tensor, k_rank: Tensor) -> Tensor:
     return (q_rank[:, :, None] <= k_rank[:, None, :]).to(torch.float32)
 
 
-def assemble_batch(
-    input_ids: np.ndarray, token_type_ids: np.ndarray, q_rank: np.ndarray, k_rank: np.ndarray,
-    target: np.ndarray, num_predict: int,
-) -> dict[str, torch.Tensor]:
-    """Stack per-row arrays [B, L] into the batch dict (see module docstring); vectorized over B and L."""
-    bsz, seq_len = input_ids.shape
+def _long(a: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+
+
+def target_slots(input_ids: np.ndarray, target: np.ndarray, num_predict: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's targets in ascending position order, padded to num_predict slots: positions [B, P] (0 on
+    padding), valid [B, P] bool, labels [B, P] (the token, -100 on padding)."""
     counts = target.sum(1)
     if counts.max(initial=0) > num_predict:
         raise XLNetError(f"a sample has {int(counts.max())} targets, more than num_predict={num_predict}")
     # stable argsort of ~target puts target positions first, in ascending order (reference boolean_mask order)
     pos = np.argsort(~target, axis=1, kind="stable")[:, :num_predict]
     valid = np.arange(num_predict)[None, :] < counts[:, None]
+    labels = np.where(valid, np.take_along_axis(input_ids, pos, 1), -100)
+    return np.where(valid, pos, 0), valid, labels
+
+
+def assemble_batch(
+    input_ids: np.ndarray, token_type_ids: np.ndarray, q_rank: np.ndarray, k_rank: np.ndarray,
+    target: np.ndarray, num_predict: int,
+) -> dict[str, torch.Tensor]:
+    """Stack per-row arrays [B, L] into the PLM batch dict (see module docstring); vectorized over B and L."""
+    bsz, seq_len = input_ids.shape
+    pos, valid, labels = target_slots(input_ids, target, num_predict)
     tmap = np.zeros((bsz, num_predict, seq_len), dtype=np.float32)
     bi, pi = np.nonzero(valid)
     tmap[bi, pi, pos[bi, pi]] = 1.0
-    labels = np.where(valid, np.take_along_axis(input_ids, pos, 1), -100)
-    q = torch.from_numpy(np.ascontiguousarray(q_rank, dtype=np.int64))
-    k = torch.from_numpy(np.ascontiguousarray(k_rank, dtype=np.int64))
+    q, k = _long(q_rank), _long(k_rank)
     return {
-        "input_ids": torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)),
-        "token_type_ids": torch.from_numpy(np.ascontiguousarray(token_type_ids, dtype=np.int64)),
+        "input_ids": _long(input_ids),
+        "token_type_ids": _long(token_type_ids),
         "perm_mask": perm_mask_from_ranks(q, k),
         "target_mapping": torch.from_numpy(tmap),
-        "labels": torch.from_numpy(labels.astype(np.int64)),
+        "labels": _long(labels),
         "target_mask": torch.from_numpy(valid.astype(np.float32)),
         "is_masked": torch.from_numpy(np.ascontiguousarray(target)),
         "perm_q_rank": q,
         "perm_k_rank": k,
+    }
+
+
+def mlm_inputs(input_ids: np.ndarray, target: np.ndarray, rng: np.random.Generator, vocab_size: int) -> np.ndarray:
+    """BERT's corruption of one row's targets: MLM_MASK of them become <mask>, MLM_RANDOM a random ordinary
+    piece (ids NUM_SPECIAL..vocab_size-1), the rest stay; everything else is untouched."""
+    u = rng.random(len(input_ids))
+    out = np.array(input_ids, dtype=np.int64)
+    out[target & (u < MLM_MASK)] = MASK_ID
+    rand = target & (u >= MLM_MASK) & (u < MLM_MASK + MLM_RANDOM)
+    out[rand] = rng.integers(NUM_SPECIAL, vocab_size, int(rand.sum()))
+    return out
+
+
+def mlm_batch(input_ids: np.ndarray, corrupted: np.ndarray, token_type_ids: np.ndarray, target: np.ndarray,
+              num_predict: int) -> dict[str, torch.Tensor]:
+    """Masked-LM batch [B, L]: the corrupted rows as input, the original tokens at the targets as labels."""
+    pos, valid, labels = target_slots(input_ids, target, num_predict)
+    return {
+        "input_ids": _long(corrupted),
+        "token_type_ids": _long(token_type_ids),
+        "target_positions": _long(pos),
+        "labels": _long(labels),
+        "target_mask": torch.from_numpy(valid.astype(np.float32)),
+        "is_masked": torch.from_numpy(np.ascontiguousarray(target)),
+    }
+
+
+def clm_batch(input_ids: np.ndarray, token_type_ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """Left-to-right batch [B, L]: the identity order as ranks (q = k: i sees j < i, the content stream also
+    itself), position i predicts token i + 1."""
+    bsz, seq_len = input_ids.shape
+    order = torch.arange(seq_len).repeat(bsz, 1)
+    ids = _long(input_ids)
+    return {
+        "input_ids": ids,
+        "token_type_ids": _long(token_type_ids),
+        "perm_mask": perm_mask_from_ranks(order, order),
+        "target_positions": order[:, :-1].contiguous(),
+        "labels": ids[:, 1:].contiguous(),
+        "target_mask": torch.ones(bsz, seq_len - 1),
+        "perm_q_rank": order,
+        "perm_k_rank": order.clone(),
     }
 
 
@@ -351,6 +425,8 @@ def layout_sample(reuse: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.n
 
 
 # ---------------------------------------------------------------------------------------------- sampler
+
+BATCH_FIELDS = ("input_ids", "token_type_ids", "q_rank", "k_rank", "target", "mlm_input_ids")  # of row_example
 
 
 class PLMSampler:
@@ -456,15 +532,22 @@ class PLMSampler:
             sample_span_mask(ids[R:], self._word_start, n1, rng, **kw),
         ])
         q, k, t = row_perm_ranks(ids, is_masked, R, cfg.resolved_perm_size, rng)
-        return dict(input_ids=ids, token_type_ids=seg, is_masked=is_masked, q_rank=q, k_rank=k, target=t,
-                    reuse_begin=np.int64(i), a=np.array([a0, a1]), b=np.array([b0, b1]), is_next=np.bool_(is_next))
+        ex = dict(input_ids=ids, token_type_ids=seg, is_masked=is_masked, q_rank=q, k_rank=k, target=t,
+                  reuse_begin=np.int64(i), a=np.array([a0, a1]), b=np.array([b0, b1]), is_next=np.bool_(is_next))
+        if cfg.objective == "mlm":  # drawn last: the targets and orders stay those of the PLM sample
+            ex["mlm_input_ids"] = mlm_inputs(ids, t, rng, len(self._word_start))
+        return ex
 
     def batch(self, step: int, first_row: int) -> dict[str, torch.Tensor]:
         """The batch of rows first_row .. first_row + batch_size - 1 at global step `step` (pure function)."""
         ex = [self.row_example(r, step) for r in range(first_row, first_row + self.cfg.batch_size)]
-        st = {key: np.stack([e[key] for e in ex]) for key in ("input_ids", "token_type_ids", "q_rank", "k_rank", "target")}
-        return assemble_batch(st["input_ids"], st["token_type_ids"], st["q_rank"], st["k_rank"], st["target"],
-                              self.cfg.num_predict)
+        st = {key: np.stack([e[key] for e in ex]) for key in ex[0] if key in BATCH_FIELDS}
+        ids, seg, target, n_pred = st["input_ids"], st["token_type_ids"], st["target"], self.cfg.num_predict
+        if self.cfg.objective == "mlm":
+            return mlm_batch(ids, st["mlm_input_ids"], seg, target, n_pred)
+        if self.cfg.objective == "clm":
+            return clm_batch(ids, seg)
+        return assemble_batch(ids, seg, st["q_rank"], st["k_rank"], target, n_pred)
 
     # ------------------------------------------------------------------------------------ iteration
 
@@ -500,6 +583,7 @@ class PLMSampler:
         if state.get("version") != STATE_VERSION:
             raise XLNetError(f"PLM sampler state has version {state.get('version')}, expected {STATE_VERSION}")
         mine = self._fingerprint()
+        state = {**state, "cfg": {"objective": "plm", **state.get("cfg", {})}}  # states from before objectives
         for key, val in mine.items():
             if state.get(key) != val:
                 raise XLNetError(f"PLM sampler state does not match this sampler: {key} {state.get(key)} != {val}")
