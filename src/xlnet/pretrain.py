@@ -559,6 +559,8 @@ def run(args: argparse.Namespace) -> int:
     info = T.init_distributed(cfg.device)
     try:
         summary = pretrain(cfg, resume=args.resume, info=info)
+        # rank 0 plots last: a rank that tore gloo down meanwhile was seen to abort at exit (once, FSDP test)
+        T.barrier()
     finally:
         T.teardown_distributed()
     if info.is_main:
