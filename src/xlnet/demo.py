@@ -55,10 +55,11 @@ def pretrain_config(cfg: DemoConfig, objective: str) -> PretrainConfig:
 
 
 def check_objectives(objectives: tuple[str, ...]) -> None:
-    from xlnet.data.plm import OBJECTIVES
+    from xlnet.data.plm import OBJECTIVES, check_objective
 
-    bad = [o for o in objectives if o not in OBJECTIVES]
-    if bad or not objectives or len(set(objectives)) != len(objectives):
+    for objective in objectives:
+        check_objective(objective)
+    if not objectives or len(set(objectives)) != len(objectives):
         raise XLNetError(f"--objectives takes distinct names among {', '.join(OBJECTIVES)}, got {' '.join(objectives)}")
 
 
@@ -80,6 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     runs = {}
     arms = [(f"{o.upper()} pretrained", f"finetune-{o}", pre[o]["checkpoint"]) for o in cfg.objectives]
+    # the random-init arm builds the first arm's architecture from its checkpoint's config, not its weights
     for name, folder, model in [*arms, ("random init", "finetune-random", arms[0][2])]:
         stage += 1
         print(f"== {stage}/{stages} fine-tuning on supersense from {name}")

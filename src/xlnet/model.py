@@ -366,10 +366,10 @@ class XLNetLMHeadModel(XLNetPreTrainedHead):
 
     def forward(self, input_ids: Tensor, labels: Tensor | None = None, target_positions: Tensor | None = None,
                 **kw: Any) -> XLNetOutput:
+        if target_positions is not None and kw.get("target_mapping") is not None:
+            raise ValueError("target_positions reads the content stream; pass it without a target_mapping")
         out = self.body(input_ids, **kw)
         if target_positions is not None:
-            if kw.get("target_mapping") is not None:
-                raise ValueError("target_positions reads the content stream; pass it without a target_mapping")
             h = out.last_hidden_state
             out.last_hidden_state = h.gather(1, target_positions[:, :, None].expand(-1, -1, h.shape[-1]))
         out.logits = self.lm_loss(out.last_hidden_state)

@@ -274,11 +274,11 @@ def predictions_per_row(cfg: PretrainConfig) -> int:
 
 
 def check_config(cfg: PretrainConfig, info: T.DistInfo) -> None:
-    from xlnet.data.plm import OBJECTIVES
+    from xlnet.data.plm import check_objective
 
+    check_objective(cfg.objective)  # before anything is written (the sampler checks it again)
     n = info.world_size * cfg.grad_accum
     checks = [
-        (cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, not {cfg.objective!r}"),
         (cfg.batch_size > 0 and cfg.grad_accum > 0, "batch_size and grad_accum must be positive"),
         (cfg.batch_size % n == 0, f"batch_size {cfg.batch_size} must be divisible by world_size x grad_accum = {n}"),
         (not cfg.bi_data or (cfg.batch_size // max(n, 1)) % 2 == 0,
@@ -367,7 +367,8 @@ def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.T
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: PretrainConfig, data: Data, info: T.DistInfo, precision: str) -> float:
-    """Mean loss (of the run's objective) over the same `eval_batches` valid batches every time, memory carried within the pass."""
+    """Mean loss (of the run's objective) over the same `eval_batches` valid batches every time, memory carried
+    within the pass."""
     batches = prefetch(make_sampler(cfg, data, info, "valid"), info.device)
     was_training = model.training
     model.eval()

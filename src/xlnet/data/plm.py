@@ -144,10 +144,15 @@ class PLMConfig:
             raise XLNetError("PLMConfig: need max_ngram >= 1 and mask_alpha >= mask_beta > 0")
         if self.seed < 0:
             raise XLNetError(f"PLMConfig: seed must be >= 0, got {self.seed}")
-        if self.objective not in OBJECTIVES:
-            raise XLNetError(f"PLMConfig: objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        check_objective(self.objective)
         if not 0.0 <= self.sample_b_random_prob <= 1.0:
             raise XLNetError(f"PLMConfig: sample_b_random_prob must be in [0, 1], got {self.sample_b_random_prob}")
+
+
+def check_objective(objective: str) -> None:
+    """The one check of an objective's name (pretrain config, sampler, demo)."""
+    if objective not in OBJECTIVES:
+        raise XLNetError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
 
 
 # ----------------------------------------------------------------------------------------------- A/B split
@@ -392,7 +397,7 @@ def clm_batch(input_ids: np.ndarray, token_type_ids: np.ndarray) -> dict[str, to
         "labels": ids[:, 1:].contiguous(),
         "target_mask": torch.ones(bsz, seq_len - 1),
         "perm_q_rank": order,
-        "perm_k_rank": order.clone(),
+        "perm_k_rank": order,
     }
 
 
