@@ -106,11 +106,23 @@ def test_mems_across_three_segments(variant: str) -> None:
     assert mems_o[0].shape == (len(x["input_ids"]), 12, config.d_model)  # 3 x reuse 5 = 15 cut to mem_len 12
 
 
-def test_base_model_hidden_states_match_hf() -> None:
-    config = tiny_config()
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_base_model_hidden_states_match_hf(impl: str) -> None:
+    """The last state and every layer's content stream (output_hidden_states, as distillation reads them)."""
+    config = tiny_config(attn_impl=impl)
     ours, hf = twins(XLNetModel, config)
     x = plm_inputs(padding=True, two_stream=False)
-    assert_close(ours(**x).last_hidden_state, hf(**x).last_hidden_state, "hidden")
+    o, h = ours(**x, output_hidden_states=True), hf(**x, output_hidden_states=True)
+    assert_close(o.last_hidden_state, h.last_hidden_state, "hidden")
+    assert len(o.hidden_states) == len(h.hidden_states) == config.n_layer + 1
+    for i, (a, b) in enumerate(zip(o.hidden_states, h.hidden_states)):
+        assert_close(a, b, f"hidden state {i}")
+    cls = ours(**x, output_hidden_states=True, cls_only=True).hidden_states  # the last layer: <cls> alone
+    assert cls[-1].shape == (len(x["input_ids"]), 1, config.d_model)
+    assert_close(cls[-1][:, 0], h.hidden_states[-1][:, -1], "cls_only last state")
+    assert ours(**x).hidden_states is None
+    with pytest.raises(ValueError, match="query stream"):
+        ours(**plm_inputs(), output_hidden_states=True)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])

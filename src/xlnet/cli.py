@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("xlnet.data.prepare", "turn raw text into token shards for pretraining"),
     "pretrain": ("xlnet.pretrain", "pretrain with the permutation LM (or masked / left-to-right LM); resumable, torchrun-ready"),
     "finetune": ("xlnet.finetune", "fine-tune on GLUE / SQuAD / RACE / CoNLL / CSV / JSONL tasks"),
+    "distill": ("xlnet.distill", "compress a fine-tuned model into a shallower one (patient knowledge distillation)"),
     "evaluate": ("xlnet.evaluate", "score predictions or a fine-tuned model with the official metrics"),
     "convert": ("xlnet.interop", "convert checkpoints to and from Hugging Face XLNet directories"),
 }

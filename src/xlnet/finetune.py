@@ -466,12 +466,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model = build_model(cfg, spec, labels).to(device)  # before featurizing: a bad --model fails fast
     check_vocab(model, tok, cfg)
 
-    train = load_split(spec, files["train"], tok, cfg, labels, cfg.max_train_examples)
-    dev = load_split(spec, files["dev"], tok, cfg, labels, cfg.max_eval_examples)
-    if not dev.labeled:
-        raise XLNetError(f"{dev.path}: the dev split has no labels, and the best epoch is chosen by its score")
-    test = load_split(spec, files["test"], tok, cfg, labels, cfg.max_eval_examples) if files["test"] else None
-
+    train, dev, test = load_splits(spec, files, tok, cfg, labels)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"task": spec.name, "labels": labels, **{k: getattr(cfg, k) for k in META_FIELDS}}
@@ -481,15 +476,36 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     return finish(cfg, spec, labels, test, device, out_dir, best, steps, time.time() - start)
 
 
+def load_splits(spec: T.TaskSpec, files: dict[str, Path | None], tok: Tokenizer, cfg: FinetuneConfig,
+                labels: list[str] | None) -> tuple[Split, Split, Split | None]:
+    """train, dev (labeled: the best epoch is chosen by it) and test when there is one."""
+    train = load_split(spec, files["train"], tok, cfg, labels, cfg.max_train_examples)  # type: ignore[arg-type]
+    dev = load_split(spec, files["dev"], tok, cfg, labels, cfg.max_eval_examples)  # type: ignore[arg-type]
+    if not dev.labeled:
+        raise XLNetError(f"{dev.path}: the dev split has no labels, and the best epoch is chosen by its score")
+    test = load_split(spec, files["test"], tok, cfg, labels, cfg.max_eval_examples) if files["test"] else None
+    return train, dev, test
+
+
+# A training step's loss from the model and a batch of its inputs, plus named parts to log (distillation's).
+StepLoss = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
+
+
+def task_loss(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """The head's own loss on the gold labels."""
+    return model(**inputs).loss, {}
+
+
 def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg: FinetuneConfig,
                labels: list[str] | None, device: torch.device, out_dir: Path,
-               save_best: Callable[[nn.Module], Path]) -> tuple[dict[str, Any] | None, int]:
+               save_best: Callable[[nn.Module], Path], step_loss: StepLoss = task_loss,
+               desc: str = "finetune") -> tuple[dict[str, Any] | None, int]:
     """Train for max_steps (or epochs), scoring dev after every epoch; returns (best dev result, steps)."""
     steps_per_epoch = math.ceil(train.rows / cfg.batch_size)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     optimizer, scheduler = build_optimizer(model, cfg, total)
     logger = TR.MetricsLogger(out_dir)
-    progress = TR.Progress(total, enabled=not cfg.quiet, desc=f"finetune {spec.name}")
+    progress = TR.Progress(total, enabled=not cfg.quiet, desc=f"{desc} {spec.name}")
     gen = torch.Generator().manual_seed(cfg.seed)
     best: dict[str, Any] | None = None
     step = 0
@@ -503,7 +519,7 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
             for batch in batches(train.tensors, cfg.batch_size, gen, order=order, trim=trim,
                                  positions=train.positions):
                 with TR.autocast(device, cfg.precision):
-                    loss = model(**model_inputs(batch, device, train=True)).loss
+                    loss, parts = step_loss(model, model_inputs(batch, device, train=True))
                 if not torch.isfinite(loss):
                     raise XLNetError(f"loss became {loss.item()} at step {step + 1}; lower --lr or check the data")
                 loss.backward()
@@ -512,7 +528,7 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                logger.log("train", step, loss=loss.item(), lr=max(scheduler.get_last_lr()))  # the head's lr
+                logger.log("train", step, loss=loss.item(), lr=max(scheduler.get_last_lr()), **parts)  # head's lr
                 progress.update(loss=f"{loss.item():.4f}")
                 if step % steps_per_epoch == 0 or step == total:
                     best = evaluate_epoch(model, dev, spec, cfg, labels, device, out_dir, step, logger, progress,
@@ -545,21 +561,23 @@ def evaluate_epoch(model: nn.Module, dev: Split, spec: T.TaskSpec, cfg: Finetune
 
 
 def finish(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None, test: Split | None,
-           device: torch.device, out_dir: Path, best: dict[str, Any] | None, steps: int, seconds: float) -> dict:
-    """Score test with the best model, write summary.json and the curves."""
+           device: torch.device, out_dir: Path, best: dict[str, Any] | None, steps: int, seconds: float,
+           what: str = "fine-tuning", extra: dict[str, Any] | None = None) -> dict:
+    """Score test with the best model, write summary.json (with `extra`'s entries) and the curves."""
     summary: dict[str, Any] = {"task": spec.name, "steps": steps, "seconds": round(seconds, 1),
                                "config": asdict(cfg), "dev": best, "test": None, "best": str(out_dir / "best")}
     if best is not None and test is not None:
         model = HEADS[spec.kind].from_pretrained(out_dir / "best", verbose=False).to(device)
         summary["test"] = score(model, test, spec, cfg, labels, device, out_dir / "test")
+    summary.update(extra or {})
     with atomic_write(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
     from xlnet.plots import plot_loss_curves  # matplotlib is slow to import; only needed here
 
     rows = TR.read_metrics(out_dir / "metrics.jsonl")
-    plot_loss_curves(rows, out_dir / "loss.png", title=f"fine-tuning {spec.name} (loss)")
+    plot_loss_curves(rows, out_dir / "loss.png", title=f"{what} {spec.name} (loss)")
     if best is not None:
-        plot_loss_curves(rows, out_dir / "dev.png", title=f"fine-tuning {spec.name} (dev {best['main_metric']})",
+        plot_loss_curves(rows, out_dir / "dev.png", title=f"{what} {spec.name} (dev {best['main_metric']})",
                          key=best["main_metric"])
     return summary
 

@@ -46,6 +46,9 @@ class XLNetOutput:
     logits: Tensor | None = None
     mems: list[Tensor] | None = None
     last_hidden_state: Tensor | None = None  # content stream h (at target_positions), or query stream g
+    # output_hidden_states: the content stream entering each layer and leaving the last (HF's order; the last is
+    # [B, 1, d] under cls_only)
+    hidden_states: list[Tensor] | None = None
     # question answering (inference): beam over starts x ends, and the answerability logit
     start_logits: Tensor | None = None
     end_logits: Tensor | None = None
@@ -276,16 +279,20 @@ class XLNetModel(PretrainedMixin, nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 perm_mask: Tensor | None = None, target_mapping: Tensor | None = None,
-                mems: list[Tensor] | None = None, use_mems: bool | None = None, cls_only: bool = False) -> XLNetOutput:
+                mems: list[Tensor] | None = None, use_mems: bool | None = None, cls_only: bool = False,
+                output_hidden_states: bool = False) -> XLNetOutput:
         """cls_only: last_hidden_state only at the last position (<cls>), [B, 1, d], for heads that read nothing
         else; the final layer then computes its content stream for that row alone. With a query stream the final
-        layer's content stream is never read (mems cache layer inputs) and is skipped in any case."""
+        layer's content stream is never read (mems cache layer inputs) and is skipped in any case.
+        output_hidden_states: also return every layer's content stream (e.g. for distillation)."""
         bsz, qlen = input_ids.shape
         mlen = mems[0].shape[1] if mems else 0
         device = input_ids.device
         use_mems = self.config.mem_len > 0 if use_mems is None else use_mems
         if self.config.bi_data and bsz % 2:
             raise ValueError(f"bi_data needs an even batch, got {bsz}")
+        if output_hidden_states and target_mapping is not None:
+            raise ValueError("output_hidden_states returns the content stream; not with a query stream")
 
         mask_h, mask_g = attention_masks(self.config, qlen, mlen, attention_mask, perm_mask, device)
         pos_emb = self.dropout(relative_positions(self.config, qlen, mlen + qlen, bsz, device))
@@ -304,6 +311,7 @@ class XLNetModel(PretrainedMixin, nn.Module):
                         target_mapping=target_mapping)
 
         new_mems = []
+        hidden_states = [h] if output_hidden_states else None
         last_keep = 0 if g is not None else (1 if cls_only else None)  # what the final layer's h must hold
         for i, layer in enumerate(self.layer):
             mem = mems[i] if mems else None
@@ -311,8 +319,10 @@ class XLNetModel(PretrainedMixin, nn.Module):
                 new_mems.append(self.cache_mem(h, mem))
             h_keep = last_keep if i == len(self.layer) - 1 else None
             h, g = layer(h, g, pos_emb=pos_emb, mem=mem, h_keep=h_keep, **attn)
+            if hidden_states is not None:
+                hidden_states.append(h)
         out = self.dropout(h if g is None else g)
-        return XLNetOutput(last_hidden_state=out, mems=new_mems if use_mems else None)
+        return XLNetOutput(last_hidden_state=out, mems=new_mems if use_mems else None, hidden_states=hidden_states)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         return param_groups(self, weight_decay)

@@ -1,0 +1,289 @@
+"""`xlnet distill`: compress a fine-tuned XLNet into a shallower student with Patient Knowledge Distillation.
+
+PKD (Sun et al. 2019, "Patient Knowledge Distillation for BERT Model Compression"): the student, initialised from
+the first M layers of a checkpoint, learns
+
+    (1 - alpha) * CE(gold labels) + alpha * T^2 * KL(teacher || student at temperature T)
+    + beta * sum over matched layers of || h_s / |h_s| - h_t / |h_t| ||^2
+
+where h are the summary token's (`<cls>`, XLNet's last position) states after the student's layers 1..M-1 and
+the teacher's layers they are matched to: PKD-skip takes every (N/M)-th teacher layer, PKD-last the teacher's
+last M-1 layers below its top (the top layers meet through the soft labels). `--pkd none` is plain knowledge
+distillation (Hinton et al. 2015); `--alpha 0 --pkd none` fine-tunes the shallow model on the labels alone, the
+baseline a distilled student must beat. The T^2 factor keeps the soft term's gradients at the scale of the hard
+term's as T changes (Hinton et al.).
+
+The teacher is a directory written by `xlnet finetune` (its finetune.json fixes the task, labels and lengths,
+so the student sees the same features). The run writes what `xlnet finetune` writes (best/, dev/, test/,
+summary.json with a "distill" entry, metrics.jsonl with the loss terms, curves) and prints the teacher and the
+student side by side: layers, parameters, dev/test scores and dev-set inference time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xlnet import finetune as FT
+from xlnet import tasks as T
+from xlnet import training as TR
+from xlnet.checkpoint import BODY, load_into, load_model, normalize_keys, read_weights
+from xlnet.cliconf import add_dataclass_arguments, build_dataclass
+from xlnet.config import XLNetConfig
+from xlnet.errors import XLNetError
+
+KINDS = ("classification", "regression", "race", "tokens")  # heads whose outputs are one distribution per row/token
+IGNORE = -100  # tagging labels of positions that are not a word's first piece
+
+
+@dataclass
+class DistillConfig(FT.FinetuneConfig):
+    task: str = ""  # "" = the teacher's (finetune.json)
+    out_dir: str = "runs/distill"
+    teacher: str = ""  # a fine-tuned directory (`xlnet finetune`'s best/)
+    student_layers: int = 0  # 0 = half the teacher's layers, rounded up
+    # where the student's embeddings and first layers come from: "teacher" (its fine-tuned weights, head included),
+    # a pretrained directory (ours or HF; the head starts fresh) or "random"
+    student_init: str = "teacher"
+    pkd: Literal["skip", "last", "none"] = "skip"  # which teacher layers the intermediate <cls> states learn from
+    alpha: float = 0.5  # weight of the soft-label term against the gold-label cross-entropy
+    temperature: float = 10.0  # softens both distributions in the soft-label term
+    beta: float = 100.0  # weight of the patient (intermediate <cls> state) term
+
+
+# Fine-tuning options that `xlnet distill` decides itself (the student's source is --student-init, the label set
+# and the lengths the teacher's).
+NOT_FLAGS = ("model", "preset", "random_init", "labels")
+
+
+def layer_pairs(n_teacher: int, n_student: int, pkd: str) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs, 1-based, for the student's layers below its top."""
+    if pkd == "none":
+        return []
+    if pkd == "skip":
+        return [(j, round(j * n_teacher / n_student)) for j in range(1, n_student)]
+    return [(j, n_teacher - n_student + j) for j in range(1, n_student)]
+
+
+def soft_label_loss(student: Tensor, teacher: Tensor, kind: str, temperature: float,
+                    keep: Tensor | None = None) -> Tensor:
+    """T^2 * KL(teacher || student) at temperature T, averaged over rows (tagging: over the labeled tokens);
+    regression: the squared error to the teacher's prediction."""
+    if kind == "regression":
+        return F.mse_loss(student.float(), teacher.float())
+    student, teacher = student.float().flatten(0, -2), teacher.float().flatten(0, -2)
+    if keep is not None:
+        student, teacher = student[keep.flatten()], teacher[keep.flatten()]
+    log_p_s = F.log_softmax(student / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def patient_loss(student_states: list[Tensor], teacher_states: list[Tensor],
+                 pairs: list[tuple[int, int]]) -> Tensor:
+    """Sum over the pairs of the mean (over rows) squared distance between the unit-length <cls> states."""
+    terms = [(F.normalize(student_states[s][:, -1].float(), dim=-1)
+              - F.normalize(teacher_states[t][:, -1].float(), dim=-1)).pow(2).sum(-1).mean() for s, t in pairs]
+    return torch.stack(terms).sum()
+
+
+@dataclass
+class Distiller:
+    """The step loss (finetune.StepLoss): the teacher runs in eval mode without gradients on the same batch."""
+
+    teacher: nn.Module
+    kind: str
+    pairs: list[tuple[int, int]]
+    alpha: float
+    temperature: float
+    beta: float
+
+    def __call__(self, student: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        states = bool(self.pairs)
+        with torch.no_grad():
+            t = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=states)
+        s = student(**inputs, output_hidden_states=states)
+        keep = inputs["labels"] != IGNORE if self.kind == "tokens" else None
+        soft = soft_label_loss(s.logits, t.logits, self.kind, self.temperature, keep)
+        loss = (1 - self.alpha) * s.loss + self.alpha * soft
+        parts = {"ce": s.loss.item(), "soft": soft.item()}
+        if states:
+            patient = patient_loss(s.hidden_states, t.hidden_states, self.pairs)
+            loss = loss + self.beta * patient
+            parts["patient"] = patient.item()
+        return loss, parts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# teacher and student
+
+
+def load_teacher(cfg: DistillConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The fine-tuned teacher (eval mode, frozen) and its finetune.json."""
+    if not cfg.teacher:
+        raise XLNetError("distill needs --teacher DIR (a directory written by `xlnet finetune`, e.g. runs/x/best)")
+    directory = Path(cfg.teacher)
+    overrides: dict[str, Any] = dict(mem_len=0, reuse_len=0, bi_data=False)
+    if cfg.attn_impl:
+        overrides["attn_impl"] = cfg.attn_impl
+    teacher = load_model(directory, verbose=False, **overrides)
+    meta = FT.read_meta(directory)
+    if not meta:
+        raise XLNetError(f"{directory}: no {FT.META_FILE}; the teacher must be a directory written by `xlnet finetune`")
+    teacher.eval().requires_grad_(False)
+    return teacher, meta
+
+
+def resolve_config(cfg: DistillConfig, meta: dict[str, Any], n_teacher: int) -> tuple[DistillConfig, T.TaskSpec]:
+    """The teacher's task and lengths (unless given), the student's depth, and checks of the PKD settings."""
+    given = [f"--{k.replace('_', '-')}" for k in ("model", "random_init", "labels") if getattr(cfg, k)]
+    if given:
+        raise XLNetError(f"distill takes no {', '.join(given)}: the teacher fixes the labels and "
+                         "--student-init says where the student's layers come from")
+    task = cfg.task or meta["task"]
+    if task != meta["task"]:
+        raise XLNetError(f"--task {cfg.task} but the teacher {cfg.teacher} was fine-tuned on {meta['task']}")
+    spec = T.get_task(task)
+    if spec.kind not in KINDS:
+        raise XLNetError(f"distill supports {', '.join(KINDS)} tasks; {task} is {spec.kind}")
+    lengths = {k: meta[k] for k in FT.META_FIELDS if k != "task" and k in meta and getattr(cfg, k) <= 0}
+    layers = cfg.student_layers or math.ceil(n_teacher / 2)
+    cfg = dataclasses.replace(cfg, task=task, student_layers=layers, **lengths)
+    checks = [(1 <= layers <= n_teacher, f"student_layers must be in [1, {n_teacher}] (the teacher's), got {layers}"),
+              (0 <= cfg.alpha <= 1, f"alpha must be in [0, 1], got {cfg.alpha}"),
+              (cfg.temperature > 0, f"temperature must be positive, got {cfg.temperature}"),
+              (cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}")]
+    for ok, message in checks:
+        if not ok:
+            raise XLNetError(f"invalid DistillConfig: {message}")
+    return FT.resolve_config(cfg, spec), spec  # type: ignore[return-value]
+
+
+def build_student(teacher: nn.Module, cfg: DistillConfig) -> nn.Module:
+    """The teacher's head class and config cut to student_layers, initialised per cfg.student_init."""
+    config = XLNetConfig(**{**teacher.config.to_dict(), "n_layer": cfg.student_layers, "dropout": cfg.dropout,
+                            "dropatt": cfg.dropout, "summary_last_dropout": cfg.dropout})
+    student = type(teacher)(config)
+    if cfg.student_init == "random":
+        return student
+    source = Path(cfg.teacher if cfg.student_init == "teacher" else cfg.student_init)
+    if not source.is_dir():
+        raise XLNetError(f"--student-init {cfg.student_init}: not 'teacher', 'random' or a model directory")
+    fresh = load_first_layers(student, source)
+    if fresh and not cfg.quiet:
+        print(f"note: the student's {', '.join(sorted(fresh))} start fresh ({source} has no such tensors)",
+              file=sys.stderr)
+    return student
+
+
+def load_first_layers(student: nn.Module, source: Path) -> list[str]:
+    """Copy the embeddings, the first n_layer layers and any matching head tensors of `source` into `student`;
+    returns the head tensors left at their fresh initialisation."""
+    weights, path = read_weights(source)
+    weights = normalize_keys(weights, student)
+    depth = student.config.n_layer
+    prefix = BODY + "layer."
+    kept = {k: v for k, v in weights.items() if not k.startswith(prefix) or int(k[len(prefix):].split(".")[0]) < depth}
+    return load_into(student, kept, path)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights once
+
+
+def inference_seconds(model: nn.Module, split: FT.Split, cfg: DistillConfig, device: torch.device) -> float:
+    """Wall time of one prediction pass over `split` (the trained architecture's cost, not its weights')."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    FT.predict(model, split, cfg, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def distill(cfg: DistillConfig) -> dict[str, Any]:
+    teacher, meta = load_teacher(cfg)
+    cfg, spec = resolve_config(cfg, meta, teacher.config.n_layer)
+    files = FT.data_files(spec, cfg.data)
+    TR.set_seed(cfg.seed)
+    device = TR.resolve_device(cfg.device)
+    cfg = dataclasses.replace(cfg, precision=TR.resolve_precision(cfg.precision, device),
+                              tokenizer=cfg.tokenizer or cfg.teacher)
+    labels = meta.get("labels") or teacher.config.label_names or (list(spec.labels) if spec.labels else None)
+    tok = FT.load_tokenizer(cfg)
+    FT.check_vocab(teacher, tok, cfg)
+    student = build_student(teacher, cfg)
+    teacher, student = teacher.to(device), student.to(device)
+    train, dev, test = FT.load_splits(spec, files, tok, cfg, labels)
+
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = layer_pairs(teacher.config.n_layer, cfg.student_layers, cfg.pkd)
+    step_loss = Distiller(teacher, spec.kind, pairs, cfg.alpha, cfg.temperature, cfg.beta)
+    start = time.time()
+    best, steps = FT.train_loop(student, train, dev, spec, cfg, labels, device, out_dir,
+                                lambda m: FT.save_model_dir(m, out_dir / "best", tok, meta), step_loss, "distill")
+    seconds = time.time() - start
+    report = {"teacher": str(cfg.teacher), "layer_pairs": pairs,
+              "teacher_dev": FT.score(teacher, dev, spec, cfg, labels, device, out_dir / "teacher" / "dev"),
+              "teacher_test": test and FT.score(teacher, test, spec, cfg, labels, device, out_dir / "teacher" / "test"),
+              "layers": {"teacher": teacher.config.n_layer, "student": cfg.student_layers},
+              "parameters": {"teacher": count_parameters(teacher), "student": count_parameters(student)},
+              "dev_inference_seconds": {"teacher": inference_seconds(teacher, dev, cfg, device),
+                                        "student": inference_seconds(student, dev, cfg, device)}}
+    return FT.finish(cfg, spec, labels, test, device, out_dir, best, steps, seconds, what="distillation",
+                     extra={"distill": report})
+
+
+def comparison_table(summary: dict[str, Any]) -> str:
+    """Teacher and student side by side: depth, size, main metric on dev/test, dev inference time."""
+    d = summary["distill"]
+    metric = d["teacher_dev"]["main_metric"]
+
+    def main(result: dict[str, Any] | None) -> str:
+        return "-" if not result else f"{result['main']:.4f}"
+
+    cfg = summary["config"]
+    name = "student, " + (f"PKD-{cfg['pkd']}" if cfg["pkd"] != "none" else "KD" if cfg["alpha"] > 0 else "labels only")
+    rows = [("teacher", "teacher", summary["distill"]["teacher_dev"], d["teacher_test"]),
+            (name, "student", summary["dev"], summary["test"])]
+    seconds = d["dev_inference_seconds"]
+    lines = [f"{'model':<24} {'layers':>6} {'params':>10} {'dev ' + metric:>14} {'test ' + metric:>14} "
+             f"{'dev inference':>14}"]
+    for label, who, dev, test in rows:
+        speed = "" if who == "teacher" else f" ({seconds['teacher'] / seconds['student']:.1f}x)"
+        lines.append(f"{label:<24} {d['layers'][who]:>6} {d['parameters'][who]:>10,} {main(dev):>14} "
+                     f"{main(test):>14} {seconds[who]:>8.2f} s{speed}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    add_dataclass_arguments(parser, DistillConfig, skip=NOT_FLAGS)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_dataclass(DistillConfig, args.config, args)
+    summary = distill(cfg)
+    print(comparison_table(summary))
+    print(f"best student: {summary['best']}; summary: {Path(cfg.out_dir) / 'summary.json'}")
+    return 0

@@ -1,0 +1,269 @@
+"""`xlnet distill`: the PKD loss terms against their definitions, the student's initialisation from the teacher's
+first layers, and runs end to end on small files (a 4-layer × 32 teacher, 2-layer students)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close
+import test_finetune
+from test_finetune import TINY, conll, jsonl_data, race
+from xlnet.assets import default_tokenizer_dir
+from xlnet.cli import main
+from xlnet.config import XLNetConfig
+from xlnet.distill import (DistillConfig, Distiller, build_student, distill, layer_pairs, patient_loss,
+                           soft_label_loss)
+from xlnet.finetune import FinetuneConfig, evaluate_model, finetune
+from xlnet.heads import XLNetForSequenceClassification
+from xlnet.model import XLNetLMHeadModel
+
+TEACHER_LAYERS = 4
+one_thread = test_finetune.one_thread  # the same autouse fixture: one intra-op thread for tiny matmuls
+
+
+@pytest.fixture(scope="module")
+def lm4_dir(tmp_path_factory) -> Path:
+    """A random 4-layer LM with the embedded tokenizer beside it: the teacher's (and a student's) starting point."""
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("lm4")
+    XLNetLMHeadModel(XLNetConfig(**{**TINY, "n_layer": TEACHER_LAYERS})).save_pretrained(d)
+    for name in ("spiece.model", "tokenizer.json"):
+        shutil.copyfile(default_tokenizer_dir() / name, d / name)
+    return d
+
+
+@pytest.fixture(scope="module")
+def keyword_data(tmp_path_factory) -> Path:
+    return jsonl_data(tmp_path_factory.mktemp("data"), keyword="banana", n_train=64, n_dev=32)
+
+
+@pytest.fixture(scope="module")
+def teacher(lm4_dir, keyword_data, tmp_path_factory) -> Path:
+    """A teacher that learned the keyword task (dev accuracy >= 0.85; the balanced majority baseline is 0.5)."""
+    out = tmp_path_factory.mktemp("teacher")
+    summary = finetune(FinetuneConfig(task="classification", model=str(lm4_dir), data=str(keyword_data),
+                                      out_dir=str(out), max_seq_len=16, epochs=5, batch_size=16, lr=5e-3,
+                                      warmup_frac=0.0, dropout=0.0, quiet=True, device="cpu", seed=0))
+    assert summary["dev"]["metrics"]["accuracy"] >= 0.85, summary["dev"]
+    return out / "best"
+
+
+def distill_cfg(teacher: Path, data: Path, out: Path, **kw) -> DistillConfig:
+    base = dict(teacher=str(teacher), data=str(data), out_dir=str(out), epochs=2, batch_size=16, lr=5e-3,
+                warmup_frac=0.0, dropout=0.0, quiet=True, device="cpu", seed=0)
+    return DistillConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------ the loss terms
+
+
+def test_layer_pairs_follow_the_paper():
+    # BERT-base teacher, 6-layer student: PKD-skip learns from layers 2,4,6,8,10; PKD-last from 7..11
+    assert layer_pairs(12, 6, "skip") == [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10)]
+    assert layer_pairs(12, 6, "last") == [(1, 7), (2, 8), (3, 9), (4, 10), (5, 11)]
+    assert layer_pairs(12, 3, "skip") == [(1, 4), (2, 8)]
+    assert layer_pairs(4, 2, "skip") == [(1, 2)] and layer_pairs(4, 2, "last") == [(1, 3)]
+    assert layer_pairs(12, 6, "none") == [] and layer_pairs(4, 1, "skip") == []
+
+
+def test_soft_label_loss_is_tempered_kl_with_its_closed_form_gradient():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(5, 7, generator=g, requires_grad=True)
+    teacher = torch.randn(5, 7, generator=g)
+    T = 3.0
+    p_t, log_p_s = torch.softmax(teacher / T, -1), torch.log_softmax(student / T, -1)
+    want = T**2 * (p_t * (p_t.log() - log_p_s)).sum(-1).mean()
+    got = soft_label_loss(student, teacher, "classification", T)
+    assert_close(got, want, "soft-label loss")
+    got.backward()  # d/ds of T^2 KL(p_t || softmax(s/T)), averaged over rows: T * (p_s - p_t) / rows
+    assert_close(student.grad, T * (torch.softmax(student / T, -1) - p_t).detach() / 5, "gradient")
+    assert soft_label_loss(teacher, teacher, "classification", T).abs() < 1e-6
+    # tagging: only the labeled tokens count, averaged over them
+    keep = torch.tensor([[True, False, True], [False, True, False]])
+    s3, t3 = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    assert_close(soft_label_loss(s3, t3, "tokens", T, keep), soft_label_loss(s3[keep], t3[keep], "tokens", T), "tok")
+    # regression: the squared error to the teacher's prediction
+    assert_close(soft_label_loss(student[:, :1], teacher[:, :1], "regression", T),
+                 F.mse_loss(student[:, :1], teacher[:, :1]), "regression")
+
+
+def test_patient_loss_compares_unit_length_cls_states():
+    g = torch.Generator().manual_seed(1)
+    s_states = [torch.randn(3, 5, 8, generator=g) for _ in range(3)]  # embeddings + 2 layers
+    t_states = [torch.randn(3, 5, 8, generator=g) for _ in range(5)]  # embeddings + 4 layers
+    pairs = [(1, 2), (2, 4)]
+    want = sum(((s_states[s][:, -1] / s_states[s][:, -1].norm(dim=-1, keepdim=True)
+                 - t_states[t][:, -1] / t_states[t][:, -1].norm(dim=-1, keepdim=True)) ** 2).sum(-1).mean()
+               for s, t in pairs)
+    assert_close(patient_loss(s_states, t_states, pairs), want, "patient loss")
+    scaled = [3.0 * s for s in s_states]  # the norms are divided out
+    assert_close(patient_loss(scaled, t_states, pairs), want, "scale invariance")
+    same = [t_states[0], t_states[2], t_states[4]]
+    assert patient_loss(same, t_states, pairs) < 1e-10
+
+
+def test_distiller_combines_the_terms_with_alpha_and_beta(teacher, keyword_data, tmp_path):
+    from xlnet.checkpoint import load_model
+
+    t = load_model(teacher, verbose=False).eval()
+    s = build_student(t, distill_cfg(teacher, keyword_data, tmp_path, student_layers=2))
+    g = torch.Generator().manual_seed(2)
+    inputs = {"input_ids": torch.randint(9, 8000, (4, 12), generator=g), "labels": torch.tensor([0, 1, 1, 0])}
+    d = Distiller(t, "classification", [(1, 3)], alpha=0.3, temperature=2.0, beta=7.0)
+    loss, parts = d(s, inputs)
+    assert set(parts) == {"ce", "soft", "patient"}
+    assert abs(loss.item() - (0.7 * parts["ce"] + 0.3 * parts["soft"] + 7.0 * parts["patient"])) < 1e-5
+    loss.backward()  # the teacher is frozen: only the student gets gradients
+    assert all(p.grad is None for p in t.parameters()) and any(p.grad is not None for p in s.parameters())
+    # the teacher's outputs are the no-label forward's; the patient term reads layer 3 of the teacher
+    with torch.no_grad():
+        ref = t(input_ids=inputs["input_ids"], output_hidden_states=True)
+        mine = s(**inputs, output_hidden_states=True)
+    assert abs(parts["patient"] - patient_loss(mine.hidden_states, ref.hidden_states, [(1, 3)]).item()) < 1e-6
+    assert abs(parts["soft"] - soft_label_loss(mine.logits, ref.logits, "classification", 2.0).item()) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ the student
+
+
+def test_student_starts_as_the_teachers_first_layers(teacher, lm4_dir, keyword_data, tmp_path, capsys):
+    from xlnet.checkpoint import load_model
+
+    t = load_model(teacher, verbose=False).eval()
+    s = build_student(t, distill_cfg(teacher, keyword_data, tmp_path, student_layers=2)).eval()
+    assert isinstance(s, XLNetForSequenceClassification) and s.config.n_layer == 2
+    t_state = t.state_dict()
+    for key, value in s.state_dict().items():  # every tensor, the head included, is the teacher's
+        assert torch.equal(value, t_state[key]), key
+    x = {"input_ids": torch.randint(9, 8000, (3, 10), generator=torch.Generator().manual_seed(3))}
+    with torch.no_grad():
+        hs, ht = s(**x, output_hidden_states=True).hidden_states, t(**x, output_hidden_states=True).hidden_states
+    for j in range(2):  # the embeddings and layer 1 are the same computation
+        assert torch.equal(hs[j], ht[j]), j
+    assert_close(hs[2][:, -1], ht[2][:, -1], "layer 2 at <cls>")  # the student's top computes that row alone
+
+    # from a pretrained LM: its body's first layers, a fresh head (and a note saying so)
+    s_lm = build_student(t, distill_cfg(teacher, keyword_data, tmp_path, student_layers=2,
+                                        student_init=str(lm4_dir), quiet=False))
+    lm_state = XLNetLMHeadModel.from_pretrained(lm4_dir, verbose=False).state_dict()
+    assert torch.equal(s_lm.state_dict()["transformer.layer.1.ff.layer_1.weight"],
+                       lm_state["transformer.layer.1.ff.layer_1.weight"])
+    assert not torch.equal(s_lm.state_dict()["logits_proj.weight"], t_state["logits_proj.weight"])
+    assert "logits_proj.weight" in capsys.readouterr().err
+    s_random = build_student(t, distill_cfg(teacher, keyword_data, tmp_path, student_layers=2,
+                                            student_init="random"))
+    assert not torch.equal(s_random.state_dict()["transformer.word_embedding.weight"],
+                           t_state["transformer.word_embedding.weight"])
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("pkd", ["skip", "last", "none"])
+def test_distill_end_to_end(pkd, teacher, keyword_data, tmp_path):
+    out = tmp_path / "student"
+    summary = distill(distill_cfg(teacher, keyword_data, out, pkd=pkd))
+    d = summary["distill"]
+    assert d["layers"] == {"teacher": 4, "student": 2}
+    assert d["layer_pairs"] == layer_pairs(4, 2, pkd)
+    assert d["parameters"]["student"] < d["parameters"]["teacher"]
+    assert d["teacher_dev"]["main"] >= 0.85 and summary["dev"]["main_metric"] == "accuracy"
+    assert d["dev_inference_seconds"]["student"] > 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert train and all({"ce", "soft"} <= set(r) for r in train)
+    assert all(("patient" in r) == (pkd != "none") for r in train)
+    # the student is an ordinary fine-tuned directory: `xlnet evaluate --model` rescores dev to the same numbers
+    assert json.loads((out / "best" / "finetune.json").read_text()) == json.loads(
+        (teacher / "finetune.json").read_text())
+    result = evaluate_model("classification", out / "best", keyword_data / "dev.jsonl", tmp_path / "eval",
+                            device="cpu")
+    assert result["metrics"] == summary["dev"]["metrics"]
+    assert (out / "loss.png").is_file() and (out / "teacher" / "dev" / "predictions.jsonl").is_file()
+
+
+def test_soft_labels_alone_teach_a_random_student(teacher, keyword_data, tmp_path):
+    """alpha = 1: the gold labels carry no weight, so what the student learns comes from the teacher."""
+    summary = distill(distill_cfg(teacher, keyword_data, tmp_path / "s", alpha=1.0, pkd="none", temperature=2.0,
+                                  student_init="random", epochs=6))
+    assert summary["dev"]["metrics"]["accuracy"] >= 0.8, summary["dev"]
+
+
+def test_patient_term_pulls_the_cls_states_together(teacher, keyword_data, tmp_path):
+    distill(distill_cfg(teacher, keyword_data, tmp_path / "s", alpha=0.0, beta=100.0, student_init="random",
+                        epochs=4))
+    patient = [json.loads(line)["patient"] for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
+               if '"train"' in line]
+    assert sum(patient[-4:]) / 4 < 0.3 * sum(patient[:2]) / 2, patient
+
+
+@pytest.mark.parametrize("kind", ["tokens", "race"])
+def test_distill_other_heads(kind, lm4_dir, tmp_path):
+    """Tagging (soft labels per labeled token) and multiple choice (over the choices, <cls> per choice)."""
+    data, task, lengths = (conll(tmp_path / "d"), "conll", {}) if kind == "tokens" else (
+        race(tmp_path / "d"), "race", dict(max_seq_len=40, max_query_len=12))
+    finetune(FinetuneConfig(task=task, model=str(lm4_dir), data=str(data), out_dir=str(tmp_path / "t"),
+                            epochs=1, batch_size=16, lr=1e-3, quiet=True, device="cpu", seed=0,
+                            **({"max_seq_len": 32} | lengths)))
+    summary = distill(distill_cfg(tmp_path / "t" / "best", data, tmp_path / "s", epochs=1))
+    assert summary["task"] == task and summary["distill"]["layers"]["student"] == 2
+    assert summary["config"]["max_seq_len"] == (lengths.get("max_seq_len") or 32)  # the teacher's lengths
+    assert summary["dev"]["main_metric"] == summary["distill"]["teacher_dev"]["main_metric"]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_prints_teacher_and_student(teacher, keyword_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["distill", "--teacher", str(teacher), "--data", str(keyword_data), "--out-dir", str(out),
+                 "--epochs", "1", "--batch-size", "16", "--pkd", "last", "--quiet", "true", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["model", "layers", "params"]
+    assert lines[1].split()[:2] == ["teacher", "4"] and lines[2].split()[:3] == ["student,", "PKD-last", "2"]
+    assert json.loads((out / "summary.json").read_text())["config"]["pkd"] == "last"
+
+
+def bad_teacher_copy(teacher: Path, tmp_path: Path, task: str | None) -> Path:
+    """The teacher's directory with its finetune.json naming another task (None: without finetune.json)."""
+    copy = tmp_path / "copied"
+    shutil.copytree(teacher, copy)
+    if task is None:
+        (copy / "finetune.json").unlink()
+    else:
+        meta = json.loads((copy / "finetune.json").read_text())
+        (copy / "finetune.json").write_text(json.dumps({**meta, "task": task}))
+    return copy
+
+
+BAD = {  # case -> (extra flags, teacher variant, expected message)
+    "no_teacher": ([], "none", "distill needs --teacher DIR"),
+    "missing_teacher": ([], "missing", "model directory not found"),
+    "not_finetuned": ([], "no_meta", "no finetune.json"),
+    "squad": ([], "squad2", "squad2 is squad"),
+    "too_deep": (["--student-layers", "5"], "ok", "student_layers must be in [1, 4]"),
+    "other_task": (["--task", "sst2"], "ok", "was fine-tuned on classification"),
+    "bad_alpha": (["--alpha", "1.5"], "ok", "alpha must be in [0, 1]"),
+    "bad_init": (["--student-init", "nowhere"], "ok", "--student-init nowhere: not 'teacher', 'random'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_bad_input_is_one_line(case, teacher, keyword_data, tmp_path, capsys):
+    flags, variant, expected = BAD[case]
+    paths = {"none": None, "missing": tmp_path / "nope", "ok": teacher}
+    path = paths[variant] if variant in paths else bad_teacher_copy(
+        teacher, tmp_path, None if variant == "no_meta" else variant)
+    args = ["distill", "--data", str(keyword_data), "--out-dir", str(tmp_path / "out"), "--quiet", "true",
+            "--device", "cpu", *flags] + ([] if path is None else ["--teacher", str(path)])
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("xlnet distill: error: "), err
+    assert expected in err
+    assert not (tmp_path / "out" / "best").exists()
