@@ -267,3 +267,14 @@ def test_cli_bad_input_is_one_line(case, teacher, keyword_data, tmp_path, capsys
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("xlnet distill: error: "), err
     assert expected in err
     assert not (tmp_path / "out" / "best").exists()
+
+
+def test_teacher_without_finetune_json_takes_the_task_flag(teacher, keyword_data, tmp_path):
+    """A fine-tuned directory from elsewhere (a Hugging Face one, say): --task names the task, the labels come
+    from the model's config, and the student's finetune.json records what it was trained with."""
+    bare = bad_teacher_copy(teacher, tmp_path, None)
+    summary = distill(distill_cfg(bare, keyword_data, tmp_path / "s", task="classification", max_seq_len=16,
+                                  epochs=1))
+    meta = json.loads((tmp_path / "s" / "best" / "finetune.json").read_text())
+    assert meta == json.loads((teacher / "finetune.json").read_text())
+    assert summary["distill"]["teacher_dev"]["main"] >= 0.85

@@ -511,6 +511,45 @@ def test_objectives_see_the_same_samples(bi_data):
         assert torch.equal(perm_mask_from_ranks(clm["perm_q_rank"], clm["perm_k_rank"]), clm["perm_mask"])
 
 
+def test_infoword_batches_are_mlm_batches_plus_one_masked_ngram_per_row():
+    """The masked-LM batch of "mlm" (same corruption), <cls> as an extra unlabeled slot, and per row one run of
+    consecutive targets (at most max_ngram pieces, starting where a run starts) laid out as [pad | n-gram | <sep>
+    | <cls>] with the original pieces."""
+    from xlnet.data.plm import CLS_ID, PAD_ID, SEG_ID_CLS, SEG_ID_PAD
+
+    s = _samplers(("plm", "mlm", "infoword"))
+    max_ngram = s["infoword"].cfg.max_ngram
+    lengths = set()
+    for _ in range(4):
+        plm, mlm, iw = (next(s[o]) for o in ("plm", "mlm", "infoword"))
+        for key in ("input_ids", "token_type_ids", "is_masked"):
+            assert torch.equal(iw[key], mlm[key]), key
+        L = mlm["input_ids"].shape[1]
+        assert torch.equal(iw["target_positions"][:, :-1], mlm["target_positions"])
+        assert (iw["target_positions"][:, -1] == L - 1).all() and (iw["labels"][:, -1] == -100).all()
+        assert torch.equal(iw["labels"][:, :-1], mlm["labels"]) and (iw["target_mask"][:, -1] == 0).all()
+        assert iw["span_ids"].shape == (len(mlm["input_ids"]), max_ngram + 2)
+        for row in range(len(iw["span_ids"])):
+            keep = iw["span_mask"][row].bool()
+            ids, seg = iw["span_ids"][row], iw["span_type_ids"][row]
+            assert (ids[~keep] == PAD_ID).all() and (seg[~keep] == SEG_ID_PAD).all()
+            assert keep[-1] and keep.long().diff().ge(0).all()  # left padding
+            assert ids[-2:].tolist() == [SEP_ID, CLS_ID] and seg[-1] == SEG_ID_CLS and (seg[keep][:-1] == 0).all()
+            gram = ids[keep][:-2].tolist()
+            lengths.add(len(gram))
+            targets = plm["is_masked"][row]
+            original = plm["input_ids"][row].tolist()
+            starts = [b for b in range(L) if targets[b] and (b == 0 or not targets[b - 1])
+                      and original[b:b + len(gram)] == gram and targets[b:b + len(gram)].all()]
+            assert 1 <= len(gram) <= max_ngram and starts, (row, gram)
+    assert len(lengths) > 1  # n-grams of several lengths
+
+
+def test_infoword_refuses_bi_data():
+    with pytest.raises(XLNetError, match="infoword.*bi_data"):
+        _samplers(("infoword",), bi_data=True)
+
+
 def test_mlm_corruption_follows_bert():
     """80% <mask>, 10% a random ordinary piece, 10% unchanged, measured over many targets; nothing else moves."""
     from xlnet.data.plm import MASK_ID, NUM_SPECIAL, mlm_inputs

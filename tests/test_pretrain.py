@@ -23,7 +23,7 @@ from xlnet import training as T
 from xlnet.cli import main as cli_main
 from xlnet.errors import XLNetError
 from xlnet.model import XLNetLMHeadModel
-from xlnet.pretrain import PretrainConfig, pretrain
+from xlnet.pretrain import PretrainConfig, format_summary, pretrain
 
 WORDS = ("the cat dog bird sees likes eats a red blue small big house tree river stone runs over under "
          "and then near far old young green quick slow happy").split()
@@ -94,6 +94,11 @@ def test_straight_run_equals_run_plus_resume(corpus, tmp_path, capsys):
         pretrain(small(corpus, b, lr=1e-3), resume="latest")
     second = pretrain(small(corpus, b, activation_checkpointing=True), resume="latest")  # runtime-only flag
     assert second["steps"] == 6 and not second["stopped"]
+    # resuming the finished run trains nothing and reports the checkpoint's losses
+    third = pretrain(small(corpus, b), resume="latest")
+    assert third["steps"] == 6 and third["train_s"] == 0
+    assert (third["train_loss"], third["valid_loss"]) == (second["train_loss"], second["valid_loss"])
+    assert "the checkpoint had finished: nothing to train" in format_summary(third)
 
     assert losses(a) == losses(b)  # bit-identical trajectory (train and valid losses)
     assert len([r for r in losses(a) if r[0] == "valid"]) == 3  # steps 0, 3, 6
@@ -102,10 +107,10 @@ def test_straight_run_equals_run_plus_resume(corpus, tmp_path, capsys):
         assert torch.equal(wa[name], wb[name]), name
 
 
-@pytest.mark.parametrize("objective", ["mlm", "clm"])
+@pytest.mark.parametrize("objective", ["mlm", "clm", "infoword"])
 def test_other_objectives_learn_and_resume_exactly(corpus, tmp_path, capsys, objective):
-    """Masked and left-to-right LM through the same loop: the loss falls, a resumed run is bit-identical, and a
-    checkpoint of one objective is not continued with another."""
+    """Masked LM, left-to-right LM and InfoWord through the same loop: the loss falls, a resumed run is
+    bit-identical, and a checkpoint of one objective is not continued with another."""
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli_main(["pretrain", "--config", _yaml(small(corpus, a, objective=objective, max_steps=12,
                                                          eval_every=6, save_every=6), tmp_path)]) == 0
@@ -117,6 +122,23 @@ def test_other_objectives_learn_and_resume_exactly(corpus, tmp_path, capsys, obj
         pretrain(small(corpus, b, max_steps=12, eval_every=6, save_every=6), resume="latest")
     pretrain(small(corpus, b, objective=objective, max_steps=12, eval_every=6, save_every=6), resume="latest")
     assert losses(a) == losses(b)
+    if objective == "infoword":  # its InfoNCE term is logged beside the masked-LM loss, identically on resume
+        nce = [r.get("infonce") for r in T.read_metrics(a / "metrics.jsonl") if r["split"] == "train"]
+        assert all(math.isfinite(x) and x > 0 for x in nce) and nce == [
+            r.get("infonce") for r in T.read_metrics(b / "metrics.jsonl") if r["split"] == "train"]
+
+
+def test_infonce_is_cross_entropy_over_the_other_rows_ngrams():
+    from xlnet.pretrain import infonce
+
+    g = torch.Generator().manual_seed(0)
+    sentences, ngrams = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
+    scores = sentences @ ngrams.T / 4.0  # 1/sqrt(d)
+    want = -torch.stack([scores[i, i] - torch.logsumexp(scores[i], 0) for i in range(5)]).mean()
+    assert abs(infonce(sentences, ngrams).item() - want.item()) < 1e-5
+    assert infonce(ngrams * 50, ngrams).item() < 1e-3  # each sentence state is its own n-gram's, far apart
+    with pytest.raises(XLNetError, match="infoword runs two forward passes"):
+        pretrain(PretrainConfig(objective="infoword", fsdp=True, out_dir="/nonexistent/x"))
 
 
 def _yaml(cfg: PretrainConfig, where: Path) -> str:
@@ -175,6 +197,17 @@ def test_two_process_ddp_matches_one_process_grad_accum(corpus, one_process, tmp
     assert T.read_trainer_state(ckpt)["world_size"] == 2
     mems = torch.load(ckpt / "training_state.pt", weights_only=True)["tensors"]["mems"]
     assert len(mems) == 2 and mems[0].shape == (4, 16, 32)  # global rows gathered from both ranks
+
+
+@pytest.mark.parametrize("objective,flags", [("mlm", ()), ("mlm", ("--fsdp", "true")), ("infoword", ())])
+def test_content_stream_objectives_on_two_processes_match_one(corpus, tmp_path, objective, flags):
+    """Without a query stream its input `mask_emb` gets no gradient, which DDP and FSDP2 must allow; InfoWord's
+    two forward passes a step (the masked rows, then their n-grams) give the same gradients as one process with
+    two micro-batches (each micro-batch draws its negatives from its own rows either way)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    pretrain(small(corpus, one, grad_accum=2, objective=objective, **DIST))
+    torchrun(corpus, two, "--objective", objective, *flags)
+    assert_same_run(one, two)
 
 
 def test_fsdp2_matches_and_its_checkpoint_resumes_in_one_process(corpus, one_process, tmp_path):

@@ -6,8 +6,11 @@
 3. fine-tune the same architecture from random initialisation with the same recipe;
 4. score both on held-out test synsets next to a majority-class baseline, print a table, write plots.
 
-`--objectives plm mlm clm` pretrains one model per objective (the same backbone, samples and budget; BERT's masked
-LM and a left-to-right LM next to XLNet's permutation LM) and fine-tunes each: the objectives compared downstream.
+`--objectives plm mlm clm infoword` pretrains one model per objective (the same backbone, samples and budget; BERT's
+masked LM, a left-to-right LM and InfoWord next to XLNet's permutation LM) and fine-tunes each: the objectives
+compared downstream.
+`--ablations no-memory no-span bi-data` adds PLM runs with one of the paper's ablations each (its Table 6 rows that
+one setting expresses): no recurrence memory, single-token instead of span targets, bidirectional data.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +44,36 @@ class DemoConfig:
     finetune_lr: float = 5e-4
     seed: int = 0
     quick: bool = False  # a one-minute smoke version (a handful of steps; scores are meaningless)
-    objectives: tuple[str, ...] = ("plm",)  # pretraining objectives to compare: plm, mlm, clm
+    objectives: tuple[str, ...] = ("plm",)  # pretraining objectives to compare: plm, mlm, clm, infoword
+    ablations: tuple[str, ...] = ()  # PLM ablations to add: no-memory, no-span, bi-data
 
 
-def pretrain_config(cfg: DemoConfig, objective: str) -> PretrainConfig:
-    name = "pretrain" if objective == "plm" else f"pretrain-{objective}"
-    pre = PretrainConfig(out_dir=str(Path(cfg.out_dir) / name), seed=cfg.seed, objective=objective)
+OBJECTIVE_NAMES = {"plm": "PLM", "mlm": "MLM", "clm": "CLM", "infoword": "InfoWord"}
+# The paper's ablations that one pretraining setting expresses, each one change to the PLM run: (name, change).
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "no-memory": ("PLM - memory", {"mem_len": 0}),
+    "no-span": ("PLM - span targets", {"max_ngram": 1}),
+    "bi-data": ("PLM + bi_data", {"bi_data": True}),
+}
+
+
+@dataclass
+class Arm:
+    """One pretraining run and the fine-tuning from it."""
+
+    key: str  # results.json key and folder suffix: plm, mlm, clm, plm-no-memory ...
+    name: str  # table row and plot label
+    settings: dict[str, Any] = field(default_factory=dict)  # PretrainConfig fields that differ from the default
+
+
+def pretraining_arms(cfg: DemoConfig) -> list[Arm]:
+    arms = [Arm(o, f"{OBJECTIVE_NAMES[o]} pretrained", {"objective": o}) for o in cfg.objectives]
+    return arms + [Arm(f"plm-{a}", *ABLATIONS[a]) for a in cfg.ablations]
+
+
+def pretrain_config(cfg: DemoConfig, arm: Arm) -> PretrainConfig:
+    name = "pretrain" if arm.key == "plm" else f"pretrain-{arm.key}"
+    pre = PretrainConfig(out_dir=str(Path(cfg.out_dir) / name), seed=cfg.seed, **arm.settings)
     if cfg.pretrain_steps:
         pre.max_steps = cfg.pretrain_steps
     if cfg.quick:
@@ -54,35 +81,39 @@ def pretrain_config(cfg: DemoConfig, objective: str) -> PretrainConfig:
     return pre
 
 
-def check_objectives(objectives: tuple[str, ...]) -> None:
+def check_arms(cfg: DemoConfig) -> None:
     from xlnet.data.plm import OBJECTIVES, check_objective
 
-    for objective in objectives:
+    for objective in cfg.objectives:
         check_objective(objective)
-    if not objectives or len(set(objectives)) != len(objectives):
-        raise XLNetError(f"--objectives takes distinct names among {', '.join(OBJECTIVES)}, got {' '.join(objectives)}")
+    for flag, names, known in (("objectives", cfg.objectives, OBJECTIVES), ("ablations", cfg.ablations, ABLATIONS)):
+        if (flag == "objectives" and not names) or len(set(names)) != len(names) or set(names) - set(known):
+            raise XLNetError(f"--{flag} takes distinct names among {', '.join(known)}, got {' '.join(names)}")
+    if cfg.ablations and "plm" not in cfg.objectives:
+        raise XLNetError("--ablations change the PLM run; keep plm in --objectives to compare against it")
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    check_objectives(cfg.objectives)
+    check_arms(cfg)
     out = Path(cfg.out_dir)
-    stages, stage = 2 * len(cfg.objectives) + 1, 0
+    arms = pretraining_arms(cfg)
+    stages, stage = 2 * len(arms) + 1, 0
     pre: dict[str, dict[str, Any]] = {}
-    for objective in cfg.objectives:
-        pre_cfg = pretrain_config(cfg, objective)
+    for arm in arms:
+        pre_cfg = pretrain_config(cfg, arm)
         stage += 1
-        print(f"== {stage}/{stages} pretraining, {objective.upper()} ({pre_cfg.max_steps} steps of "
-              f"{pre_cfg.batch_size} x {pre_cfg.seq_len} tokens)")
+        print(f"== {stage}/{stages} pretraining, {arm.name.replace(' pretrained', '')} ({pre_cfg.max_steps} steps "
+              f"of {pre_cfg.batch_size} x {pre_cfg.seq_len} tokens)")
         # A second `xlnet demo` into the same directory reuses (or finishes) the pretraining run it finds there.
-        pre[objective] = pretrain(pre_cfg, resume="latest" if latest_checkpoint(pre_cfg.out_dir) else None)
-        print(format_summary(pre[objective]))
-        if pre[objective]["stopped"]:  # SIGTERM / Ctrl-C: the checkpoint is saved; a rerun continues from it
+        pre[arm.key] = pretrain(pre_cfg, resume="latest" if latest_checkpoint(pre_cfg.out_dir) else None)
+        print(format_summary(pre[arm.key]))
+        if pre[arm.key]["stopped"]:  # SIGTERM / Ctrl-C: the checkpoint is saved; a rerun continues from it
             raise KeyboardInterrupt
 
     runs = {}
-    arms = [(f"{o.upper()} pretrained", f"finetune-{o}", pre[o]["checkpoint"]) for o in cfg.objectives]
+    starts = [(arm.name, f"finetune-{arm.key}", pre[arm.key]["checkpoint"]) for arm in arms]
     # the random-init arm builds the first arm's architecture from its checkpoint's config, not its weights
-    for name, folder, model in [*arms, ("random init", "finetune-random", arms[0][2])]:
+    for name, folder, model in [*starts, ("random init", "finetune-random", starts[0][2])]:
         stage += 1
         print(f"== {stage}/{stages} fine-tuning on supersense from {name}")
         runs[name] = finetune(finetune_config(cfg, out / folder, model, random_init=name == "random init"))
@@ -90,7 +121,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     table = score_table(cfg, runs)
     results = {"config": asdict(cfg), "pretrain": pre, "table": table,
                "finetune": {k: {"dev": v.get("dev"), "test": v.get("test")} for k, v in runs.items()}}
-    results["plots"] = [str(p) for p in write_plots(out, pre, runs, table)]
+    results["plots"] = [str(p) for p in write_plots(out, arms, pre, runs, table)]
     with atomic_write(out / "results.json", "w") as f:
         json.dump(results, f, indent=2, default=str)
     print(format_table(table))
@@ -137,19 +168,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def f(v: Any) -> str:
         return "    -" if v is None else f"{100 * v:5.1f}"
 
+    width = max(28, *(len(r["model"]) for r in rows))
     lines = ["WordNet supersense (45 classes), held-out synsets",
-             f"{'model':<28} {'dev acc':>8} {'test acc':>9} {'test macro-F1':>14}"]
+             f"{'model':<{width}} {'dev acc':>8} {'test acc':>9} {'test macro-F1':>14}"]
     for r in rows:
-        lines.append(f"{r['model']:<28} {f(r['dev_accuracy']):>8} {f(r.get('test_accuracy')):>9} "
+        lines.append(f"{r['model']:<{width}} {f(r['dev_accuracy']):>8} {f(r.get('test_accuracy')):>9} "
                      f"{f(r.get('test_f1_macro')):>14}")
     return "\n".join(lines)
 
 
 ARM_COLORS = {"PLM pretrained": "tab:green", "MLM pretrained": "tab:blue", "CLM pretrained": "tab:purple",
+              "InfoWord pretrained": "tab:pink",
+              "PLM - memory": "tab:olive", "PLM - span targets": "tab:cyan", "PLM + bi_data": "tab:brown",
               "random init": "tab:gray", "majority class": "tab:red"}
 
 
-def write_plots(out: Path, pre: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]],
+def write_plots(out: Path, arms: list[Arm], pre: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]],
                 table: list[dict[str, Any]]) -> list[Path]:
     import matplotlib
 
@@ -157,15 +191,15 @@ def write_plots(out: Path, pre: dict[str, dict[str, Any]], runs: dict[str, dict[
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_dev, ax_bar) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
-    for objective, summary in pre.items():
-        color = ARM_COLORS[f"{objective.upper()} pretrained"]
-        rows = read_metrics(Path(summary["out_dir"]) / "metrics.jsonl")
+    for arm in arms:
+        rows = read_metrics(Path(pre[arm.key]["out_dir"]) / "metrics.jsonl")
+        short = arm.name.replace(" pretrained", "")
         for split in ("train", "valid"):
             pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
             if pts:
-                ax_loss.plot(*zip(*pts), color=color, marker="o" if split == "valid" else None, markersize=3,
-                             alpha=0.35 if split == "train" else 1.0, label=f"{objective.upper()} {split}")
-    ax_loss.set(title="pretraining loss" + (" (PLM)" if len(pre) == 1 else " (each objective's own targets)"),
+                ax_loss.plot(*zip(*pts), color=ARM_COLORS[arm.name], marker="o" if split == "valid" else None,
+                             markersize=3, alpha=0.35 if split == "train" else 1.0, label=f"{short} {split}")
+    ax_loss.set(title="pretraining loss" + (" (PLM)" if len(pre) == 1 else " (each run's own targets)"),
                 xlabel="step", ylabel="loss")
     for name, summary in runs.items():
         rows = read_metrics(Path(summary["config"]["out_dir"]) / "metrics.jsonl")
@@ -177,6 +211,8 @@ def write_plots(out: Path, pre: dict[str, dict[str, Any]], runs: dict[str, dict[
     values = [r.get("test_accuracy") or 0.0 for r in table]
     short = [n.replace(" pretrained", "").replace(" class", "") for n in names]  # bar labels side by side
     ax_bar.bar(short, values, color=[ARM_COLORS[n] for n in names])
+    if len(short) > 5:  # labels side by side would overlap
+        ax_bar.tick_params(axis="x", labelrotation=30)
     for i, v in enumerate(values):
         ax_bar.text(i, v, f"{100 * v:.1f}%", ha="center", va="bottom")
     ax_bar.set(title="test accuracy (held-out synsets)", ylabel="accuracy")

@@ -129,7 +129,8 @@ class Distiller:
 
 
 def load_teacher(cfg: DistillConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """The fine-tuned teacher (eval mode, frozen) and its finetune.json."""
+    """The fine-tuned teacher (eval mode, frozen) and its finetune.json (for another fine-tuned directory, a
+    Hugging Face one say: the --task given)."""
     if not cfg.teacher:
         raise XLNetError("distill needs --teacher DIR (a directory written by `xlnet finetune`, e.g. runs/x/best)")
     directory = Path(cfg.teacher)
@@ -137,9 +138,10 @@ def load_teacher(cfg: DistillConfig) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.attn_impl:
         overrides["attn_impl"] = cfg.attn_impl
     teacher = load_model(directory, verbose=False, **overrides)
-    meta = FT.read_meta(directory)
+    meta = FT.read_meta(directory) or ({"task": cfg.task} if cfg.task else {})
     if not meta:
-        raise XLNetError(f"{directory}: no {FT.META_FILE}; the teacher must be a directory written by `xlnet finetune`")
+        raise XLNetError(f"{directory}: no {FT.META_FILE} (not written by `xlnet finetune`); pass --task and, "
+                         "unless they are the task's defaults, the lengths it was fine-tuned with")
     teacher.eval().requires_grad_(False)
     return teacher, meta
 
@@ -233,11 +235,13 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    student_meta = FT.model_meta(spec, cfg, labels)
     pairs = layer_pairs(teacher.config.n_layer, cfg.student_layers, cfg.pkd)
     step_loss = Distiller(teacher, spec.kind, pairs, cfg.alpha, cfg.temperature, cfg.beta)
     start = time.time()
     best, steps = FT.train_loop(student, train, dev, spec, cfg, labels, device, out_dir,
-                                lambda m: FT.save_model_dir(m, out_dir / "best", tok, meta), step_loss, "distill")
+                                lambda m: FT.save_model_dir(m, out_dir / "best", tok, student_meta),
+                                step_loss, "distill")
     seconds = time.time() - start
     report = {"teacher": str(cfg.teacher), "layer_pairs": pairs,
               "teacher_dev": FT.score(teacher, dev, spec, cfg, labels, device, out_dir / "teacher" / "dev"),

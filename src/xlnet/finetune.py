@@ -339,6 +339,11 @@ def build_optimizer(model: nn.Module, cfg: FinetuneConfig, total_steps: int
     return optimizer, TR.build_scheduler(optimizer, int(cfg.warmup_frac * total_steps), total_steps)
 
 
+def model_meta(spec: T.TaskSpec, cfg: FinetuneConfig, labels: list[str] | None) -> dict[str, Any]:
+    """finetune.json: what `xlnet evaluate --model` (and `xlnet distill`) need to featurize as training did."""
+    return {"task": spec.name, "labels": labels, **{k: getattr(cfg, k) for k in META_FIELDS}}
+
+
 def save_model_dir(model: nn.Module, directory: Path, tok: Tokenizer, meta: dict[str, Any]) -> Path:
     """Weights, tokenizer and finetune.json swapped in as one directory: a crash never leaves half of them."""
     with atomic_dir(directory) as tmp:
@@ -469,7 +474,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     train, dev, test = load_splits(spec, files, tok, cfg, labels)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"task": spec.name, "labels": labels, **{k: getattr(cfg, k) for k in META_FIELDS}}
+    meta = model_meta(spec, cfg, labels)
     start = time.time()
     best, steps = train_loop(model, train, dev, spec, cfg, labels, device, out_dir,
                              lambda m: save_model_dir(m, out_dir / "best", tok, meta))

@@ -30,7 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
+import torch.nn.functional as F
 import yaml
+from torch import Tensor
 
 from xlnet import training as T
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
@@ -63,7 +65,11 @@ class PretrainConfig:
     num_predict: int = 16
     perm_size: int | None = None  # None = reuse_len (reference)
     bi_data: bool = False
-    objective: Literal["plm", "mlm", "clm"] = "plm"  # XLNet's | BERT's masked LM | left-to-right LM
+    max_ngram: int = 5  # longest span target; 1 = single-token targets (the paper's "- span-based prediction")
+    # objective infoword: the InfoNCE term's weight next to the masked-LM loss (at the demo's scale, 1 held the
+    # masked-LM loss near the unigram plateau and fine-tuned 4 points worse than 0.1; README)
+    infoword_weight: float = 0.1
+    objective: Literal["plm", "mlm", "clm", "infoword"] = "plm"  # XLNet's | BERT's masked LM | left-to-right LM
     # optimization
     batch_size: int = 32  # stream rows per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1
@@ -102,7 +108,7 @@ class PretrainConfig:
 
         return PLMConfig(seq_len=self.seq_len, reuse_len=self.reuse_len, batch_size=micro_batch,
                          num_predict=self.num_predict, perm_size=self.perm_size, bi_data=self.bi_data, seed=seed,
-                         objective=self.objective)
+                         max_ngram=self.max_ngram, objective=self.objective)
 
 
 # Fields that may differ between a checkpoint and the run resuming it: they do not change the trajectory
@@ -209,7 +215,10 @@ DEVICE_INPUTS = {
     "plm": ("input_ids", "token_type_ids", "target_mapping", "labels", "perm_q_rank", "perm_k_rank"),
     "mlm": ("input_ids", "token_type_ids", "target_positions", "labels"),
     "clm": ("input_ids", "token_type_ids", "target_positions", "labels", "perm_q_rank", "perm_k_rank"),
+    "infoword": ("input_ids", "token_type_ids", "target_positions", "labels", "span_ids", "span_type_ids",
+                 "span_mask"),
 }
+SPAN_INPUTS = {"span_ids": "input_ids", "span_type_ids": "token_type_ids", "span_mask": "attention_mask"}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -288,6 +297,9 @@ def check_config(cfg: PretrainConfig, info: T.DistInfo) -> None:
         (cfg.eval_every >= 0 and cfg.save_every >= 0 and cfg.log_every > 0,
          "eval_every/save_every must be >= 0 and log_every > 0"),
         (cfg.mem_len >= 0, "mem_len must be >= 0"),
+        (cfg.objective != "infoword" or not cfg.fsdp, "objective infoword runs two forward passes a step; not "
+                                                     "with fsdp (use DDP)"),
+        (cfg.infoword_weight >= 0, "infoword_weight must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -342,27 +354,55 @@ def build_model(cfg: PretrainConfig, model_cfg: XLNetConfig, ckpt: Path | None, 
             raise XLNetError("--fsdp needs torchrun with more than one process")
         wrapped = T.apply_fsdp(model, precision)
     elif info.distributed:
-        wrapped = T.wrap_ddp(model, info)
+        # without a query stream (every objective but plm) its input, mask_emb, gets no gradient
+        wrapped = T.wrap_ddp(model, info, find_unused=cfg.objective != "plm")
     return model, wrapped
 
 
+def infonce(global_states: Tensor, local_states: Tensor) -> Tensor:
+    """InfoWord's term: each row's masked sentence (its <cls> state) scores every row's n-gram (the n-gram's
+    own <cls> state) by a dot product, scaled by 1/sqrt(d) as attention scores are (layer-normed states would
+    otherwise start with scores of +-d); cross-entropy towards its own n-gram, the other rows' as negatives."""
+    scores = global_states.float() @ local_states.float().T / math.sqrt(global_states.shape[-1])
+    return F.cross_entropy(scores, torch.arange(len(scores), device=scores.device))
+
+
+def objective_losses(model: torch.nn.Module, batch: dict[str, Tensor], mems: list | None,
+                     cfg: PretrainConfig) -> tuple[Any, Tensor, Tensor | None]:
+    """(model output, LM loss, InfoNCE term or None). infoword: the masked-LM pass, whose last slot reads the
+    sentence's <cls>, then a pass over each row's n-gram alone."""
+    spans = {SPAN_INPUTS[k]: batch.pop(k) for k in list(batch) if k in SPAN_INPUTS}
+    out = model(**batch, mems=mems)
+    if not spans:
+        return out, out.loss, None
+    # past DDP's wrapper: it allows one forward per backward (the gradients from both passes still meet in each
+    # parameter's single accumulation, which is where DDP's hooks reduce them)
+    local = T.unwrap(model)(**spans, use_mems=False)
+    return out, out.loss, infonce(out.last_hidden_state[:, -1], local.last_hidden_state[:, -1])
+
+
 def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], mems: list,
-                     cfg: PretrainConfig, info: T.DistInfo, precision: str) -> float:
+                     cfg: PretrainConfig, info: T.DistInfo, precision: str) -> tuple[float, dict[str, float]]:
     """One step's micro-batches: gradients accumulate (synced on the last one), each micro-batch carries its
-    own memory (`mems[m]`, updated in place). Returns the step's mean loss over all ranks."""
+    own memory (`mems[m]`, updated in place). Returns the step's mean LM loss over all ranks, and InfoWord's
+    InfoNCE term (which the gradient adds, times infoword_weight) when the objective has it."""
     loss_sum = torch.zeros((), device=info.device)
+    nce_sum = torch.zeros((), device=info.device)
     for m in range(cfg.grad_accum):
         last = m == cfg.grad_accum - 1
         batch = to_device(next(batches), info.device)
         if cfg.fsdp:
             T.set_fsdp_sync(model, last)
         with T.no_sync(model, not last), T.autocast(info.device, precision):
-            out = model(**batch, mems=mems[m])
-            loss = out.loss / cfg.grad_accum
-        loss.backward()
+            out, loss, nce = objective_losses(model, batch, mems[m], cfg)
+            total = loss if nce is None else loss + cfg.infoword_weight * nce
+        (total / cfg.grad_accum).backward()
         mems[m] = out.mems
-        loss_sum += loss.detach().float()
-    return float(T.all_reduce(loss_sum, "mean"))
+        loss_sum += loss.detach().float() / cfg.grad_accum
+        if nce is not None:
+            nce_sum += nce.detach().float() / cfg.grad_accum
+    extras = {"infonce": float(T.all_reduce(nce_sum, "mean"))} if cfg.objective == "infoword" else {}
+    return float(T.all_reduce(loss_sum, "mean")), extras
 
 
 @torch.no_grad()
@@ -378,8 +418,8 @@ def evaluate(model: torch.nn.Module, cfg: PretrainConfig, data: Data, info: T.Di
         for _ in range(cfg.eval_batches):
             for m in range(cfg.grad_accum):
                 batch = to_device(next(batches), info.device)
-                with T.autocast(info.device, precision):
-                    out = model(**batch, mems=mems[m])
+                with T.autocast(info.device, precision):  # the LM loss (InfoWord's n-gram pass is not needed)
+                    out = model(**{k: v for k, v in batch.items() if k not in SPAN_INPUTS}, mems=mems[m])
                 mems[m] = out.mems
                 total += out.loss.float()
     finally:
@@ -462,8 +502,9 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     if step == 0 and cfg.eval_every > 0:
         first_valid = last_valid = evaluate(wrapped, resolved, data, info, precision)
         logger.log("valid", 0, loss=last_valid)
-    elif saved is not None:
+    elif saved is not None:  # what the checkpoint's run last measured, until this run measures again
         last_valid, first_valid = saved.get("valid_loss"), saved.get("valid_loss_start")
+        train_loss = saved.get("train_loss", train_loss)
 
     wrapped.train()
     batches = prefetch(sampler, info.device)
@@ -471,7 +512,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
         with T.StopSignal() as stop:
             while step < cfg.max_steps:
                 t0 = time.perf_counter()
-                train_loss = forward_backward(wrapped, batches, mems, cfg, info, precision)
+                train_loss, extras = forward_backward(wrapped, batches, mems, cfg, info, precision)
                 grad_norm = T.clip_grad_norm(wrapped, cfg.clip)
                 if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
                     raise XLNetError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at "
@@ -490,7 +531,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     logger.log("train", step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
                                tokens_per_s=round(throughput.tokens_per_s, 1), mfu=throughput.mfu,
-                               mem_gib=T.cuda_memory_gib(info.device))
+                               mem_gib=T.cuda_memory_gib(info.device), **extras)
                 if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                     last_valid = evaluate(wrapped, resolved, data, info, precision)
                     first_valid = last_valid if first_valid is None else first_valid
@@ -531,10 +572,12 @@ def format_summary(s: dict[str, Any]) -> str:
     def f(v: float | None, spec: str = ".4f") -> str:
         return "-" if v is None else format(v, spec)
 
+    speed = (f"{s['tokens_per_s']:,.0f} tokens/s while training"
+             f"{', MFU ' + format(s['mfu'], '.1%') if s['mfu'] is not None else ''}" if s["train_s"] > 0 else
+             "the checkpoint had finished: nothing to train")
     lines = [
         f"{'stopped by ' + s['stopped'] if s['stopped'] else 'done'}: {s['steps']} steps, {s['tokens']:,} tokens "
-        f"in {s['wall_s']:.0f}s this run ({s['tokens_per_s']:,.0f} tokens/s while training"
-        f"{', MFU ' + format(s['mfu'], '.1%') if s['mfu'] is not None else ''})",
+        f"in {s['wall_s']:.0f}s this run ({speed})",
         f"{s['objective'].upper()} train loss {f(s['train_loss'])}   valid loss {f(s['valid_loss_start'])} -> "
         f"{f(s['valid_loss'])}",
         f"checkpoint {s['checkpoint'] or '-'}",

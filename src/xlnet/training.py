@@ -340,9 +340,10 @@ def apply_fsdp(model: nn.Module, precision: str = "fp32") -> nn.Module:
     return model
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+def wrap_ddp(model: nn.Module, info: DistInfo, find_unused: bool = False) -> nn.Module:
+    """find_unused: some parameters get no gradient in a step (DDP then searches the graph for them each step)."""
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def is_fsdp(model: nn.Module) -> bool:

@@ -69,6 +69,12 @@ changes nothing but the objective:
   the memory); the content stream at position i predicts token i + 1, every position but the last. Keys:
   input_ids, token_type_ids, perm_mask, perm_q_rank, perm_k_rank, target_positions [B, L - 1], labels
   [B, L - 1], target_mask.
+* "infoword" (InfoWord, Kong et al. 2019: masked LM plus an InfoNCE term between a masked n-gram and its
+  masked sentence): the "mlm" batch (the same corruption), whose target_positions and labels gain a last column
+  for `<cls>` (position L - 1, label -100: its content state is the sentence's global representation, no loss),
+  plus one masked n-gram per row, drawn last, laid out as a sentence of its own for the local representation:
+  span_ids / span_type_ids / span_mask [B, max_ngram + 2] = left padding, the n-gram's original pieces (the
+  first max_ngram pieces of a run of consecutive targets), `<sep>`, `<cls>`.
 
 Feeding a GPU
 -------------
@@ -96,7 +102,8 @@ CLS_ID = 3
 MASK_ID = 6
 NUM_SPECIAL = 9  # ids 0..8 are "<...>" pieces, which the reference counts as word starts
 STATE_VERSION = 1
-OBJECTIVES = ("plm", "mlm", "clm")
+OBJECTIVES = ("plm", "mlm", "clm", "infoword")
+PAD_ID, SEG_ID_CLS, SEG_ID_PAD = 5, 2, 4  # as the fine-tuning features lay out a sentence
 MLM_MASK, MLM_RANDOM = 0.8, 0.1  # BERT: shares of the targets shown as <mask> and as a random piece
 
 
@@ -140,6 +147,8 @@ class PLMConfig:
         n0, n1 = self.num_predict_split
         if self.num_predict <= 0 or n0 > R or n1 > L - R:
             raise XLNetError(f"PLMConfig: num_predict={self.num_predict} does not fit seq_len={L}, reuse_len={R}")
+        if self.objective == "infoword" and self.bi_data:  # a row's reversed twin would be a false negative
+            raise XLNetError("PLMConfig: objective infoword draws its negatives from the other rows; not with bi_data")
         if self.max_ngram < 1 or int(self.mask_alpha // self.mask_beta) < 1:
             raise XLNetError("PLMConfig: need max_ngram >= 1 and mask_alpha >= mask_beta > 0")
         if self.seed < 0:
@@ -383,6 +392,39 @@ def mlm_batch(input_ids: np.ndarray, corrupted: np.ndarray, token_type_ids: np.n
     }
 
 
+def pick_span(target: np.ndarray, rng: np.random.Generator, max_ngram: int) -> np.ndarray:
+    """[begin, end) of one masked n-gram of a row: a run of consecutive targets drawn uniformly, cut to its first
+    max_ngram pieces (adjacent spans merge into one run)."""
+    starts = np.flatnonzero(target & ~np.concatenate([[False], target[:-1]]))
+    begin = int(starts[rng.integers(len(starts))])
+    end = begin
+    while end < len(target) and target[end] and end - begin < max_ngram:
+        end += 1
+    return np.array([begin, end])
+
+
+def infoword_batch(input_ids: np.ndarray, corrupted: np.ndarray, token_type_ids: np.ndarray, target: np.ndarray,
+                   num_predict: int, spans: np.ndarray, max_ngram: int) -> dict[str, torch.Tensor]:
+    """The masked-LM batch with `<cls>` as an extra (unlabeled) slot, and each row's n-gram as a sentence of its
+    own: [padding | n-gram | <sep> | <cls>] (module docstring)."""
+    batch = mlm_batch(input_ids, corrupted, token_type_ids, target, num_predict)
+    bsz, seq_len = input_ids.shape
+    batch["target_positions"] = torch.cat([batch["target_positions"], torch.full((bsz, 1), seq_len - 1)], 1)
+    batch["labels"] = torch.cat([batch["labels"], torch.full((bsz, 1), -100)], 1)
+    batch["target_mask"] = torch.cat([batch["target_mask"], torch.zeros(bsz, 1)], 1)
+    width = max_ngram + 2
+    ids = np.full((bsz, width), PAD_ID, dtype=np.int64)
+    seg = np.full((bsz, width), SEG_ID_PAD, dtype=np.int64)
+    mask = np.zeros((bsz, width), dtype=np.float32)
+    for row, (begin, end) in enumerate(spans):
+        first = width - (end - begin) - 2
+        ids[row, first:] = [*input_ids[row, begin:end], SEP_ID, CLS_ID]
+        seg[row, first:] = [0] * (width - first - 1) + [SEG_ID_CLS]
+        mask[row, first:] = 1
+    batch.update(span_ids=_long(ids), span_type_ids=_long(seg), span_mask=torch.from_numpy(mask))
+    return batch
+
+
 def clm_batch(input_ids: np.ndarray, token_type_ids: np.ndarray) -> dict[str, torch.Tensor]:
     """Left-to-right batch [B, L]: the identity order as ranks (q = k: i sees j < i, the content stream also
     itself), position i predicts token i + 1."""
@@ -431,7 +473,7 @@ def layout_sample(reuse: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[np.n
 
 # ---------------------------------------------------------------------------------------------- sampler
 
-BATCH_FIELDS = ("input_ids", "token_type_ids", "q_rank", "k_rank", "target", "mlm_input_ids")  # of row_example
+BATCH_FIELDS = ("input_ids", "token_type_ids", "q_rank", "k_rank", "target", "mlm_input_ids", "span")  # of row_example
 
 
 class PLMSampler:
@@ -539,8 +581,10 @@ class PLMSampler:
         q, k, t = row_perm_ranks(ids, is_masked, R, cfg.resolved_perm_size, rng)
         ex = dict(input_ids=ids, token_type_ids=seg, is_masked=is_masked, q_rank=q, k_rank=k, target=t,
                   reuse_begin=np.int64(i), a=np.array([a0, a1]), b=np.array([b0, b1]), is_next=np.bool_(is_next))
-        if cfg.objective == "mlm":  # drawn last: the targets and orders stay those of the PLM sample
+        if cfg.objective in ("mlm", "infoword"):  # drawn last: the targets and orders stay those of the PLM sample
             ex["mlm_input_ids"] = mlm_inputs(ids, t, rng, len(self._word_start))
+        if cfg.objective == "infoword":  # after the corruption: the same masked-LM batch as "mlm"
+            ex["span"] = pick_span(t, rng, cfg.max_ngram)
         return ex
 
     def batch(self, step: int, first_row: int) -> dict[str, torch.Tensor]:
@@ -550,6 +594,8 @@ class PLMSampler:
         ids, seg, target, n_pred = st["input_ids"], st["token_type_ids"], st["target"], self.cfg.num_predict
         if self.cfg.objective == "mlm":
             return mlm_batch(ids, st["mlm_input_ids"], seg, target, n_pred)
+        if self.cfg.objective == "infoword":
+            return infoword_batch(ids, st["mlm_input_ids"], seg, target, n_pred, st["span"], self.cfg.max_ngram)
         if self.cfg.objective == "clm":
             return clm_batch(ids, seg)
         return assemble_batch(ids, seg, st["q_rank"], st["k_rank"], target, n_pred)
