@@ -1,7 +1,8 @@
 """`xlnet pretrain`: permutation-LM pretraining, resumable to the exact trajectory, torchrun-ready.
 
-`--objective mlm` (BERT's masked LM) or `--objective clm` (left-to-right LM) trains the same backbone on the same
-samples with another objective (data/plm.py, "Objectives"), to compare them downstream.
+`--objective mlm` (BERT's masked LM), `clm` (left-to-right LM) or `infoword` (masked LM plus InfoWord's InfoNCE
+term, `infonce` in the logs) trains the same backbone on the same samples with another objective (data/plm.py,
+"Objectives"), to compare them downstream.
 
     xlnet pretrain                                   # tiny model on the embedded corpus (~5 min on 2 CPU cores)
     xlnet pretrain --config configs/pretrain-mini.yaml --max-steps 5000 --out-dir runs/mini
