@@ -278,3 +278,13 @@ def test_teacher_without_finetune_json_takes_the_task_flag(teacher, keyword_data
     meta = json.loads((tmp_path / "s" / "best" / "finetune.json").read_text())
     assert meta == json.loads((teacher / "finetune.json").read_text())
     assert summary["distill"]["teacher_dev"]["main"] >= 0.85
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_distill_on_cuda_with_compiled_student(teacher, keyword_data, tmp_path):
+    """bf16 autocast, the student's blocks compiled (compile auto), the teacher eager in eval mode."""
+    summary = distill(distill_cfg(teacher, keyword_data, tmp_path / "s", device="cuda", alpha=1.0, pkd="skip",
+                                  temperature=2.0, epochs=6))
+    assert summary["config"]["precision"] == "bf16"
+    assert summary["dev"]["metrics"]["accuracy"] >= 0.8, summary["dev"]

@@ -298,11 +298,12 @@ def test_tiny_yaml_is_the_default():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_run_learns_and_resumes(corpus, tmp_path):
-    """On a GPU (bf16 autocast, fused AdamW, SDPA core): the loss falls, and 4 steps + resume + 4 steps give
-    the straight 8-step run's losses (the CUDA RNG state and mems travel through the checkpoint; atomics in
-    CUDA backward kernels make runs agree to rounding, not bit for bit)."""
-    kw = dict(device="cuda", max_steps=8, eval_every=4, save_every=4, lr=3e-3)
+@pytest.mark.parametrize("objective", ["plm", "mlm", "clm", "infoword"])
+def test_cuda_bf16_run_learns_and_resumes(corpus, tmp_path, objective):
+    """On a GPU (bf16 autocast, fused AdamW, SDPA core, compiled blocks), every objective: the loss falls, and
+    4 steps + resume + 4 steps give the straight 8-step run's losses (the CUDA RNG state and mems travel through
+    the checkpoint; atomics in CUDA backward kernels make runs agree to rounding, not bit for bit)."""
+    kw = dict(device="cuda", max_steps=8, eval_every=4, save_every=4, lr=3e-3, objective=objective)
     straight = pretrain(small(corpus, tmp_path / "a", **kw))
     assert straight["steps"] == 8 and not straight["stopped"]
     train = [r[2] for r in losses(tmp_path / "a") if r[0] == "train"]
