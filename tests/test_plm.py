@@ -545,6 +545,24 @@ def test_infoword_batches_are_mlm_batches_plus_one_masked_ngram_per_row():
     assert len(lengths) > 1  # n-grams of several lengths
 
 
+def test_left_to_right_on_the_span_targets_predicts_plms_tokens():
+    """clm_predict "targets": the left-to-right order, but only PLM's targets as labels, each read from the
+    position before it (the same tokens and number of predictions as plm and mlm: equal signal per step)."""
+    s = _samplers(("plm", "clm"))
+    targets = PLMSampler(*make_corpus(11), PLMConfig(**SMALL, seed=2, objective="clm", clm_predict="targets"))
+    for _ in range(3):
+        plm, clm, ct = next(s["plm"]), next(s["clm"]), next(targets)
+        for key in ("input_ids", "token_type_ids", "perm_mask", "perm_q_rank", "perm_k_rank"):
+            assert torch.equal(ct[key], clm[key]), key
+        positions = plm["target_mapping"].argmax(-1)
+        valid = plm["target_mask"].bool() & (positions > 0)
+        assert torch.equal(ct["target_mask"].bool(), valid) and valid.sum() > 0
+        assert torch.equal(ct["target_positions"][valid], positions[valid] - 1)
+        assert torch.equal(ct["labels"][valid], plm["labels"][valid]) and (ct["labels"][~valid] == -100).all()
+        rows = torch.arange(len(positions))[:, None].expand_as(positions)
+        assert torch.equal(ct["input_ids"][rows[valid], positions[valid]], ct["labels"][valid])
+
+
 def test_infoword_refuses_bi_data():
     with pytest.raises(XLNetError, match="infoword.*bi_data"):
         _samplers(("infoword",), bi_data=True)
@@ -573,10 +591,12 @@ def test_objective_is_checked_and_old_states_resume_plm():
     tokens, sent, ws = make_corpus(1)
     with pytest.raises(XLNetError, match="objective must be one of"):
         PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, objective="bert"))
+    with pytest.raises(XLNetError, match="clm_predict must be"):
+        PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, objective="clm", clm_predict="some"))
     s = _samplers(("plm", "mlm"))
     next(s["plm"])
     state = s["plm"].state_dict()
-    del state["cfg"]["objective"]  # a checkpoint written before objectives existed
+    del state["cfg"]["objective"], state["cfg"]["clm_predict"]  # a checkpoint written before objectives existed
     fresh = _samplers(("plm",))["plm"]
     fresh.load_state_dict(state)
     assert fresh.step == 1

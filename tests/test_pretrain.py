@@ -128,6 +128,19 @@ def test_other_objectives_learn_and_resume_exactly(corpus, tmp_path, capsys, obj
             r.get("infonce") for r in T.read_metrics(b / "metrics.jsonl") if r["split"] == "train"]
 
 
+def test_left_to_right_on_the_targets_learns_and_counts_its_predictions(corpus, tmp_path):
+    from xlnet.pretrain import predictions_per_row
+
+    kw = dict(objective="clm", max_steps=12, eval_every=6, save_every=6)
+    cfg = small(corpus, tmp_path / "a", clm_predict="targets", **kw)
+    assert predictions_per_row(cfg) == cfg.num_predict and predictions_per_row(small(corpus, tmp_path, **kw)) == 31
+    pretrain(cfg)
+    valid = [loss for split, _, loss in losses(tmp_path / "a") if split == "valid"]
+    assert valid[0] > valid[1] > valid[2], valid  # a quarter of clm's signal per step: slower than the others
+    with pytest.raises(XLNetError, match="does not match checkpoint.*clm_predict"):
+        pretrain(small(corpus, tmp_path / "a", **{**kw, "max_steps": 18}), resume="latest")
+
+
 def test_infonce_is_cross_entropy_over_the_other_rows_ngrams():
     from xlnet.pretrain import infonce
 

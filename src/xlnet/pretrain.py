@@ -71,6 +71,8 @@ class PretrainConfig:
     # masked-LM loss near the unigram plateau and fine-tuned 4 points worse than 0.1; README)
     infoword_weight: float = 0.1
     objective: Literal["plm", "mlm", "clm", "infoword"] = "plm"  # XLNet's | BERT's masked LM | left-to-right LM
+    # clm: predict every next token, or only the span targets (plm's and mlm's tokens, as many: equal signal)
+    clm_predict: Literal["all", "targets"] = "all"
     # optimization
     batch_size: int = 32  # stream rows per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1
@@ -109,7 +111,7 @@ class PretrainConfig:
 
         return PLMConfig(seq_len=self.seq_len, reuse_len=self.reuse_len, batch_size=micro_batch,
                          num_predict=self.num_predict, perm_size=self.perm_size, bi_data=self.bi_data, seed=seed,
-                         max_ngram=self.max_ngram, objective=self.objective)
+                         max_ngram=self.max_ngram, objective=self.objective, clm_predict=self.clm_predict)
 
 
 # Fields that may differ between a checkpoint and the run resuming it: they do not change the trajectory
@@ -280,7 +282,7 @@ def scatter_mems(full: list[torch.Tensor] | None, info: T.DistInfo, grad_accum: 
 
 def predictions_per_row(cfg: PretrainConfig) -> int:
     """Tokens a row predicts: the PLM and MLM targets, or every next token (left-to-right)."""
-    return cfg.seq_len - 1 if cfg.objective == "clm" else cfg.num_predict
+    return cfg.seq_len - 1 if cfg.objective == "clm" and cfg.clm_predict == "all" else cfg.num_predict
 
 
 def check_config(cfg: PretrainConfig, info: T.DistInfo) -> None:

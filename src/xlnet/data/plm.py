@@ -68,7 +68,9 @@ changes nothing but the objective:
 * "clm" (left-to-right LM): the identity factorization order as perm ranks (content stream: i sees j <= i and
   the memory); the content stream at position i predicts token i + 1, every position but the last. Keys:
   input_ids, token_type_ids, perm_mask, perm_q_rank, perm_k_rank, target_positions [B, L - 1], labels
-  [B, L - 1], target_mask.
+  [B, L - 1], target_mask. With clm_predict "targets" only the span targets are predicted (position i - 1
+  predicts target i: the tokens and the number of predictions of plm and mlm), target_positions and labels
+  [B, P].
 * "infoword" (InfoWord, Kong et al. 2019: masked LM plus an InfoNCE term between a masked n-gram and its
   masked sentence): the "mlm" batch (the same corruption), whose target_positions and labels gain a last column
   for `<cls>` (position L - 1, label -100: its content state is the sentence's global representation, no loss),
@@ -122,7 +124,8 @@ class PLMConfig:
     bi_data: bool = False
     seed: int = 0
     sample_b_random_prob: float = 0.5
-    objective: str = "plm"  # plm | mlm | clm (module docstring)
+    objective: str = "plm"  # plm | mlm | clm | infoword (module docstring)
+    clm_predict: str = "all"  # clm: every next token, or only the span "targets" (the tokens plm and mlm predict)
 
     @property
     def resolved_perm_size(self) -> int:
@@ -147,6 +150,8 @@ class PLMConfig:
         n0, n1 = self.num_predict_split
         if self.num_predict <= 0 or n0 > R or n1 > L - R:
             raise XLNetError(f"PLMConfig: num_predict={self.num_predict} does not fit seq_len={L}, reuse_len={R}")
+        if self.clm_predict not in ("all", "targets"):
+            raise XLNetError(f"PLMConfig: clm_predict must be 'all' or 'targets', got {self.clm_predict!r}")
         if self.objective == "infoword" and self.bi_data:  # a row's reversed twin would be a false negative
             raise XLNetError("PLMConfig: objective infoword draws its negatives from the other rows; not with bi_data")
         if self.max_ngram < 1 or int(self.mask_alpha // self.mask_beta) < 1:
@@ -425,19 +430,28 @@ def infoword_batch(input_ids: np.ndarray, corrupted: np.ndarray, token_type_ids:
     return batch
 
 
-def clm_batch(input_ids: np.ndarray, token_type_ids: np.ndarray) -> dict[str, torch.Tensor]:
+def clm_batch(input_ids: np.ndarray, token_type_ids: np.ndarray, target: np.ndarray | None = None,
+              num_predict: int = 0) -> dict[str, torch.Tensor]:
     """Left-to-right batch [B, L]: the identity order as ranks (q = k: i sees j < i, the content stream also
-    itself), position i predicts token i + 1."""
+    itself), position i predicts token i + 1; with `target`, only the targets are predicted (target i from
+    position i - 1; a target at position 0 has no left context and becomes a padding slot)."""
     bsz, seq_len = input_ids.shape
     order = torch.arange(seq_len).repeat(bsz, 1)
     ids = _long(input_ids)
+    if target is None:
+        positions, labels, valid = order[:, :-1].contiguous(), ids[:, 1:].contiguous(), torch.ones(bsz, seq_len - 1)
+    else:
+        pos, ok, gold = target_slots(input_ids, target, num_predict)
+        ok &= pos > 0
+        positions, labels = _long(np.where(ok, pos - 1, 0)), _long(np.where(ok, gold, -100))
+        valid = torch.from_numpy(ok.astype(np.float32))
     return {
         "input_ids": ids,
         "token_type_ids": _long(token_type_ids),
         "perm_mask": perm_mask_from_ranks(order, order),
-        "target_positions": order[:, :-1].contiguous(),
-        "labels": ids[:, 1:].contiguous(),
-        "target_mask": torch.ones(bsz, seq_len - 1),
+        "target_positions": positions,
+        "labels": labels,
+        "target_mask": valid,
         "perm_q_rank": order,
         "perm_k_rank": order,
     }
@@ -597,7 +611,7 @@ class PLMSampler:
         if self.cfg.objective == "infoword":
             return infoword_batch(ids, st["mlm_input_ids"], seg, target, n_pred, st["span"], self.cfg.max_ngram)
         if self.cfg.objective == "clm":
-            return clm_batch(ids, seg)
+            return clm_batch(ids, seg, target if self.cfg.clm_predict == "targets" else None, n_pred)
         return assemble_batch(ids, seg, st["q_rank"], st["k_rank"], target, n_pred)
 
     # ------------------------------------------------------------------------------------ iteration
@@ -634,7 +648,8 @@ class PLMSampler:
         if state.get("version") != STATE_VERSION:
             raise XLNetError(f"PLM sampler state has version {state.get('version')}, expected {STATE_VERSION}")
         mine = self._fingerprint()
-        state = {**state, "cfg": {"objective": "plm", **state.get("cfg", {})}}  # states from before objectives
+        # states from before objectives (and clm_predict) were plm runs
+        state = {**state, "cfg": {"objective": "plm", "clm_predict": "all", **state.get("cfg", {})}}
         for key, val in mine.items():
             if state.get(key) != val:
                 raise XLNetError(f"PLM sampler state does not match this sampler: {key} {state.get(key)} != {val}")
