@@ -515,7 +515,7 @@ def test_infoword_batches_are_mlm_batches_plus_one_masked_ngram_per_row():
     """The masked-LM batch of "mlm" (same corruption), <cls> as an extra unlabeled slot, and per row one run of
     consecutive targets (at most max_ngram pieces, starting where a run starts) laid out as [pad | n-gram | <sep>
     | <cls>] with the original pieces."""
-    from xlnet.data.plm import CLS_ID, PAD_ID, SEG_ID_CLS, SEG_ID_PAD
+    from xlnet.tokenizer import PAD_ID, SEG_CLS as SEG_ID_CLS, SEG_PAD as SEG_ID_PAD
 
     s = _samplers(("plm", "mlm", "infoword"))
     max_ngram = s["infoword"].cfg.max_ngram

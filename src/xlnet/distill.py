@@ -264,7 +264,7 @@ def comparison_table(summary: dict[str, Any]) -> str:
 
     cfg = summary["config"]
     name = "student, " + (f"PKD-{cfg['pkd']}" if cfg["pkd"] != "none" else "KD" if cfg["alpha"] > 0 else "labels only")
-    rows = [("teacher", "teacher", summary["distill"]["teacher_dev"], d["teacher_test"]),
+    rows = [("teacher", "teacher", d["teacher_dev"], d["teacher_test"]),
             (name, "student", summary["dev"], summary["test"])]
     seconds = d["dev_inference_seconds"]
     lines = [f"{'model':<24} {'layers':>6} {'params':>10} {'dev ' + metric:>14} {'test ' + metric:>14} "

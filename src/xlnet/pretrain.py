@@ -218,10 +218,10 @@ DEVICE_INPUTS = {
     "plm": ("input_ids", "token_type_ids", "target_mapping", "labels", "perm_q_rank", "perm_k_rank"),
     "mlm": ("input_ids", "token_type_ids", "target_positions", "labels"),
     "clm": ("input_ids", "token_type_ids", "target_positions", "labels", "perm_q_rank", "perm_k_rank"),
-    "infoword": ("input_ids", "token_type_ids", "target_positions", "labels", "span_ids", "span_type_ids",
-                 "span_mask"),
 }
+# InfoWord's n-gram inputs: batch key -> the model's argument
 SPAN_INPUTS = {"span_ids": "input_ids", "span_type_ids": "token_type_ids", "span_mask": "attention_mask"}
+DEVICE_INPUTS["infoword"] = DEVICE_INPUTS["mlm"] + tuple(SPAN_INPUTS)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -370,12 +370,18 @@ def infonce(global_states: Tensor, local_states: Tensor) -> Tensor:
     return F.cross_entropy(scores, torch.arange(len(scores), device=scores.device))
 
 
-def objective_losses(model: torch.nn.Module, batch: dict[str, Tensor], mems: list | None,
-                     cfg: PretrainConfig) -> tuple[Any, Tensor, Tensor | None]:
+def split_spans(batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(the LM pass's inputs, InfoWord's n-gram inputs under the model's argument names; empty otherwise)."""
+    return ({k: v for k, v in batch.items() if k not in SPAN_INPUTS},
+            {SPAN_INPUTS[k]: v for k, v in batch.items() if k in SPAN_INPUTS})
+
+
+def objective_losses(model: torch.nn.Module, batch: dict[str, Tensor],
+                     mems: list | None) -> tuple[Any, Tensor, Tensor | None]:
     """(model output, LM loss, InfoNCE term or None). infoword: the masked-LM pass, whose last slot reads the
     sentence's <cls>, then a pass over each row's n-gram alone."""
-    spans = {SPAN_INPUTS[k]: batch.pop(k) for k in list(batch) if k in SPAN_INPUTS}
-    out = model(**batch, mems=mems)
+    inputs, spans = split_spans(batch)
+    out = model(**inputs, mems=mems)
     if not spans:
         return out, out.loss, None
     # past DDP's wrapper: it allows one forward per backward (the gradients from both passes still meet in each
@@ -397,7 +403,7 @@ def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.T
         if cfg.fsdp:
             T.set_fsdp_sync(model, last)
         with T.no_sync(model, not last), T.autocast(info.device, precision):
-            out, loss, nce = objective_losses(model, batch, mems[m], cfg)
+            out, loss, nce = objective_losses(model, batch, mems[m])
             total = loss if nce is None else loss + cfg.infoword_weight * nce
         (total / cfg.grad_accum).backward()
         mems[m] = out.mems
@@ -422,7 +428,7 @@ def evaluate(model: torch.nn.Module, cfg: PretrainConfig, data: Data, info: T.Di
             for m in range(cfg.grad_accum):
                 batch = to_device(next(batches), info.device)
                 with T.autocast(info.device, precision):  # the LM loss (InfoWord's n-gram pass is not needed)
-                    out = model(**{k: v for k, v in batch.items() if k not in SPAN_INPUTS}, mems=mems[m])
+                    out = model(**split_spans(batch)[0], mems=mems[m])
                 mems[m] = out.mems
                 total += out.loss.float()
     finally:

@@ -57,7 +57,7 @@ the mask there, and kernels can build masks on the fly from them (e.g. flex_atte
 
 Objectives (`PLMConfig.objective`)
 ---------------------------------
-The same samples (layout, A/B split, span targets, random streams) feed three objectives, so that comparing them
+The same samples (layout, A/B split, span targets, random streams) feed four objectives, so that comparing them
 changes nothing but the objective:
 
 * "plm" (XLNet): the batch above; the query stream predicts the targets in a sampled factorization order.
@@ -75,8 +75,9 @@ changes nothing but the objective:
   masked sentence): the "mlm" batch (the same corruption), whose target_positions and labels gain a last column
   for `<cls>` (position L - 1, label -100: its content state is the sentence's global representation, no loss),
   plus one masked n-gram per row, drawn last, laid out as a sentence of its own for the local representation:
-  span_ids / span_type_ids / span_mask [B, max_ngram + 2] = left padding, the n-gram's original pieces (the
-  first max_ngram pieces of a run of consecutive targets), `<sep>`, `<cls>`.
+  span_ids / span_type_ids / span_mask [B, max_ngram + 2] = the n-gram's original pieces (the first max_ngram
+  pieces of a run of consecutive targets) laid out as fine-tuning lays out a sentence (`tasks.layout`: left
+  padding, `<sep>`, `<cls>`).
 
 Feeding a GPU
 -------------
@@ -105,7 +106,6 @@ MASK_ID = 6
 NUM_SPECIAL = 9  # ids 0..8 are "<...>" pieces, which the reference counts as word starts
 STATE_VERSION = 1
 OBJECTIVES = ("plm", "mlm", "clm", "infoword")
-PAD_ID, SEG_ID_CLS, SEG_ID_PAD = 5, 2, 4  # as the fine-tuning features lay out a sentence
 MLM_MASK, MLM_RANDOM = 0.8, 0.1  # BERT: shares of the targets shown as <mask> and as a random piece
 
 
@@ -412,21 +412,17 @@ def infoword_batch(input_ids: np.ndarray, corrupted: np.ndarray, token_type_ids:
                    num_predict: int, spans: np.ndarray, max_ngram: int) -> dict[str, torch.Tensor]:
     """The masked-LM batch with `<cls>` as an extra (unlabeled) slot, and each row's n-gram as a sentence of its
     own: [padding | n-gram | <sep> | <cls>] (module docstring)."""
+    from xlnet.tasks import layout
+
     batch = mlm_batch(input_ids, corrupted, token_type_ids, target, num_predict)
     bsz, seq_len = input_ids.shape
     batch["target_positions"] = torch.cat([batch["target_positions"], torch.full((bsz, 1), seq_len - 1)], 1)
     batch["labels"] = torch.cat([batch["labels"], torch.full((bsz, 1), -100)], 1)
     batch["target_mask"] = torch.cat([batch["target_mask"], torch.zeros(bsz, 1)], 1)
-    width = max_ngram + 2
-    ids = np.full((bsz, width), PAD_ID, dtype=np.int64)
-    seg = np.full((bsz, width), SEG_ID_PAD, dtype=np.int64)
-    mask = np.zeros((bsz, width), dtype=np.float32)
-    for row, (begin, end) in enumerate(spans):
-        first = width - (end - begin) - 2
-        ids[row, first:] = [*input_ids[row, begin:end], SEP_ID, CLS_ID]
-        seg[row, first:] = [0] * (width - first - 1) + [SEG_ID_CLS]
-        mask[row, first:] = 1
-    batch.update(span_ids=_long(ids), span_type_ids=_long(seg), span_mask=torch.from_numpy(mask))
+    grams = [layout(input_ids[row, begin:end].tolist(), None, max_ngram + 2) for row, (begin, end) in enumerate(spans)]
+    batch.update(span_ids=torch.tensor([g["input_ids"] for g in grams]),
+                 span_type_ids=torch.tensor([g["token_type_ids"] for g in grams]),
+                 span_mask=torch.tensor([g["attention_mask"] for g in grams], dtype=torch.float32))
     return batch
 
 
