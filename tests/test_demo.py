@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from xlnet.cli import main
+from xlnet.errors import XLNetError
 
 
 def test_quick_demo_runs_end_to_end(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -74,3 +76,49 @@ def test_quick_demo_runs_the_paper_ablations(tmp_path: Path, capsys, monkeypatch
         assert main(["demo", *bad, "--out-dir", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and ("distinct names" in err or "keep plm" in err)
+
+
+def test_quick_demo_repeats_every_arm_per_seed(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("XLNET_CACHE", str(tmp_path / "cache"))
+    demo = tmp_path / "demo"
+    assert main(["demo", "--quick", "true", "--objectives", "plm", "mlm", "--seed", "3", "--seeds", "2",
+                 "--out-dir", str(demo)]) == 0
+    out = capsys.readouterr().out
+    assert "==== seed 4 (2 of 2)" in out and "test acc by seed" in out and "higher in" in out
+    # the first seed is the plain demo's layout (a one-seed run already there is reused), later seeds in seed<N>/
+    for folder, seed in ((demo, 3), (demo / "seed4", 4)):
+        for run in ("pretrain", "pretrain-mlm"):
+            assert yaml.safe_load((folder / run / "config.yaml").read_text())["seed"] == seed
+        assert json.loads((folder / "results.json").read_text())["config"]["seed"] == seed
+    results = json.loads((demo / "results-seeds.json").read_text())
+    assert results["seeds"] == [3, 4] and (demo / "demo-seeds.png").stat().st_size > 10_000
+    per_seed = [json.loads(Path(p).read_text())["table"] for p in results["runs"]]
+    for i, row in enumerate(results["table"]):
+        assert row["test_accuracy"] == [t[i]["test_accuracy"] for t in per_seed]
+    assert [d["model"] for d in results["differences"]] == ["mini XLNet, MLM pretrained", "mini XLNet, random init"]
+    assert main(["demo", "--seeds", "0", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "--seeds takes a count of at least 1" in capsys.readouterr().err
+
+
+def test_seed_aggregates_are_paired_means_and_sample_spreads() -> None:
+    from xlnet.demo import format_differences, format_seed_table, mean_sd, seed_differences, seed_table
+
+    def table(base: float, plm: float, mlm: float) -> list[dict]:
+        return [{"model": "majority class", "dev_accuracy": None, "test_accuracy": base, "test_f1_macro": 0.01},
+                {"model": "mini XLNet, PLM pretrained", "dev_accuracy": plm, "test_accuracy": plm,
+                 "test_f1_macro": 0.1},
+                {"model": "mini XLNet, MLM pretrained", "dev_accuracy": mlm, "test_accuracy": mlm,
+                 "test_f1_macro": 0.2}]
+
+    rows = seed_table([table(0.1, 0.30, 0.40), table(0.1, 0.36, 0.35), table(0.1, 0.33, 0.42)])
+    assert rows[1]["test_accuracy"] == [0.30, 0.36, 0.33] and rows[0]["dev_accuracy"] == [None] * 3
+    mean, sd = mean_sd(rows[1]["test_accuracy"])
+    assert abs(mean - 0.33) < 1e-12 and abs(sd - 0.03) < 1e-12  # sample sd: sqrt((0.03² + 0.03²) / 2)
+    assert mean_sd(rows[0]["dev_accuracy"]) is None
+    (diff,) = seed_differences(rows)
+    assert [round(d, 6) for d in diff["test_accuracy"]] == [0.10, -0.01, 0.09] and diff["higher"] == 2
+    assert abs(diff["mean"] - 0.06) < 1e-12
+    text = format_seed_table(rows, [0, 1, 2]) + "\n" + format_differences([diff])
+    assert "33.0 ± 3.0" in text and "30.0  36.0  33.0" in text and "+6.0 mean  (+10.0 -1.0 +9.0)  higher in 2 of 3" in text
+    with pytest.raises(XLNetError, match="different models"):
+        seed_table([table(0.1, 0.3, 0.4), table(0.1, 0.3, 0.4)[:2]])

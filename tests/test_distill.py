@@ -13,15 +13,15 @@ import torch.nn.functional as F
 
 from helpers import assert_close
 import test_finetune
-from test_finetune import TINY, conll, jsonl_data, race
+from test_finetune import TINY, conll, jsonl_data, race, squad2
 from xlnet.assets import default_tokenizer_dir
 from xlnet.cli import main
 from xlnet.config import XLNetConfig
 from xlnet.distill import (DistillConfig, Distiller, build_student, distill, layer_pairs, patient_loss,
-                           soft_label_loss)
+                           soft_label_loss, squad_soft_loss)
 from xlnet.finetune import FinetuneConfig, evaluate_model, finetune
 from xlnet.heads import XLNetForSequenceClassification
-from xlnet.model import XLNetLMHeadModel
+from xlnet.model import XLNetLMHeadModel, XLNetOutput
 
 TEACHER_LAYERS = 4
 one_thread = test_finetune.one_thread  # the same autouse fixture: one intra-op thread for tiny matmuls
@@ -217,6 +217,56 @@ def test_distill_other_heads(kind, lm4_dir, tmp_path):
     assert summary["dev"]["main_metric"] == summary["distill"]["teacher_dev"]["main_metric"]
 
 
+def test_squad_soft_loss_against_its_definition():
+    """Start and end: T² KL of the softened distributions, half weight each; answerability: T² times the KL of
+    Bernoulli(sigmoid(logit / T)) in closed form, half weight; positions masked out (p_mask) add nothing."""
+    torch.manual_seed(0)
+    T = 3.0
+
+    def outputs(seed: int, masked: bool = True) -> XLNetOutput:
+        g = torch.Generator().manual_seed(seed)
+        start, end = torch.randn(4, 9, generator=g) * 3, torch.randn(4, 9, generator=g) * 3
+        if masked:  # the head's masking of question and padding positions
+            start[:, :3], end[:, :3] = -1e30, -1e30
+        return XLNetOutput(start_logits=start, end_logits=end, cls_logits=torch.randn(4, generator=g) * 3)
+
+    def kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        p_t = torch.softmax(t / T, -1)
+        return (p_t * (torch.log_softmax(t / T, -1) - torch.log_softmax(s / T, -1))).nan_to_num().sum(-1).mean()
+
+    def bernoulli_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        q, p = torch.sigmoid(s / T), torch.sigmoid(t / T)
+        return (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).mean()
+
+    s, t = outputs(1), outputs(2)
+    expected = T**2 * ((kl(s.start_logits, t.start_logits) + kl(s.end_logits, t.end_logits)) / 2
+                       + 0.5 * bernoulli_kl(s.cls_logits, t.cls_logits))
+    got = squad_soft_loss(s, t, T)
+    assert torch.isfinite(got) and abs(got.item() - expected.item()) < 1e-5 * expected.item()
+    assert squad_soft_loss(t, t, T).abs().item() < 1e-6
+    # SQuAD 1.1 has no answerability term
+    v1 = [XLNetOutput(start_logits=o.start_logits, end_logits=o.end_logits) for o in (s, t)]
+    assert abs(squad_soft_loss(*v1, T).item() - T**2 * (kl(s.start_logits, t.start_logits)
+                                                          + kl(s.end_logits, t.end_logits)).item() / 2) < 1e-4
+
+
+def test_distill_squad(lm4_dir, tmp_path):
+    """SQuAD 2.0: the student learns from the teacher's start, end and answerability outputs and is scored as
+    `xlnet finetune` scores (exact match and F1 from the beam)."""
+    data = squad2(tmp_path / "d")
+    lengths = dict(max_seq_len=48, max_query_len=12, doc_stride=8)
+    finetune(FinetuneConfig(task="squad2", model=str(lm4_dir), data=str(data), out_dir=str(tmp_path / "t"),
+                            epochs=1, batch_size=8, lr=1e-3, quiet=True, device="cpu", seed=0, **lengths))
+    summary = distill(distill_cfg(tmp_path / "t" / "best", data, tmp_path / "s", epochs=1, batch_size=8))
+    assert summary["task"] == "squad2" and summary["distill"]["layers"]["student"] == 2
+    assert {k: summary["config"][k] for k in lengths} == lengths  # the teacher's lengths
+    assert summary["dev"]["main_metric"] == summary["distill"]["teacher_dev"]["main_metric"]
+    assert (tmp_path / "s" / "dev" / "predictions.json").is_file()
+    train = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
+             if '"train"' in line]
+    assert train and all(r["soft"] > 0 and "patient" in r for r in train)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -246,7 +296,7 @@ BAD = {  # case -> (extra flags, teacher variant, expected message)
     "no_teacher": ([], "none", "distill needs --teacher DIR"),
     "missing_teacher": ([], "missing", "model directory not found"),
     "not_finetuned": ([], "no_meta", "no finetune.json"),
-    "squad": ([], "squad2", "squad2 is squad"),
+    "bad_temperature": (["--temperature", "0"], "ok", "temperature must be positive"),
     "too_deep": (["--student-layers", "5"], "ok", "student_layers must be in [1, 4]"),
     "other_task": (["--task", "sst2"], "ok", "was fine-tuned on classification"),
     "bad_alpha": (["--alpha", "1.5"], "ok", "alpha must be in [0, 1]"),

@@ -273,6 +273,10 @@ def test_task_defaults_and_explicit_values():
     assert resolve_config(FinetuneConfig(max_seq_len=64), T.get_task("conll")).max_seq_len == 64
     short_race = resolve_config(FinetuneConfig(max_seq_len=128), T.get_task("race"))
     assert short_race.max_query_len == 64  # the default 128 would leave no room for the article
+    assert resolve_config(FinetuneConfig(doc_stride=32), T.get_task("squad")).doc_stride == 32
+    for bad, task in (({"doc_stride": -8}, "squad2"), ({"max_seq_len": -1}, "sst2"), ({"max_query_len": -2}, "race")):
+        with pytest.raises(XLNetError, match=f"{next(iter(bad))} must be positive"):
+            resolve_config(FinetuneConfig(**bad), T.get_task(task))
     with pytest.raises(XLNetError, match="layer_decay must be in"):
         resolve_config(FinetuneConfig(layer_decay=0), T.get_task("sst2"))
     with pytest.raises(XLNetError, match="compile must be auto, true or false"):

@@ -11,14 +11,17 @@ masked LM, a left-to-right LM and InfoWord next to XLNet's permutation LM) and f
 compared downstream.
 `--ablations no-memory no-span bi-data` adds PLM runs with one of the paper's ablations each (its Table 6 rows that
 one setting expresses): no recurrence memory, single-token instead of span targets, bidirectional data.
+`--seeds 3` repeats every arm, pretraining included, with seeds seed, seed+1, seed+2 (seed 0's runs are the plain
+demo's folders, later seeds go to seed<N>/) and prints mean, spread and seed-by-seed differences.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,7 @@ class DemoConfig:
     max_seq_len: int = 64
     finetune_lr: float = 5e-4
     seed: int = 0
+    seeds: int = 1  # repeat everything (pretraining too) with seeds seed .. seed + seeds - 1; report mean and spread
     quick: bool = False  # a one-minute smoke version (a handful of steps; scores are meaningless)
     objectives: tuple[str, ...] = ("plm",)  # pretraining objectives to compare: plm, mlm, clm, infoword
     ablations: tuple[str, ...] = ()  # PLM ablations to add: no-memory, no-span, bi-data
@@ -95,6 +99,22 @@ def check_arms(cfg: DemoConfig) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     check_arms(cfg)
+    if cfg.seeds < 1:
+        raise XLNetError(f"--seeds takes a count of at least 1, got {cfg.seeds}")
+    if cfg.seeds == 1:
+        return run_seed(cfg)
+    per_seed = []
+    for i in range(cfg.seeds):
+        seed = cfg.seed + i
+        print(f"==== seed {seed} ({i + 1} of {cfg.seeds})")
+        # the first seed's runs are the plain demo's folders, so a one-seed demo already run is reused
+        folder = Path(cfg.out_dir) if i == 0 else Path(cfg.out_dir) / f"seed{seed}"
+        per_seed.append(run_seed(replace(cfg, seed=seed, seeds=1, out_dir=str(folder))))
+    return summarize_seeds(cfg, per_seed)
+
+
+def run_seed(cfg: DemoConfig) -> dict[str, Any]:
+    """Every arm once with cfg.seed: pretrain, fine-tune, score; results.json and demo.png in cfg.out_dir."""
     out = Path(cfg.out_dir)
     arms = pretraining_arms(cfg)
     stages, stage = 2 * len(arms) + 1, 0
@@ -177,6 +197,83 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def summarize_seeds(cfg: DemoConfig, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate the seeds' tables: print mean ± sd and the seed-by-seed differences; results-seeds.json, a plot."""
+    out = Path(cfg.out_dir)
+    seeds = [r["config"]["seed"] for r in per_seed]
+    table = seed_table([r["table"] for r in per_seed])
+    differences = seed_differences(table)
+    results = {"config": asdict(cfg), "seeds": seeds, "table": table, "differences": differences,
+               "runs": [str(Path(r["config"]["out_dir"]) / "results.json") for r in per_seed]}
+    results["plots"] = [str(write_seed_plot(out, pretraining_arms(cfg), per_seed, table))]
+    with atomic_write(out / "results-seeds.json", "w") as f:
+        json.dump(results, f, indent=2)
+    print(format_seed_table(table, seeds))
+    print(format_differences(differences))
+    print("plots: " + ", ".join(results["plots"]))
+    return results
+
+
+SCORES = ("dev_accuracy", "test_accuracy", "test_f1_macro")
+
+
+def seed_table(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per model with each score's list over the seeds (None where the row has no such score)."""
+    models = [r["model"] for r in tables[0]]
+    if any([r["model"] for r in t] != models for t in tables):
+        raise XLNetError("the seeds' tables list different models; rerun them with the same arms")
+    return [{"model": m, **{k: [t[i].get(k) for t in tables] for k in SCORES}} for i, m in enumerate(models)]
+
+
+def mean_sd(values: list[float | None]) -> tuple[float, float] | None:
+    """Mean and sample standard deviation, None if any seed lacks the score."""
+    if any(v is None for v in values):
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0  # type: ignore[arg-type]
+
+
+def seed_differences(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each model's test accuracy minus the first pretrained arm's, seed by seed (the seeds pair the runs: the same
+    fine-tuning synsets and samples)."""
+    reference, *others = [r for r in table if r["model"] != "majority class"]
+    rows = []
+    for r in others:
+        diffs = [a - b for a, b in zip(r["test_accuracy"], reference["test_accuracy"])]
+        rows.append({"model": r["model"], "against": reference["model"], "test_accuracy": diffs,
+                     "mean": statistics.fmean(diffs), "higher": sum(d > 0 for d in diffs)})
+    return rows
+
+
+def format_seed_table(table: list[dict[str, Any]], seeds: list[int]) -> str:
+    def f(values: list[float | None]) -> str:
+        stats = mean_sd(values)
+        return "-" if stats is None else f"{100 * stats[0]:.1f} ± {100 * stats[1]:.1f}"
+
+    width = max(28, *(len(r["model"]) for r in table))
+    by_seed = 6 * len(seeds)
+    lines = [f"WordNet supersense (45 classes), held-out synsets; seeds {' '.join(map(str, seeds))} "
+             "(each pretrains and fine-tunes anew)",
+             f"{'model':<{width}} {'dev acc':>12} {'test acc':>12} {'test acc by seed':>{max(by_seed, 17)}} "
+             f"{'test macro-F1':>14}"]
+    for r in table:
+        per_seed = " ".join(f"{100 * v:5.1f}" for v in r["test_accuracy"])
+        lines.append(f"{r['model']:<{width}} {f(r['dev_accuracy']):>12} {f(r['test_accuracy']):>12} "
+                     f"{per_seed:>{max(by_seed, 17)}} {f(r['test_f1_macro']):>14}")
+    return "\n".join(lines)
+
+
+def format_differences(differences: list[dict[str, Any]]) -> str:
+    if not differences:
+        return ""
+    lines = [f"test accuracy minus {differences[0]['against'].replace('mini XLNet, ', '')}'s, seed by seed:"]
+    width = max(len(d["model"]) for d in differences) - len("mini XLNet, ")
+    for d in differences:
+        seeds = " ".join(f"{100 * v:+.1f}" for v in d["test_accuracy"])
+        lines.append(f"  {d['model'].replace('mini XLNet, ', ''):<{width}} {100 * d['mean']:+5.1f} mean  ({seeds})  "
+                     f"higher in {d['higher']} of {len(d['test_accuracy'])}")
+    return "\n".join(lines)
+
+
 ARM_COLORS = {"PLM pretrained": "tab:green", "MLM pretrained": "tab:blue", "CLM pretrained": "tab:purple",
               "InfoWord pretrained": "tab:pink",
               "PLM - memory": "tab:olive", "PLM - span targets": "tab:cyan", "PLM + bi_data": "tab:brown",
@@ -225,6 +322,43 @@ def write_plots(out: Path, arms: list[Arm], pre: dict[str, dict[str, Any]], runs
         fig.savefig(f, format="png")
     plt.close(fig)
     return [path, *(Path(s["plot"]) for s in pre.values() if s.get("plot"))]
+
+
+def write_seed_plot(out: Path, arms: list[Arm], per_seed: list[dict[str, Any]], table: list[dict[str, Any]]) -> Path:
+    """Validation loss of every pretraining run (one line per seed) and test accuracy: mean, sd and each seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    for arm in arms:
+        for i, results in enumerate(per_seed):
+            rows = read_metrics(Path(results["pretrain"][arm.key]["out_dir"]) / "metrics.jsonl")
+            pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == "valid" and "loss" in r]
+            if pts:
+                ax_loss.plot(*zip(*pts), color=ARM_COLORS[arm.name], alpha=0.7, marker="o", markersize=2,
+                             label=arm.name.replace(" pretrained", "") if i == 0 else None)
+    ax_loss.set(title="pretraining: valid loss (each run's own targets), one line per seed", xlabel="step",
+                ylabel="loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8)
+    names = [r["model"].replace("mini XLNet, ", "") for r in table]
+    for i, (name, row) in enumerate(zip(names, table)):
+        values = [100 * v for v in row["test_accuracy"]]
+        mean, sd = mean_sd(values) or (0.0, 0.0)
+        ax_bar.bar(i, mean, yerr=sd, capsize=4, color=ARM_COLORS[name], alpha=0.6)
+        ax_bar.scatter([i] * len(values), values, color="black", s=10, zorder=3)
+        ax_bar.text(i, mean + sd, f"{mean:.1f}", ha="center", va="bottom")
+    short = [n.replace(" pretrained", "").replace(" class", "") for n in names]
+    ax_bar.set_xticks(range(len(short)), short, rotation=30 if len(short) > 5 else 0)
+    ax_bar.set(title=f"test accuracy over {len(per_seed)} seeds (bar: mean ± sd, dots: seeds)", ylabel="accuracy (%)")
+    fig.tight_layout()
+    path = out / "demo-seeds.png"
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

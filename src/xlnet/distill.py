@@ -11,7 +11,9 @@ the teacher's layers they are matched to: PKD-skip takes every (N/M)-th teacher 
 last M-1 layers below its top (the top layers meet through the soft labels). `--pkd none` is plain knowledge
 distillation (Hinton et al. 2015); `--alpha 0 --pkd none` fine-tunes the shallow model on the labels alone, the
 baseline a distilled student must beat. The T^2 factor keeps the soft term's gradients at the scale of the hard
-term's as T changes (Hinton et al.).
+term's as T changes (Hinton et al.). Every fine-tuning head distills: classification and multiple choice (soft
+labels over the classes / choices), regression (squared error to the teacher's prediction), tagging (soft labels
+per labeled token) and SQuAD (soft start, end-given-the-gold-start and answerability distributions).
 
 The teacher is a directory written by `xlnet finetune` (its finetune.json fixes the task, labels and lengths,
 so the student sees the same features). The run writes what `xlnet finetune` writes (best/, dev/, test/,
@@ -41,8 +43,9 @@ from xlnet.checkpoint import BODY, load_into, load_model, normalize_keys, read_w
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
+from xlnet.model import XLNetOutput
 
-KINDS = ("classification", "regression", "race", "tokens")  # heads whose outputs are one distribution per row/token
+KINDS = ("classification", "regression", "race", "tokens", "squad")
 IGNORE = -100  # tagging labels of positions that are not a word's first piece
 
 
@@ -89,6 +92,21 @@ def soft_label_loss(student: Tensor, teacher: Tensor, kind: str, temperature: fl
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
 
 
+def squad_soft_loss(student: XLNetOutput, teacher: XLNetOutput, temperature: float) -> Tensor:
+    """The soft-label term of the SQuAD head, weighted as its hard loss weights its terms: the start distribution
+    and the end distribution (both models conditioned on the same gold start) at half weight each, plus half the
+    answerability term (SQuAD 2.0), a Bernoulli(sigmoid(logit)) written as the two-way softmax over [0, logit]."""
+    def two_way(logit: Tensor) -> Tensor:
+        return torch.stack([torch.zeros_like(logit), logit], dim=-1)
+
+    loss = sum(soft_label_loss(getattr(student, k), getattr(teacher, k), "classification", temperature)
+               for k in ("start_logits", "end_logits")) / 2
+    if student.cls_logits is not None:
+        loss = loss + 0.5 * soft_label_loss(two_way(student.cls_logits), two_way(teacher.cls_logits),
+                                            "classification", temperature)
+    return loss
+
+
 def patient_loss(student_states: list[Tensor], teacher_states: list[Tensor],
                  pairs: list[tuple[int, int]]) -> Tensor:
     """Sum over the pairs of the mean (over rows) squared distance between the unit-length <cls> states."""
@@ -110,11 +128,14 @@ class Distiller:
 
     def __call__(self, student: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         states = bool(self.pairs)
-        with torch.no_grad():
-            t = self.teacher(**{k: v for k, v in inputs.items() if k != "labels"}, output_hidden_states=states)
+        with torch.no_grad():  # with the labels: SQuAD's end logits are conditioned on the gold start
+            t = self.teacher(**inputs, output_hidden_states=states)
         s = student(**inputs, output_hidden_states=states)
-        keep = inputs["labels"] != IGNORE if self.kind == "tokens" else None
-        soft = soft_label_loss(s.logits, t.logits, self.kind, self.temperature, keep)
+        if self.kind == "squad":
+            soft = squad_soft_loss(s, t, self.temperature)
+        else:
+            keep = inputs["labels"] != IGNORE if self.kind == "tokens" else None
+            soft = soft_label_loss(s.logits, t.logits, self.kind, self.temperature, keep)
         loss = (1 - self.alpha) * s.loss + self.alpha * soft
         parts = {"ce": s.loss.item(), "soft": soft.item()}
         if states:

@@ -53,7 +53,8 @@ HEADS: dict[str, type[nn.Module]] = {
 # 64-token question; RACE 512 with the question+option's last 128 tokens, as run_race.py).
 TASK_DEFAULTS: dict[str, dict[str, int]] = {
     "classification": {"max_seq_len": 128}, "regression": {"max_seq_len": 128}, "tokens": {"max_seq_len": 128},
-    "squad": {"max_seq_len": 512, "max_query_len": 64}, "race": {"max_seq_len": 512, "max_query_len": 128}}
+    "squad": {"max_seq_len": 512, "max_query_len": 64, "doc_stride": 128},
+    "race": {"max_seq_len": 512, "max_query_len": 128}}
 # Tensors that describe a row but are not model inputs.
 NOT_INPUTS = ("window_index", "word_ids")
 # What a fine-tuned directory records beside the weights (read back by `xlnet evaluate --model`).
@@ -80,7 +81,7 @@ class FinetuneConfig:
     out_dir: str = "runs/finetune"
     labels: str = ""  # comma-separated label set for generic classification data (default: from the data)
     max_seq_len: int = 0  # 0 = the task's default (128; SQuAD and RACE 512)
-    doc_stride: int = 128  # SQuAD: step between windows over a long context
+    doc_stride: int = 0  # SQuAD: step between windows over a long context; 0 = the task's default (128)
     max_query_len: int = 0  # SQuAD question / RACE question+option tokens; 0 = the task's default (64 / 128)
     batch_size: int = 32
     eval_batch_size: int = 64
@@ -111,12 +112,13 @@ class FinetuneConfig:
 
 def resolve_config(cfg: FinetuneConfig, spec: T.TaskSpec) -> FinetuneConfig:
     """Fill the task defaults (so summary.json records what ran) and reject values that cannot train."""
-    filled = {k: v for k, v in TASK_DEFAULTS[spec.kind].items() if getattr(cfg, k) <= 0}
+    filled = {k: v for k, v in TASK_DEFAULTS[spec.kind].items() if getattr(cfg, k) == 0}
     if "max_query_len" in filled:  # leave the text at least half of a short sequence
         filled["max_query_len"] = min(filled["max_query_len"], filled.get("max_seq_len", cfg.max_seq_len) // 2)
     cfg = dataclasses.replace(cfg, task=spec.name, **filled)
     checks = [(cfg.batch_size > 0 and cfg.eval_batch_size > 0, "batch sizes must be positive"),
-              (cfg.doc_stride > 0, f"doc_stride must be positive, got {cfg.doc_stride}"),
+              *((getattr(cfg, k) > 0, f"{k} must be positive, got {getattr(cfg, k)}")
+                for k in TASK_DEFAULTS[spec.kind]),
               (cfg.epochs > 0 or cfg.max_steps > 0, "needs epochs > 0 or max_steps > 0"),
               (0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1], got {cfg.layer_decay}"),
               (0 <= cfg.warmup_frac < 1, f"warmup_frac must be in [0, 1), got {cfg.warmup_frac}"),

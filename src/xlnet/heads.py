@@ -165,7 +165,7 @@ class XLNetForQuestionAnswering(XLNetPreTrainedHead):
             out.end_logits = end_logits
             out.loss = (F.cross_entropy(start_logits, start_positions) + F.cross_entropy(end_logits, end_positions)) / 2
             if cls_index is not None and is_impossible is not None:
-                cls_logits = self.answer_class(start_states, cls_states)
+                cls_logits = out.cls_logits = self.answer_class(start_states, cls_states)
                 out.loss = out.loss + 0.5 * F.binary_cross_entropy_with_logits(
                     cls_logits, is_impossible.reshape(-1).to(cls_logits.dtype))
             return out
