@@ -95,6 +95,8 @@ def test_quick_demo_repeats_every_arm_per_seed(tmp_path: Path, capsys, monkeypat
     per_seed = [json.loads(Path(p).read_text())["table"] for p in results["runs"]]
     for i, row in enumerate(results["table"]):
         assert row["test_accuracy"] == [t[i]["test_accuracy"] for t in per_seed]
+    pretrained = json.loads((demo / "seed4" / "results.json").read_text())["pretrain"]["mlm"]
+    assert results["table"][2]["valid_loss"][1] == pretrained["valid_loss"]
     assert [d["model"] for d in results["differences"]] == ["mini XLNet, MLM pretrained", "mini XLNet, random init"]
     assert main(["demo", "--seeds", "0", "--out-dir", str(tmp_path / "bad")]) == 2
     assert "--seeds takes a count of at least 1" in capsys.readouterr().err
@@ -104,11 +106,12 @@ def test_seed_aggregates_are_paired_means_and_sample_spreads() -> None:
     from xlnet.demo import format_differences, format_seed_table, mean_sd, seed_differences, seed_table
 
     def table(base: float, plm: float, mlm: float) -> list[dict]:
-        return [{"model": "majority class", "dev_accuracy": None, "test_accuracy": base, "test_f1_macro": 0.01},
-                {"model": "mini XLNet, PLM pretrained", "dev_accuracy": plm, "test_accuracy": plm,
-                 "test_f1_macro": 0.1},
-                {"model": "mini XLNet, MLM pretrained", "dev_accuracy": mlm, "test_accuracy": mlm,
-                 "test_f1_macro": 0.2}]
+        return [{"model": "majority class", "valid_loss": None, "dev_accuracy": None, "test_accuracy": base,
+                 "test_f1_macro": 0.01},
+                {"model": "mini XLNet, PLM pretrained", "valid_loss": 10 * plm, "dev_accuracy": plm,
+                 "test_accuracy": plm, "test_f1_macro": 0.1},
+                {"model": "mini XLNet, MLM pretrained", "valid_loss": 10 * mlm, "dev_accuracy": mlm,
+                 "test_accuracy": mlm, "test_f1_macro": 0.2}]
 
     rows = seed_table([table(0.1, 0.30, 0.40), table(0.1, 0.36, 0.35), table(0.1, 0.33, 0.42)])
     assert rows[1]["test_accuracy"] == [0.30, 0.36, 0.33] and rows[0]["dev_accuracy"] == [None] * 3
@@ -119,6 +122,6 @@ def test_seed_aggregates_are_paired_means_and_sample_spreads() -> None:
     assert [round(d, 6) for d in diff["test_accuracy"]] == [0.10, -0.01, 0.09] and diff["higher"] == 2
     assert abs(diff["mean"] - 0.06) < 1e-12
     text = format_seed_table(rows, [0, 1, 2]) + "\n" + format_differences([diff])
-    assert "33.0 ± 3.0" in text and "30.0  36.0  33.0" in text and "+6.0 mean  (+10.0 -1.0 +9.0)  higher in 2 of 3" in text
+    assert "3.300 ± 0.300" in text and "33.0 ± 3.0" in text and "30.0  36.0  33.0" in text and "+6.0 mean  (+10.0 -1.0 +9.0)  higher in 2 of 3" in text
     with pytest.raises(XLNetError, match="different models"):
         seed_table([table(0.1, 0.3, 0.4), table(0.1, 0.3, 0.4)[:2]])

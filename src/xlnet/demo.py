@@ -138,7 +138,7 @@ def run_seed(cfg: DemoConfig) -> dict[str, Any]:
         print(f"== {stage}/{stages} fine-tuning on supersense from {name}")
         runs[name] = finetune(finetune_config(cfg, out / folder, model, random_init=name == "random init"))
 
-    table = score_table(cfg, runs)
+    table = score_table(cfg, runs, {arm.name: pre[arm.key].get("valid_loss") for arm in arms})
     results = {"config": asdict(cfg), "pretrain": pre, "table": table,
                "finetune": {k: {"dev": v.get("dev"), "test": v.get("test")} for k, v in runs.items()}}
     results["plots"] = [str(p) for p in write_plots(out, arms, pre, runs, table)]
@@ -171,11 +171,15 @@ def majority_baseline(cfg: DemoConfig) -> dict[str, float]:
     return {"accuracy": M.accuracy(preds, gold), "f1_macro": M.f1_macro(preds, gold)}
 
 
-def score_table(cfg: DemoConfig, runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = [{"model": "majority class", "dev_accuracy": None, **prefixed("test_", majority_baseline(cfg))}]
+def score_table(cfg: DemoConfig, runs: dict[str, dict[str, Any]],
+                valid_loss: dict[str, float | None]) -> list[dict[str, Any]]:
+    """One row per model; `valid_loss` is each pretrained arm's final pretraining valid loss (by arm name)."""
+    rows = [{"model": "majority class", "valid_loss": None, "dev_accuracy": None,
+             **prefixed("test_", majority_baseline(cfg))}]
     for name, summary in runs.items():
         dev, test = summary.get("dev") or {}, summary.get("test") or {}
-        rows.append({"model": f"mini XLNet, {name}", "dev_accuracy": (dev.get("metrics") or {}).get("accuracy"),
+        rows.append({"model": f"mini XLNet, {name}", "valid_loss": valid_loss.get(name),
+                     "dev_accuracy": (dev.get("metrics") or {}).get("accuracy"),
                      **prefixed("test_", test.get("metrics") or {})})
     return rows
 
@@ -214,7 +218,7 @@ def summarize_seeds(cfg: DemoConfig, per_seed: list[dict[str, Any]]) -> dict[str
     return results
 
 
-SCORES = ("dev_accuracy", "test_accuracy", "test_f1_macro")
+SCORES = ("valid_loss", "dev_accuracy", "test_accuracy", "test_f1_macro")
 
 
 def seed_table(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -245,20 +249,20 @@ def seed_differences(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def format_seed_table(table: list[dict[str, Any]], seeds: list[int]) -> str:
-    def f(values: list[float | None]) -> str:
+    def f(values: list[float | None], scale: float = 100, digits: int = 1) -> str:
         stats = mean_sd(values)
-        return "-" if stats is None else f"{100 * stats[0]:.1f} ± {100 * stats[1]:.1f}"
+        return "-" if stats is None else f"{scale * stats[0]:.{digits}f} ± {scale * stats[1]:.{digits}f}"
 
     width = max(28, *(len(r["model"]) for r in table))
-    by_seed = 6 * len(seeds)
+    by_seed = max(6 * len(seeds), 17)
     lines = [f"WordNet supersense (45 classes), held-out synsets; seeds {' '.join(map(str, seeds))} "
              "(each pretrains and fine-tunes anew)",
-             f"{'model':<{width}} {'dev acc':>12} {'test acc':>12} {'test acc by seed':>{max(by_seed, 17)}} "
+             f"{'model':<{width}} {'valid loss':>15} {'dev acc':>12} {'test acc':>12} {'test acc by seed':>{by_seed}} "
              f"{'test macro-F1':>14}"]
     for r in table:
         per_seed = " ".join(f"{100 * v:5.1f}" for v in r["test_accuracy"])
-        lines.append(f"{r['model']:<{width}} {f(r['dev_accuracy']):>12} {f(r['test_accuracy']):>12} "
-                     f"{per_seed:>{max(by_seed, 17)}} {f(r['test_f1_macro']):>14}")
+        lines.append(f"{r['model']:<{width}} {f(r['valid_loss'], 1, 3):>15} {f(r['dev_accuracy']):>12} "
+                     f"{f(r['test_accuracy']):>12} {per_seed:>{by_seed}} {f(r['test_f1_macro']):>14}")
     return "\n".join(lines)
 
 
