@@ -53,16 +53,17 @@ def test_quick_demo_compares_objectives(tmp_path: Path, capsys, monkeypatch) -> 
 def test_quick_demo_runs_the_paper_ablations(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("XLNET_CACHE", str(tmp_path / "cache"))
     demo = tmp_path / "demo"
-    assert main(["demo", "--quick", "true", "--ablations", "no-memory", "no-span", "bi-data",
+    assert main(["demo", "--quick", "true", "--ablations", "no-memory", "no-span", "bi-data", "ltr-order",
                  "--out-dir", str(demo)]) == 0
     out = capsys.readouterr().out
-    assert "== 2/9 pretraining, PLM - memory (4 steps" in out
+    assert "== 2/11 pretraining, PLM - memory (4 steps" in out
     results = json.loads((demo / "results.json").read_text())
     assert [row["model"] for row in results["table"]] == [
         "majority class", "mini XLNet, PLM pretrained", "mini XLNet, PLM - memory", "mini XLNet, PLM - span targets",
-        "mini XLNet, PLM + bi_data", "mini XLNet, random init"]
+        "mini XLNet, PLM + bi_data", "mini XLNet, PLM, left-to-right order", "mini XLNet, random init"]
     # each ablation is the PLM run with one setting changed, as its checkpoint's config records
-    changed = {"plm-no-memory": {"mem_len": 0}, "plm-no-span": {"max_ngram": 1}, "plm-bi-data": {"bi_data": True}}
+    changed = {"plm-no-memory": {"mem_len": 0}, "plm-no-span": {"max_ngram": 1}, "plm-bi-data": {"bi_data": True},
+               "plm-ltr-order": {"factorization_order": "left-to-right"}}
     plm = yaml.safe_load((demo / "pretrain" / "config.yaml").read_text())
     for key, change in changed.items():
         config = yaml.safe_load((demo / f"pretrain-{key}" / "config.yaml").read_text())

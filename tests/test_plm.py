@@ -593,12 +593,63 @@ def test_objective_is_checked_and_old_states_resume_plm():
         PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, objective="bert"))
     with pytest.raises(XLNetError, match="clm_predict must be"):
         PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, objective="clm", clm_predict="some"))
+    with pytest.raises(XLNetError, match="factorization_order must be one of random, left-to-right"):
+        PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, factorization_order="sorted"))
+    with pytest.raises(XLNetError, match="factorization_order is plm's"):
+        PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, objective="mlm", factorization_order="left-to-right"))
     s = _samplers(("plm", "mlm"))
     next(s["plm"])
     state = s["plm"].state_dict()
-    del state["cfg"]["objective"], state["cfg"]["clm_predict"]  # a checkpoint written before objectives existed
+    # a checkpoint written before objectives existed
+    del state["cfg"]["objective"], state["cfg"]["clm_predict"], state["cfg"]["factorization_order"]
     fresh = _samplers(("plm",))["plm"]
     fresh.load_state_dict(state)
     assert fresh.step == 1
     with pytest.raises(XLNetError, match="does not match"):
         s["mlm"].load_state_dict(state)
+
+
+def test_left_to_right_factorization_keeps_plms_targets_and_fixes_the_order():
+    """factorization_order "left-to-right": PLM's batch with the same targets, slots and labels, and the identity
+    order (clm's ranks): the query stream at target i sees exactly the positions j < i."""
+    plm = _samplers(("plm",))["plm"]
+    ltr = _samplers(("plm",), factorization_order="left-to-right")["plm"]
+    clm = _samplers(("clm",))["clm"]
+    for _ in range(3):
+        a, b, c = next(plm), next(ltr), next(clm)
+        for key in ("input_ids", "token_type_ids", "target_mapping", "labels", "target_mask", "is_masked"):
+            assert torch.equal(a[key], b[key]), key
+        for key in ("perm_mask", "perm_q_rank", "perm_k_rank"):
+            assert torch.equal(b[key], c[key]), key
+        L = b["input_ids"].shape[1]
+        assert torch.equal(b["perm_mask"][0], torch.triu(torch.ones(L, L)))  # 1 = may not see: j >= i
+        assert not torch.equal(a["perm_mask"], b["perm_mask"])
+
+
+def test_left_to_right_factorization_is_causal_through_the_model():
+    """In the model, the query stream's prediction of target i does not change when any token at j >= i does
+    (including the target itself), and does change with a token before it."""
+    from xlnet.config import XLNetConfig
+    from xlnet.model import XLNetLMHeadModel
+
+    torch.manual_seed(0)
+    model = XLNetLMHeadModel(XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=2, d_head=16, d_inner=64,
+                                         dropout=0.0, dropatt=0.0)).eval()
+    batch = next(_samplers(("plm",), factorization_order="left-to-right")["plm"])
+    keys = ("input_ids", "token_type_ids", "perm_mask", "target_mapping")
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**{k: batch[k] for k in keys if k != "input_ids"}, input_ids=ids).logits
+
+    base = logits(batch["input_ids"])
+    positions = batch["target_mapping"].argmax(-1)  # [B, P]
+    valid = batch["target_mask"].bool()
+    row, slot = 0, int(valid[0].nonzero()[len(valid[0].nonzero()) // 2])
+    i = int(positions[row, slot])
+    later = batch["input_ids"].clone()
+    later[row, i:] = (later[row, i:] + 1) % VOCAB
+    assert torch.allclose(logits(later)[row, slot], base[row, slot], atol=1e-6)
+    earlier = batch["input_ids"].clone()
+    earlier[row, :i] = (earlier[row, :i] + 1) % VOCAB
+    assert not torch.allclose(logits(earlier)[row, slot], base[row, slot], atol=1e-3)

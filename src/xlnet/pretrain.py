@@ -73,6 +73,9 @@ class PretrainConfig:
     objective: Literal["plm", "mlm", "clm", "infoword"] = "plm"  # XLNet's | BERT's masked LM | left-to-right LM
     # clm: predict every next token, or only the span targets (plm's and mlm's tokens, as many: equal signal)
     clm_predict: Literal["all", "targets"] = "all"
+    # plm: a sampled factorization order per sample (XLNet), or the identity order: the same targets and query
+    # stream, read left to right (the step from XLNet towards a left-to-right LM)
+    factorization_order: Literal["random", "left-to-right"] = "random"
     # optimization
     batch_size: int = 32  # stream rows per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1
@@ -111,7 +114,8 @@ class PretrainConfig:
 
         return PLMConfig(seq_len=self.seq_len, reuse_len=self.reuse_len, batch_size=micro_batch,
                          num_predict=self.num_predict, perm_size=self.perm_size, bi_data=self.bi_data, seed=seed,
-                         max_ngram=self.max_ngram, objective=self.objective, clm_predict=self.clm_predict)
+                         max_ngram=self.max_ngram, objective=self.objective, clm_predict=self.clm_predict,
+                         factorization_order=self.factorization_order)
 
 
 # Fields that may differ between a checkpoint and the run resuming it: they do not change the trajectory

@@ -60,7 +60,10 @@ Objectives (`PLMConfig.objective`)
 The same samples (layout, A/B split, span targets, random streams) feed four objectives, so that comparing them
 changes nothing but the objective:
 
-* "plm" (XLNet): the batch above; the query stream predicts the targets in a sampled factorization order.
+* "plm" (XLNet): the batch above; the query stream predicts the targets in a sampled factorization order. With
+  factorization_order "left-to-right" the order is the identity over every position, as "clm"'s (query stream:
+  target i sees j < i and the memory, non-targets included): the same targets from the same stream, only the
+  order fixed, the bridge between XLNet and a left-to-right LM.
 * "mlm" (BERT's masked LM on the same backbone, the paper's "DAE + Transformer-XL" ablation): the same targets,
   corrupted in the input as BERT does (80% `<mask>`, 10% a random ordinary piece, 10% unchanged), no
   permutation mask; the content stream at the targets predicts them. Keys: input_ids (corrupted),
@@ -106,6 +109,7 @@ MASK_ID = 6
 NUM_SPECIAL = 9  # ids 0..8 are "<...>" pieces, which the reference counts as word starts
 STATE_VERSION = 1
 OBJECTIVES = ("plm", "mlm", "clm", "infoword")
+FACTORIZATION_ORDERS = ("random", "left-to-right")
 MLM_MASK, MLM_RANDOM = 0.8, 0.1  # BERT: shares of the targets shown as <mask> and as a random piece
 
 
@@ -126,6 +130,7 @@ class PLMConfig:
     sample_b_random_prob: float = 0.5
     objective: str = "plm"  # plm | mlm | clm | infoword (module docstring)
     clm_predict: str = "all"  # clm: every next token, or only the span "targets" (the tokens plm and mlm predict)
+    factorization_order: str = "random"  # plm: "random" (sampled, XLNet) or "left-to-right" (the identity)
 
     @property
     def resolved_perm_size(self) -> int:
@@ -152,6 +157,11 @@ class PLMConfig:
             raise XLNetError(f"PLMConfig: num_predict={self.num_predict} does not fit seq_len={L}, reuse_len={R}")
         if self.clm_predict not in ("all", "targets"):
             raise XLNetError(f"PLMConfig: clm_predict must be 'all' or 'targets', got {self.clm_predict!r}")
+        if self.factorization_order not in FACTORIZATION_ORDERS:
+            raise XLNetError(f"PLMConfig: factorization_order must be one of {', '.join(FACTORIZATION_ORDERS)}, "
+                             f"got {self.factorization_order!r}")
+        if self.factorization_order != "random" and self.objective != "plm":
+            raise XLNetError(f"PLMConfig: factorization_order is plm's; objective {self.objective} has its own order")
         if self.objective == "infoword" and self.bi_data:  # a row's reversed twin would be a false negative
             raise XLNetError("PLMConfig: objective infoword draws its negatives from the other rows; not with bi_data")
         if self.max_ngram < 1 or int(self.mask_alpha // self.mask_beta) < 1:
@@ -608,6 +618,9 @@ class PLMSampler:
             return infoword_batch(ids, st["mlm_input_ids"], seg, target, n_pred, st["span"], self.cfg.max_ngram)
         if self.cfg.objective == "clm":
             return clm_batch(ids, seg, target if self.cfg.clm_predict == "targets" else None, n_pred)
+        if self.cfg.factorization_order == "left-to-right":  # the targets as drawn, the order fixed
+            order = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+            return assemble_batch(ids, seg, order, order, target, n_pred)
         return assemble_batch(ids, seg, st["q_rank"], st["k_rank"], target, n_pred)
 
     # ------------------------------------------------------------------------------------ iteration
@@ -644,8 +657,9 @@ class PLMSampler:
         if state.get("version") != STATE_VERSION:
             raise XLNetError(f"PLM sampler state has version {state.get('version')}, expected {STATE_VERSION}")
         mine = self._fingerprint()
-        # states from before objectives (and clm_predict) were plm runs
-        state = {**state, "cfg": {"objective": "plm", "clm_predict": "all", **state.get("cfg", {})}}
+        # states from before objectives (clm_predict, factorization_order) were plm runs in a random order
+        state = {**state, "cfg": {"objective": "plm", "clm_predict": "all", "factorization_order": "random",
+                                  **state.get("cfg", {})}}
         for key, val in mine.items():
             if state.get(key) != val:
                 raise XLNetError(f"PLM sampler state does not match this sampler: {key} {state.get(key)} != {val}")
