@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import re
 import types
 import typing
 from pathlib import Path
@@ -39,9 +41,38 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+_FIELD = re.compile(r"^\s+(\w+)\s*:[^=#]+(?:=[^#]*)?(?:#\s*(.*))?$")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source (its line's trailing comment, else the comment lines right above
+    it), for base classes too: the text of `--help`. Empty where the source cannot be read."""
+    comments: dict[str, str] = {}
+    for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        above: list[str] = []
+        for line in lines[1:]:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("#").strip())
+                continue
+            match = _FIELD.match(line)
+            if match and match[1] in klass.__annotations__:
+                text = match[2] or " ".join(above)
+                if text:
+                    comments[match[1]] = text
+            above = []
+    return comments
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One `--field-name` flag per field; defaults stay None so we can tell what the user set."""
+    """One `--field-name` flag per field, its help the field's comment; defaults stay None so we can tell what the
+    user set."""
     hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
     group = parser.add_argument_group(f"{cls.__name__} (also settable in --config YAML)")
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
@@ -49,15 +80,17 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         tp = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
+        shown = repr(default) if default == "" else default
+        text = (comments.get(f.name, "") + f" (default {shown})").strip().replace("%", "%%")  # argparse formats %
         if tp is bool:
-            group.add_argument(flag, type=parse_bool, default=None, metavar="BOOL", help=f"(default {default})")
+            group.add_argument(flag, type=parse_bool, default=None, metavar="BOOL", help=text)
         elif tp in (int, float, str):
             literal = typing.get_origin(hints[f.name]) is typing.Literal
-            group.add_argument(flag, type=tp, default=None, help=f"(default {default})",
+            group.add_argument(flag, type=tp, default=None, help=text,
                                choices=typing.get_args(hints[f.name]) if literal else None)
         elif typing.get_origin(tp) in (list, tuple):
             item = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            group.add_argument(flag, type=item, nargs="+", default=None, help=f"(default {default})")
+            group.add_argument(flag, type=item, nargs="+", default=None, help=text)
 
 
 def build_dataclass(cls: type[T], config_path: str | None = None, args: argparse.Namespace | None = None,

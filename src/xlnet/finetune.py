@@ -72,25 +72,25 @@ TOKENIZER_SETTINGS = ("tokenizer.json", "tokenizer_config.json")
 
 @dataclass
 class FinetuneConfig:
-    task: str = "supersense"
+    task: str = "supersense"  # GLUE (sst2, mnli ...), squad1/2, race, conll, classification, regression, supersense
     model: str = ""  # pretrained directory (ours or HF); "" = random initialisation from `preset`
     preset: str = "tiny"  # model size when training from scratch
     random_init: bool = False  # with --model: its architecture and tokenizer, but random weights (baseline)
     data: str = ""  # directory with train/dev[/test] files; "" = the embedded WordNet supersense task
     tokenizer: str = ""  # "" = spiece.model in the model directory, else the embedded tokenizer
-    out_dir: str = "runs/finetune"
-    labels: str = ""  # comma-separated label set for generic classification data (default: from the data)
+    out_dir: str = "runs/finetune"  # best/ (the best dev epoch's model), dev/, test/, summary.json, curves
+    labels: str = ""  # comma-separated label set for generic classification data; "" = the labels in the data
     max_seq_len: int = 0  # 0 = the task's default (128; SQuAD and RACE 512)
     doc_stride: int = 0  # SQuAD: step between windows over a long context; 0 = the task's default (128)
     max_query_len: int = 0  # SQuAD question / RACE question+option tokens; 0 = the task's default (64 / 128)
-    batch_size: int = 32
-    eval_batch_size: int = 64
+    batch_size: int = 32  # training rows per step
+    eval_batch_size: int = 64  # rows per prediction pass
     # each training batch from rows of similar length (shuffled runs of 50 batches' worth of rows, each sorted by
     # length): cheaper batches, a less random order; off = uniformly shuffled batches
     group_by_length: bool = False
-    epochs: int = 3
+    epochs: int = 3  # dev is scored after each; the best epoch's model is kept
     max_steps: int = 0  # 0 = run `epochs`
-    lr: float = 5e-5
+    lr: float = 5e-5  # AdamW peak, linear warm-up over warmup_frac of the steps, then linear decay to 0
     layer_decay: float = 1.0  # layer l of L gets lr * layer_decay**(L - l) (paper: 0.75 for SQuAD)
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
@@ -98,16 +98,16 @@ class FinetuneConfig:
     clip: float = 1.0
     dropout: float = 0.1
     max_train_examples: int = 0  # deterministic subsample (0 = all)
-    max_eval_examples: int = 0
-    seed: int = 42
-    device: str = "auto"
-    precision: str = "auto"
+    max_eval_examples: int = 0  # deterministic subsample of dev and test (0 = all)
+    seed: int = 42  # head initialisation, subsamples, batch order, dropout
+    device: str = "auto"  # auto = cuda if available, else cpu; or cpu, cuda, cuda:1 ...
+    precision: str = "auto"  # auto = bf16 autocast on a GPU, fp32 on CPU; or fp32, bf16
     # torch.compile every block (training and evaluation): on an H200 base-model training steps ran 1.9x faster
     # (measured compiling the whole model as one graph);
     # auto = on a GPU (eager on CPU, where inductor's backward was slower), as pretraining does
     compile: str = "auto"
     attn_impl: str = ""  # "" = the checkpoint's own setting
-    quiet: bool = False
+    quiet: bool = False  # no progress bar or per-epoch lines
 
 
 def resolve_config(cfg: FinetuneConfig, spec: T.TaskSpec) -> FinetuneConfig:

@@ -48,24 +48,24 @@ if TYPE_CHECKING:  # annotations only; the functions import them where they are 
 @dataclass
 class PretrainConfig:
     # model: a preset plus optional overrides (None keeps the preset's value)
-    model: str = "mini"
-    vocab_size: int | None = None
+    model: str = "mini"  # preset: tiny, mini, base, large; the fields below override single values (None = keep)
+    vocab_size: int | None = None  # must match the tokenizer's
     d_model: int | None = None
     n_layer: int | None = None
     n_head: int | None = None
-    d_head: int | None = None
-    d_inner: int | None = None
+    d_head: int | None = None  # None with d_model given = d_model / n_head
+    d_inner: int | None = None  # feed-forward width
     dropout: float | None = None
-    dropatt: float | None = None
+    dropatt: float | None = None  # dropout on the attention probabilities
     # data ("" = the embedded corpus and tokenizer)
-    data_dir: str = ""
-    tokenizer_dir: str = ""
-    seq_len: int = 64
-    reuse_len: int = 32
-    mem_len: int = 48
-    num_predict: int = 16
+    data_dir: str = ""  # `xlnet prepare`'s output; "" = the embedded corpus, prepared once
+    tokenizer_dir: str = ""  # "" = the embedded tokenizer (vocab 8000)
+    seq_len: int = 64  # tokens per sample
+    reuse_len: int = 32  # the sample's first part, which continues the row's previous sample
+    mem_len: int = 48  # Transformer-XL memory: hidden states kept from the previous step (0 = none)
+    num_predict: int = 16  # span targets per sample (partial prediction: seq_len / K)
     perm_size: int | None = None  # None = reuse_len (reference)
-    bi_data: bool = False
+    bi_data: bool = False  # half of each batch's rows read their streams backwards
     max_ngram: int = 5  # longest span target; 1 = single-token targets (the paper's "- span-based prediction")
     # objective infoword: the InfoNCE term's weight next to the masked-LM loss (at the demo's scale, 1 held the
     # masked-LM loss near the unigram plateau and fine-tuned 4 points worse than 0.1; README)
@@ -78,28 +78,28 @@ class PretrainConfig:
     factorization_order: Literal["random", "left-to-right"] = "random"
     # optimization
     batch_size: int = 32  # stream rows per optimizer step, over all ranks and micro-batches
-    grad_accum: int = 1
-    lr: float = 1e-3
+    grad_accum: int = 1  # micro-batches per step (batch_size rows in all)
+    lr: float = 1e-3  # AdamW peak, after linear warm-up, decayed linearly to 0
     weight_decay: float = 0.01
     adam_eps: float = 1e-6
     warmup_steps: int = 100
     max_steps: int = 1000
-    clip: float = 1.0
+    clip: float = 1.0  # gradient-norm clip
     # evaluation, checkpoints, logging
-    eval_every: int = 100
+    eval_every: int = 100  # steps between valid-loss evaluations
     eval_batches: int = 4  # global batches of the valid split per evaluation (same ones every time)
-    save_every: int = 250
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    out_dir: str = "runs/pretrain"
-    seed: int = 0
+    save_every: int = 250  # steps between checkpoints
+    keep_checkpoints: int = 2  # the newest ones kept
+    log_every: int = 1  # steps between metrics.jsonl lines
+    out_dir: str = "runs/pretrain"  # checkpoints/, metrics.jsonl, loss.png, config.yaml
+    seed: int = 0  # weights, samples and dropout
     # runtime (may change on resume)
-    device: str = "auto"
+    device: str = "auto"  # auto = cuda if available, else cpu; or cpu, cuda, cuda:1 ...
     precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     compile: str = "auto"  # auto = compile every block on a GPU (not under FSDP), eager on CPU; or true / false
-    activation_checkpointing: bool = False
-    fsdp: bool = False
-    progress: bool = True
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, more time
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
+    progress: bool = True  # progress bar
 
     def model_config(self, vocab_size: int | None = None) -> XLNetConfig:
         names = ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner", "dropout", "dropatt")
