@@ -13,8 +13,8 @@ compared downstream.
 one setting expresses): no recurrence memory, single-token instead of span targets, bidirectional data;
 `ltr-order` (not the paper's) keeps XLNet's targets and query stream but fixes the factorization order to left to
 right.
-`--seeds 3` repeats every arm, pretraining included, with seeds seed, seed+1, seed+2 (seed 0's runs are the plain
-demo's folders, later seeds go to seed<N>/) and prints mean, spread and seed-by-seed differences.
+`--seeds 3` repeats every arm, pretraining included, with seeds seed, seed+1, seed+2 (the first seed's runs are the
+plain demo's folders, the others go to seed<N>/) and prints mean, spread and seed-by-seed differences.
 """
 
 from __future__ import annotations
