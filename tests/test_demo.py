@@ -32,20 +32,24 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path, capsys, monkeypatch) -> None
 def test_quick_demo_compares_objectives(tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setenv("XLNET_CACHE", str(tmp_path / "cache"))
     demo = tmp_path / "demo"
-    assert main(["demo", "--quick", "true", "--objectives", "plm", "mlm", "clm", "infoword",
+    assert main(["demo", "--quick", "true", "--objectives", "plm", "mlm", "clm", "clm-targets", "infoword",
                  "--out-dir", str(demo)]) == 0
     out = capsys.readouterr().out
-    assert "== 9/9 fine-tuning on supersense from random init" in out
+    assert "== 11/11 fine-tuning on supersense from random init" in out
     results = json.loads((demo / "results.json").read_text())
     assert [row["model"] for row in results["table"]] == [
         "majority class", "mini XLNet, PLM pretrained", "mini XLNet, MLM pretrained", "mini XLNet, CLM pretrained",
-        "mini XLNet, InfoWord pretrained", "mini XLNet, random init"]
-    for objective, folder in (("plm", "pretrain"), ("mlm", "pretrain-mlm"), ("clm", "pretrain-clm"),
-                              ("infoword", "pretrain-infoword")):
-        summary = results["pretrain"][objective]
-        assert summary["objective"] == objective and Path(summary["out_dir"]) == demo / folder
-        assert (demo / f"finetune-{objective}" / "best" / "config.json").is_file()
-    assert len(results["plots"]) == 5 and all(Path(p).is_file() for p in results["plots"])
+        "mini XLNet, CLM on span targets pretrained", "mini XLNet, InfoWord pretrained", "mini XLNet, random init"]
+    for key, objective in (("plm", "plm"), ("mlm", "mlm"), ("clm", "clm"), ("clm-targets", "clm"),
+                           ("infoword", "infoword")):
+        summary = results["pretrain"][key]
+        folder = demo / ("pretrain" if key == "plm" else f"pretrain-{key}")
+        assert summary["objective"] == objective and Path(summary["out_dir"]) == folder
+        assert (demo / f"finetune-{key}" / "best" / "config.json").is_file()
+    clm_predict = {k: yaml.safe_load((demo / f"pretrain-{k}" / "config.yaml").read_text())["clm_predict"]
+                   for k in ("clm", "clm-targets")}
+    assert clm_predict == {"clm": "all", "clm-targets": "targets"}
+    assert len(results["plots"]) == 6 and all(Path(p).is_file() for p in results["plots"])
     assert main(["demo", "--objectives", "plm", "plm", "--out-dir", str(tmp_path / "bad")]) == 2
     assert "distinct names" in capsys.readouterr().err
 
