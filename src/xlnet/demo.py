@@ -319,9 +319,8 @@ def write_plots(out: Path, arms: list[Arm], pre: dict[str, dict[str, Any]], runs
     names = [r["model"].replace("mini XLNet, ", "") for r in table]
     values = [r.get("test_accuracy") or 0.0 for r in table]
     short = [n.replace(" pretrained", "").replace(" class", "") for n in names]  # bar labels side by side
-    ax_bar.bar(short, values, color=[ARM_COLORS[n] for n in names])
-    if len(short) > 5:  # labels side by side would overlap
-        ax_bar.tick_params(axis="x", labelrotation=30)
+    ax_bar.bar(range(len(short)), values, color=[ARM_COLORS[n] for n in names])
+    bar_labels(ax_bar, short)
     for i, v in enumerate(values):
         ax_bar.text(i, v, f"{100 * v:.1f}%", ha="center", va="bottom")
     ax_bar.set(title="test accuracy (held-out synsets)", ylabel="accuracy")
@@ -334,6 +333,12 @@ def write_plots(out: Path, arms: list[Arm], pre: dict[str, dict[str, Any]], runs
         fig.savefig(f, format="png")
     plt.close(fig)
     return [path, *(Path(s["plot"]) for s in pre.values() if s.get("plot"))]
+
+
+def bar_labels(ax: Any, labels: list[str]) -> None:
+    """Name the bars at 0, 1, ...; more than five are tilted, right-aligned under their bars, so they do not overlap."""
+    tilt = {"rotation": 30, "ha": "right", "rotation_mode": "anchor"} if len(labels) > 5 else {}
+    ax.set_xticks(range(len(labels)), labels, **tilt)
 
 
 def write_seed_plot(out: Path, arms: list[Arm], per_seed: list[dict[str, Any]], table: list[dict[str, Any]]) -> Path:
@@ -363,7 +368,7 @@ def write_seed_plot(out: Path, arms: list[Arm], per_seed: list[dict[str, Any]], 
         ax_bar.scatter([i] * len(values), values, color="black", s=10, zorder=3)
         ax_bar.text(i, mean + sd, f"{mean:.1f}", ha="center", va="bottom")
     short = [n.replace(" pretrained", "").replace(" class", "") for n in names]
-    ax_bar.set_xticks(range(len(short)), short, rotation=30 if len(short) > 5 else 0)
+    bar_labels(ax_bar, short)
     ax_bar.set(title=f"test accuracy over {len(per_seed)} seeds (bar: mean ± sd, dots: seeds)", ylabel="accuracy (%)")
     fig.tight_layout()
     path = out / "demo-seeds.png"
