@@ -12,29 +12,32 @@ from xlnet.cli import main
 from xlnet.errors import XLNetError
 
 
-def test_quick_demo_runs_end_to_end(tmp_path: Path, capsys, monkeypatch) -> None:
+def quick_demo(tmp_path: Path, capsys, monkeypatch, *flags: str) -> tuple[Path, str]:
+    """`xlnet demo --quick true FLAGS` into tmp_path/demo with a cache of its own: (the folder, what it printed)."""
     monkeypatch.setenv("XLNET_CACHE", str(tmp_path / "cache"))
-    assert main(["demo", "--quick", "true", "--out-dir", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
+    demo = tmp_path / "demo"
+    assert main(["demo", "--quick", "true", *flags, "--out-dir", str(demo)]) == 0
+    return demo, capsys.readouterr().out
+
+
+def test_quick_demo_runs_end_to_end(tmp_path: Path, capsys, monkeypatch) -> None:
+    demo, out = quick_demo(tmp_path, capsys, monkeypatch)
     assert "majority class" in out and "mini XLNet, PLM pretrained" in out and "mini XLNet, random init" in out
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    results = json.loads((demo / "results.json").read_text())
     models = [row["model"] for row in results["table"]]
     assert models == ["majority class", "mini XLNet, PLM pretrained", "mini XLNet, random init"]
     assert all(0.0 <= row["test_accuracy"] <= 1.0 for row in results["table"])
     assert results["pretrain"]["plm"]["valid_loss"] < results["pretrain"]["plm"]["valid_loss_start"]
-    assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
+    assert (demo / "demo.png").stat().st_size > 10_000
     # the random-init arm has the pretrained arm's architecture but not its weights
-    pre = json.loads((tmp_path / "demo" / "finetune-plm" / "best" / "config.json").read_text())
-    rnd = json.loads((tmp_path / "demo" / "finetune-random" / "best" / "config.json").read_text())
+    pre = json.loads((demo / "finetune-plm" / "best" / "config.json").read_text())
+    rnd = json.loads((demo / "finetune-random" / "best" / "config.json").read_text())
     assert pre["d_model"] == rnd["d_model"] == 128
 
 
 def test_quick_demo_compares_objectives(tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setenv("XLNET_CACHE", str(tmp_path / "cache"))
-    demo = tmp_path / "demo"
-    assert main(["demo", "--quick", "true", "--objectives", "plm", "mlm", "clm", "clm-targets", "infoword",
-                 "--out-dir", str(demo)]) == 0
-    out = capsys.readouterr().out
+    demo, out = quick_demo(tmp_path, capsys, monkeypatch, "--objectives", "plm", "mlm", "clm", "clm-targets",
+                           "infoword")
     assert "== 11/11 fine-tuning on supersense from random init" in out
     results = json.loads((demo / "results.json").read_text())
     assert [row["model"] for row in results["table"]] == [
@@ -55,11 +58,8 @@ def test_quick_demo_compares_objectives(tmp_path: Path, capsys, monkeypatch) -> 
 
 
 def test_quick_demo_runs_the_paper_ablations(tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setenv("XLNET_CACHE", str(tmp_path / "cache"))
-    demo = tmp_path / "demo"
-    assert main(["demo", "--quick", "true", "--ablations", "no-memory", "no-span", "bi-data", "ltr-order",
-                 "--out-dir", str(demo)]) == 0
-    out = capsys.readouterr().out
+    demo, out = quick_demo(tmp_path, capsys, monkeypatch, "--ablations", "no-memory", "no-span", "bi-data",
+                           "ltr-order")
     assert "== 2/11 pretraining, PLM - memory (4 steps" in out
     results = json.loads((demo / "results.json").read_text())
     assert [row["model"] for row in results["table"]] == [
@@ -84,11 +84,7 @@ def test_quick_demo_runs_the_paper_ablations(tmp_path: Path, capsys, monkeypatch
 
 
 def test_quick_demo_repeats_every_arm_per_seed(tmp_path: Path, capsys, monkeypatch) -> None:
-    monkeypatch.setenv("XLNET_CACHE", str(tmp_path / "cache"))
-    demo = tmp_path / "demo"
-    assert main(["demo", "--quick", "true", "--objectives", "plm", "mlm", "--seed", "3", "--seeds", "2",
-                 "--out-dir", str(demo)]) == 0
-    out = capsys.readouterr().out
+    demo, out = quick_demo(tmp_path, capsys, monkeypatch, "--objectives", "plm", "mlm", "--seed", "3", "--seeds", "2")
     assert "==== seed 4 (2 of 2)" in out and "test acc by seed" in out and "higher in" in out
     # the first seed is the plain demo's layout (a one-seed run already there is reused), later seeds in seed<N>/
     for folder, seed in ((demo, 3), (demo / "seed4", 4)):

@@ -128,8 +128,11 @@ class Distiller:
 
     def __call__(self, student: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
         states = bool(self.pairs)
-        with torch.no_grad():  # with the labels: SQuAD's end logits are conditioned on the gold start
-            t = self.teacher(**inputs, output_hidden_states=states)
+        # SQuAD's teacher needs its labels (the end logits are conditioned on the gold start); the others' would only
+        # make it compute a loss nobody reads
+        teacher_inputs = inputs if self.kind == "squad" else {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad():
+            t = self.teacher(**teacher_inputs, output_hidden_states=states)
         s = student(**inputs, output_hidden_states=states)
         if self.kind == "squad":
             soft = squad_soft_loss(s, t, self.temperature)
@@ -179,7 +182,7 @@ def resolve_config(cfg: DistillConfig, meta: dict[str, Any], n_teacher: int) -> 
     spec = T.get_task(task)
     if spec.kind not in KINDS:
         raise XLNetError(f"distill supports {', '.join(KINDS)} tasks; {task} is {spec.kind}")
-    lengths = {k: meta[k] for k in FT.META_FIELDS if k != "task" and k in meta and getattr(cfg, k) <= 0}
+    lengths = {k: meta[k] for k in FT.META_FIELDS if k != "task" and k in meta and getattr(cfg, k) == 0}
     layers = cfg.student_layers or math.ceil(n_teacher / 2)
     cfg = dataclasses.replace(cfg, task=task, student_layers=layers, **lengths)
     checks = [(1 <= layers <= n_teacher, f"student_layers must be in [1, {n_teacher}] (the teacher's), got {layers}"),
