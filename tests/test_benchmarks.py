@@ -65,3 +65,17 @@ def test_attention_kernels_quick_run_under_the_interpreter() -> None:
     for row in ("| content | triton |", "| query | sdpa |", "## content stream, triton:", "| forward only |",
                 "| content | triton | no dropout, segments, mask |"):
         assert row in run.stdout, row
+
+
+def test_pretrain_recipe_quick_run_table_and_json(tmp_path) -> None:
+    out = tmp_path / "recipe.json"
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "pretrain_recipe.py"), "--quick", "--variants", "old",
+                          "new", "--stop", "4", "--schedule-steps", "8", "--json-out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["old", "new"]
+    assert all(set(r["valid"]) == {"0", "2", "4"} and r["s_per_step"] > 0 for r in rows)
+    # the same first weights' loss differs only through the init std; the table has both rows
+    assert rows[0]["valid"]["0"] != rows[1]["valid"]["0"]
+    assert "| old |" in run.stdout and "| new |" in run.stdout

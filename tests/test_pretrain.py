@@ -309,6 +309,19 @@ def test_tiny_yaml_is_the_default():
         k: v for k, v in dataclasses.asdict(PretrainConfig()).items() if v is not None or k == "perm_size"}
 
 
+def test_model_overrides_reach_the_built_weights():
+    """The default pretraining run: no dropout, mini's width-scaled init (0.05); an override replaces the preset's
+    value and the weights are drawn with it."""
+    default = PretrainConfig().model_config()
+    assert (default.dropout, default.dropatt, default.initializer_range) == (0.0, 0.0, 0.05)
+    assert PretrainConfig(model="tiny").model_config().initializer_range == 0.02
+    cfg = PretrainConfig(initializer_range=0.1, dropout=None, n_layer=1).model_config()
+    assert (cfg.initializer_range, cfg.dropout, cfg.n_layer) == (0.1, 0.1, 1)
+    torch.manual_seed(0)
+    std = XLNetLMHeadModel(cfg).transformer.word_embedding.weight.std().item()
+    assert std == pytest.approx(0.1, rel=0.02)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("objective", ["plm", "mlm", "clm", "infoword"])

@@ -55,8 +55,10 @@ class PretrainConfig:
     n_head: int | None = None
     d_head: int | None = None  # None with d_model given = d_model / n_head
     d_inner: int | None = None  # feed-forward width
-    dropout: float | None = None
-    dropatt: float | None = None  # dropout on the attention probabilities
+    # no dropout by default: the default run reads each token one or two times (the paper used 0.1; YAML null = 0.1)
+    dropout: float | None = 0.0
+    dropatt: float | None = 0.0  # dropout on the attention probabilities
+    initializer_range: float | None = None  # init std of every weight (None = the preset's: mini 0.05, others 0.02)
     # data ("" = the embedded corpus and tokenizer)
     data_dir: str = ""  # `xlnet prepare`'s output; "" = the embedded corpus, prepared once
     tokenizer_dir: str = ""  # "" = the embedded tokenizer (vocab 8000)
@@ -79,11 +81,11 @@ class PretrainConfig:
     # optimization
     batch_size: int = 32  # stream rows per optimizer step, over all ranks and micro-batches
     grad_accum: int = 1  # micro-batches per step (batch_size rows in all)
-    lr: float = 1e-3  # AdamW peak, after linear warm-up, decayed linearly to 0
+    lr: float = 1.5e-3  # AdamW peak, after linear warm-up, decayed linearly to 0
     weight_decay: float = 0.01
     adam_eps: float = 1e-6
     warmup_steps: int = 100
-    max_steps: int = 1000
+    max_steps: int = 2000
     clip: float = 1.0  # gradient-norm clip
     # evaluation, checkpoints, logging
     eval_every: int = 100  # steps between valid-loss evaluations
@@ -102,7 +104,8 @@ class PretrainConfig:
     progress: bool = True  # progress bar
 
     def model_config(self, vocab_size: int | None = None) -> XLNetConfig:
-        names = ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner", "dropout", "dropatt")
+        names = ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner", "dropout", "dropatt",
+                 "initializer_range")
         overrides = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
         if "d_model" in overrides and "d_head" not in overrides:  # keep n_head * d_head == d_model
             overrides["d_head"] = overrides["d_model"] // overrides.get("n_head", _preset(self.model)["n_head"])
