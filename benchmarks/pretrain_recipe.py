@@ -6,7 +6,7 @@ recipe").
 
 Each variant is `xlnet pretrain` on the embedded corpus (mini preset, the demo's batch and schedule) with a few
 settings changed from the earlier recipe (dropout 0.1, init std 0.02, lr 1e-3); the run stops after --stop steps
-of its --schedule-step schedule, so the valid losses are those the full run would log at the same steps. The
+of its --schedule-steps schedule, so the valid losses are those the full run would log at the same steps. The
 corpus' unigram entropy is 6.7 nats: a loss near it means the model predicts word frequencies
 and nothing else yet. Prints one markdown table (valid loss every 100 steps, seconds per step) and, with --json-out,
 writes the rows.
@@ -23,7 +23,7 @@ from typing import Any
 
 OLD = {"dropout": 0.1, "dropatt": 0.1, "initializer_range": 0.02, "lr": 1e-3}
 NO_DROPOUT = {"dropout": 0.0, "dropatt": 0.0}
-# name: settings over the earlier recipe (OLD); "new" is today's default
+# name: settings over the earlier recipe (OLD); "new" is the recipe that became the default on 2026-11-27
 VARIANTS: dict[str, dict[str, Any]] = {
     "old": {},
     "lr 5e-4": {"lr": 5e-4},
