@@ -340,6 +340,12 @@ def corrupt_tsv(d: Path) -> str:
     return "train.tsv:3: expected 2 columns, got 1"
 
 
+def binary_train(d: Path) -> str:
+    glue_sst2(d)
+    (d / "train.tsv").write_bytes(b"sentence\tlabel\n\x89PNG\r\n\x1a\n\xff\xd8\t1\n")
+    return "train.tsv:2: not UTF-8 text"
+
+
 def unknown_label(d: Path) -> str:
     glue_sst2(d)
     write(d / "dev.tsv", "sentence\tlabel\nfine\t1\nodd\t2\n")
@@ -363,7 +369,7 @@ def bad_squad(d: Path) -> str:
     return "train-v2.0.json:"  # ...:<line>: answer 'Prague' of question 'train-2-a' is not in the context
 
 
-BAD_INPUTS = {"corrupt_tsv": ("sst2", corrupt_tsv), "unknown_label": ("sst2", unknown_label),
+BAD_INPUTS = {"corrupt_tsv": ("sst2", corrupt_tsv), "binary_train": ("sst2", binary_train), "unknown_label": ("sst2", unknown_label),
               "missing_dev": ("sst2", missing_dev), "empty_train": ("sst2", empty_train),
               "bad_squad": ("squad2", bad_squad)}
 

@@ -170,6 +170,40 @@ def test_supersense_gz_with_labels_txt(tmp_path):
         T.read_text_examples(spec, d / "bad.jsonl.gz")
 
 
+def _bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_unreadable_files_name_the_line(tmp_path):
+    """Bad bytes anywhere in a task file are an XLNetError naming file:line (not a UnicodeDecodeError from a
+    decoder's read-ahead chunk, which would also point at the wrong line)."""
+    spec = T.get_task("classification")
+    good = "".join(f"row {i},x\n" for i in range(3000)).encode()  # > 8 KiB: past the first decoded chunk
+    csv_file = _bytes(tmp_path / "d.csv", b"text,label\n" + good + b"caf\xe9,x\n")
+    with pytest.raises(XLNetError, match=r"d\.csv:3002: not UTF-8 text"):
+        T.read_table(spec, csv_file)
+    jsonl = _bytes(tmp_path / "d.jsonl", b'{"text": "a", "label": "x"}\n\x00\x01\x02\n')
+    with pytest.raises(XLNetError, match=r"d\.jsonl:2: binary data \(NUL byte\)"):
+        T.read_table(spec, jsonl)
+    with pytest.raises(XLNetError, match=r"dev\.tsv:2: not UTF-8 text"):
+        T.read_glue(T.get_task("cola"), _bytes(tmp_path / "dev.tsv", b"gj04\t1\t\tFine.\ngj04\t1\t\t\xff\n"))
+    with pytest.raises(XLNetError, match=r"s\.json:3: not UTF-8 text"):
+        T.read_squad(_bytes(tmp_path / "s.json", b'{"data": [\n\n"\xc3("]}\n'))
+    whole = gzip.compress(b'{"text": "a", "label": "x"}\n' * 2000)
+    with pytest.raises(XLNetError, match=r"cut\.jsonl\.gz: cannot read"):
+        T.read_table(spec, _bytes(tmp_path / "cut.jsonl.gz", whole[: len(whole) // 2]))
+    with pytest.raises(XLNetError, match=r"fake\.jsonl\.gz: cannot read"):
+        T.read_table(spec, _bytes(tmp_path / "fake.jsonl.gz", b'{"text": "a", "label": "x"}\n'))
+
+
+def test_bom_dropped_and_quoted_newlines_kept(tmp_path):
+    spec = T.get_task("classification")
+    f = _bytes(tmp_path / "bom.csv", b'\xef\xbb\xbftext,label\r\n"two\r\nlines",x\r\nplain,y\r\n')
+    ex = T.read_table(spec, f)
+    assert [(e.text_a, e.label) for e in ex] == [("two\r\nlines", "x"), ("plain", "y")]
+
+
 def test_featurize_text_layout():
     tok = FakeTokenizer()
     spec = T.get_task("rte")

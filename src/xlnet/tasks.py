@@ -7,21 +7,20 @@ last position: token_type_ids A=0, B=1, <cls>=2, pad=3; attention_mask 1 = real 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
-import gzip
-import io
 import json
 import math
 import os
 from pathlib import Path
-from typing import IO, Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from xlnet.errors import XLNetError
-from xlnet.fileio import atomic_write
+from xlnet.fileio import atomic_write, text_lines
 
 # Token-type (segment) ids of XLNet; fixed by the pretrained checkpoints.
 SEG_A, SEG_B, SEG_CLS, SEG_PAD = 0, 1, 2, 3
@@ -124,20 +123,10 @@ def get_task(name: str) -> TaskSpec:
 # ============================================================================ file helpers
 
 
-def _open_text(path: Path) -> IO[str]:
-    """Text handle for plain or .gz files; utf-8-sig drops the BOM some GLUE files (MRPC) start with."""
-    if not path.is_file():
-        raise XLNetError(f"{path}: no such file")
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(1-based line number, line without its newline)."""
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            yield n, line.rstrip("\r\n")
+    for n, line in text_lines(path):
+        yield n, line.rstrip("\r\n")
 
 
 def _json_error(path: Path, err: json.JSONDecodeError, line_offset: int = 0) -> XLNetError:
@@ -145,8 +134,7 @@ def _json_error(path: Path, err: json.JSONDecodeError, line_offset: int = 0) -> 
 
 
 def _load_json(path: Path) -> Any:
-    with _open_text(path) as f:
-        text = f.read()
+    text = "".join(line for _, line in text_lines(path))
     if not text.strip():
         raise XLNetError(f"{path}:1: empty file")
     try:
@@ -268,8 +256,8 @@ def read_table(spec: TaskSpec, path: str | os.PathLike, labels: Sequence[str] | 
     is_csv = bool(suffixes) and suffixes[-1] in (".csv", ".tsv")
     examples: list[TextExample] = []
     if is_csv:
-        with _open_text(path) as f:
-            reader = csv.reader(f, delimiter="\t" if suffixes[-1] == ".tsv" else ",")
+        with contextlib.closing(text_lines(path)) as lines:
+            reader = csv.reader((line for _, line in lines), delimiter="\t" if suffixes[-1] == ".tsv" else ",")
             header = next(reader, None)
             if header is None:
                 raise XLNetError(f"{path}:1: empty file")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
 import hashlib
 import json
 import multiprocessing as mp
@@ -26,7 +25,7 @@ from typing import IO, Iterator, Sequence
 import numpy as np
 
 from xlnet.errors import XLNetError
-from xlnet.fileio import atomic_dir, sha256_file
+from xlnet.fileio import atomic_dir, decoded_lines, open_binary, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "xlnet-corpus/1"
@@ -45,31 +44,6 @@ def _kind(path: Path) -> str:
     raise XLNetError(f"{path}: unknown input type (expected .txt, .jsonl or .gz of either)")
 
 
-def _open_binary(path: Path) -> tuple[IO[bytes], IO[bytes]]:
-    """(line source, raw file): the raw file's position tells progress through compressed input."""
-    try:
-        raw = open(path, "rb")
-    except OSError as e:
-        raise XLNetError(f"{path}: cannot open ({e.strerror})") from None
-    if path.name.lower().endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
-    return raw, raw
-
-
-def _decoded_lines(path: Path, src: IO[bytes]) -> Iterator[tuple[int, str]]:
-    """(line number, text) with strict UTF-8; NUL bytes mean a binary file."""
-    try:
-        for lineno, raw_line in enumerate(src, 1):
-            if b"\x00" in raw_line:
-                raise XLNetError(f"{path}:{lineno}: binary data (NUL byte); expected UTF-8 text")
-            try:
-                yield lineno, raw_line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise XLNetError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise XLNetError(f"{path}: cannot read ({e})") from None
-
-
 def _jsonl_text(path: Path, lineno: int, line: str) -> str:
     try:
         rec = json.loads(line)
@@ -84,7 +58,7 @@ def _documents(path: Path, src: IO[bytes]) -> Iterator[list[str]]:
     """Documents as lists of non-blank lines (without newlines)."""
     kind = _kind(path)
     doc: list[str] = []
-    for lineno, line in _decoded_lines(path, src):
+    for lineno, line in decoded_lines(path, src):
         if kind == ".jsonl":
             if not line.strip():
                 continue
@@ -106,7 +80,7 @@ def iter_documents(path: str | Path) -> Iterator[list[str]]:
     _kind(path)
     if not path.is_file():
         raise XLNetError(f"{path}: no such file")
-    src, raw = _open_binary(path)
+    src, raw = open_binary(path)
     with raw, src:
         n = 0
         for doc in _documents(path, src):
@@ -199,7 +173,7 @@ def _chunks(paths: Sequence[Path], progress) -> Iterator[list[list[str]]]:
         _kind(path)
         if not path.is_file():
             raise XLNetError(f"{path}: no such file")
-        src, raw = _open_binary(path)
+        src, raw = open_binary(path)
         done_before = progress.n
         n_docs = 0
         with raw, src:
