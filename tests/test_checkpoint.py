@@ -171,3 +171,5 @@ def test_our_config_json_round_trip_and_hf_config_mapping(tmp_path: Path) -> Non
     assert back.label_names == ["neg", "pos"] and back.mem_len == 8 and back.bi_data
     with pytest.raises(XLNetError, match="unknown config key"):
         XLNetConfig.from_dict({"d_model": 16, "bogus": 1})
+    with pytest.raises(XLNetError, match="c.json: a 'bert' model, not XLNet"):
+        XLNetConfig.from_dict(transformers.BertConfig().to_dict(), source="c.json")

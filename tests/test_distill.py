@@ -3,6 +3,7 @@ first layers, and runs end to end on small files (a 4-layer × 32 teacher, 2-lay
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,12 +14,13 @@ import torch.nn.functional as F
 
 from helpers import assert_close
 import test_finetune
-from test_finetune import TINY, conll, jsonl_data, race, squad2
+from test_finetune import TINY, conll, jsonl_data, race, squad2, table_rows, write
 from xlnet.assets import default_tokenizer_dir
 from xlnet.cli import main
 from xlnet.config import XLNetConfig
-from xlnet.distill import (DistillConfig, Distiller, build_student, distill, layer_pairs, patient_loss,
-                           soft_label_loss, squad_soft_loss)
+from xlnet.distill import (IGNORE, DistillConfig, Distiller, add_transfer, build_student, distill, hard_label_loss,
+                           layer_pairs, patient_loss, soft_label_loss, squad_soft_loss)
+from xlnet.errors import XLNetError
 from xlnet.finetune import FinetuneConfig, evaluate_model, finetune
 from xlnet.heads import XLNetForSequenceClassification
 from xlnet.model import XLNetLMHeadModel, XLNetOutput
@@ -127,6 +129,26 @@ def test_distiller_combines_the_terms_with_alpha_and_beta(teacher, keyword_data,
         mine = s(**inputs, output_hidden_states=True)
     assert abs(parts["patient"] - patient_loss(mine.hidden_states, ref.hidden_states, [(1, 3)]).item()) < 1e-6
     assert abs(parts["soft"] - soft_label_loss(mine.logits, ref.logits, "classification", 2.0).item()) < 1e-5
+    assert abs(parts["ce"] - mine.loss.item()) < 1e-6  # every row labeled: the head's own loss
+    # two transfer rows (no label): the hard term is the cross-entropy of the other two only
+    _, mixed = d(s, {**inputs, "labels": torch.tensor([0, IGNORE, 1, IGNORE])})
+    expected = F.cross_entropy(mine.logits[[0, 2]], torch.tensor([0, 1])).item()
+    assert abs(mixed["ce"] - expected) < 1e-5 and mixed["soft"] == parts["soft"]
+
+
+def test_hard_label_loss_skips_transfer_rows():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 3, generator=g, requires_grad=True)
+    labels = torch.tensor([2, IGNORE, 0, IGNORE, 1])
+    assert_close(hard_label_loss(logits, labels, "classification"),
+                 F.cross_entropy(logits[[0, 2, 4]], labels[[0, 2, 4]]), "labeled rows' cross-entropy")
+    alone = hard_label_loss(logits, torch.full((5,), IGNORE), "classification")  # a batch of transfer rows only
+    alone.backward()
+    assert alone.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    scores = torch.randn(4, 1, generator=g)
+    target = torch.tensor([0.5, float("nan"), 2.0, float("nan")])
+    assert_close(hard_label_loss(scores, target, "regression"), F.mse_loss(scores[[0, 2], 0], target[[0, 2]]),
+                 "labeled rows' squared error")
 
 
 # ------------------------------------------------------------------------------------------ the student
@@ -195,6 +217,40 @@ def test_soft_labels_alone_teach_a_random_student(teacher, keyword_data, tmp_pat
     assert summary["dev"]["metrics"]["accuracy"] >= 0.8, summary["dev"]
 
 
+def test_transfer_rows_are_appended_unlabeled_without_training_duplicates(teacher, keyword_data, tmp_path):
+    from xlnet.finetune import load_split, load_tokenizer
+    from xlnet.tasks import get_task
+
+    cfg = distill_cfg(teacher, keyword_data, tmp_path, max_seq_len=16, tokenizer=str(teacher))
+    spec, tok = get_task("classification"), load_tokenizer(cfg)
+    train = load_split(spec, keyword_data / "train.jsonl", tok, cfg, ["no", "yes"], 0)
+    new = [{"id": r["id"], "text": r["text"]} for r in table_rows(20, 99, keyword="banana")]  # no labels
+    copies = (keyword_data / "train.jsonl").read_text().splitlines()[:5]  # labeled, and already in train
+    transfer = write(tmp_path / "transfer.jsonl", "".join(json.dumps(r) + "\n" for r in new) + "\n".join(copies) + "\n")
+    merged, n = add_transfer(train, spec, dataclasses.replace(cfg, transfer=str(transfer)), tok, ["no", "yes"])
+    assert n == 20 and merged.rows == train.rows + 20
+    assert torch.equal(merged.tensors["labels"][: train.rows], train.tensors["labels"])
+    assert (merged.tensors["labels"][train.rows:] == IGNORE).all()
+    for k, v in train.tensors.items():
+        assert torch.equal(merged.tensors[k][: train.rows], v)
+    _, n = add_transfer(train, spec, dataclasses.replace(cfg, transfer=str(transfer), max_transfer_examples=7), tok,
+                        ["no", "yes"])
+    assert n == 7
+
+
+def test_transfer_examples_teach_the_student(teacher, keyword_data, tmp_path):
+    """Two labeled training rows and 120 unlabeled ones: at alpha 1 the student learns the task from what the
+    teacher says about the unlabeled ones."""
+    rows = table_rows(120, 41, keyword="banana")
+    transfer = write(tmp_path / "transfer.jsonl", "".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    common = dict(alpha=1.0, pkd="none", temperature=2.0, student_init="random", max_train_examples=2, epochs=6)
+    with_transfer = distill(distill_cfg(teacher, keyword_data, tmp_path / "t", transfer=str(transfer), **common))
+    without = distill(distill_cfg(teacher, keyword_data, tmp_path / "n", **common))
+    assert with_transfer["distill"]["transfer_examples"] == 120
+    assert with_transfer["dev"]["metrics"]["accuracy"] >= 0.8, with_transfer["dev"]
+    assert without["dev"]["metrics"]["accuracy"] <= 0.7, without["dev"]
+
+
 def test_patient_term_pulls_the_cls_states_together(teacher, keyword_data, tmp_path):
     distill(distill_cfg(teacher, keyword_data, tmp_path / "s", alpha=0.0, beta=100.0, student_init="random",
                         epochs=4))
@@ -215,6 +271,8 @@ def test_distill_other_heads(kind, lm4_dir, tmp_path):
     assert summary["task"] == task and summary["distill"]["layers"]["student"] == 2
     assert summary["config"]["max_seq_len"] == (lengths.get("max_seq_len") or 32)  # the teacher's lengths
     assert summary["dev"]["main_metric"] == summary["distill"]["teacher_dev"]["main_metric"]
+    with pytest.raises(XLNetError, match=f"--transfer works for classification and regression tasks; {task} is {kind}"):
+        distill(distill_cfg(tmp_path / "t" / "best", data, tmp_path / "s2", transfer=str(data / "train.txt")))
 
 
 def test_squad_soft_loss_against_its_definition():
@@ -301,6 +359,9 @@ BAD = {  # case -> (extra flags, teacher variant, expected message)
     "other_task": (["--task", "sst2"], "ok", "was fine-tuned on classification"),
     "bad_alpha": (["--alpha", "1.5"], "ok", "alpha must be in [0, 1]"),
     "bad_init": (["--student-init", "nowhere"], "ok", "--student-init nowhere: not 'teacher', 'random'"),
+    "transfer_missing": (["--transfer", "nowhere.jsonl"], "ok", "nowhere.jsonl: no such file"),
+    "transfer_unused": (["--transfer", "nowhere.jsonl", "--alpha", "0", "--pkd", "none"], "ok",
+                        "--transfer rows have no labels, so they teach nothing at alpha 0"),
 }
 
 

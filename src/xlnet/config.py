@@ -72,6 +72,8 @@ class XLNetConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "XLNetConfig":
         if data.get("model_type") == "xlnet":
             return cls.from_hf_dict(data)
+        if "model_type" in data:  # another Hugging Face architecture: say so rather than list its keys
+            raise XLNetError(f"{source}: a {data['model_type']!r} model, not XLNet (model_type must be 'xlnet')")
         data = {k: v for k, v in data.items() if k != "architecture"}  # the head class, stored beside the config
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)

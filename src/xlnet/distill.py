@@ -15,6 +15,10 @@ term's as T changes (Hinton et al.). Every fine-tuning head distills: classifica
 labels over the classes / choices), regression (squared error to the teacher's prediction), tagging (soft labels
 per labeled token) and SQuAD (soft start, end-given-the-gold-start and answerability distributions).
 
+`--transfer FILE` (classification and regression) adds inputs without labels, Hinton's transfer set: on those
+rows the student learns only from the teacher (soft labels, patient term); the hard term averages over the
+labeled rows of each batch. An epoch then passes over both.
+
 The teacher is a directory written by `xlnet finetune` (its finetune.json fixes the task, labels and lengths,
 so the student sees the same features). The run writes what `xlnet finetune` writes (best/, dev/, test/,
 summary.json with a "distill" entry, metrics.jsonl with the loss terms, curves) and prints the teacher and the
@@ -46,7 +50,8 @@ from xlnet.errors import XLNetError
 from xlnet.model import XLNetOutput
 
 KINDS = ("classification", "regression", "race", "tokens", "squad")
-IGNORE = -100  # tagging labels of positions that are not a word's first piece
+IGNORE = T.IGNORE_INDEX  # tagging labels of positions that are not a word's first piece; transfer rows' labels
+TRANSFER_KINDS = ("classification", "regression")  # heads whose examples are single rows read without labels
 
 
 @dataclass
@@ -62,6 +67,10 @@ class DistillConfig(FT.FinetuneConfig):
     alpha: float = 0.5  # weight of the soft-label term against the gold-label cross-entropy
     temperature: float = 10.0  # softens both distributions in the soft-label term
     beta: float = 100.0  # weight of the patient (intermediate <cls> state) term
+    # a file in the task's format whose inputs the student also learns from the teacher on, without labels (any in
+    # it are ignored; inputs identical to a training example's are dropped): classification and regression tasks
+    transfer: str = ""
+    max_transfer_examples: int = 0  # deterministic subsample of the transfer file (0 = all)
 
 
 # Fine-tuning options that `xlnet distill` decides itself (the student's source is --student-init, the label set
@@ -107,6 +116,23 @@ def squad_soft_loss(student: XLNetOutput, teacher: XLNetOutput, temperature: flo
     return loss
 
 
+def labeled_rows(labels: Tensor, kind: str) -> Tensor:
+    """Rows with a gold label: transfer rows carry IGNORE (classification) or NaN (regression)."""
+    return labels.isfinite() if kind == "regression" else labels != IGNORE
+
+
+def hard_label_loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
+    """The head's own loss (cross-entropy, or squared error for regression) averaged over the labeled rows only;
+    0 for a batch of transfer rows alone."""
+    known = labeled_rows(labels, kind)
+    if not known.any():
+        return logits.sum() * 0.0  # keeps the graph (and DDP's reducer) whole
+    logits, labels = logits.float()[known], labels[known]
+    if kind == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    return F.cross_entropy(logits, labels)
+
+
 def patient_loss(student_states: list[Tensor], teacher_states: list[Tensor],
                  pairs: list[tuple[int, int]]) -> Tensor:
     """Sum over the pairs of the mean (over rows) squared distance between the unit-length <cls> states."""
@@ -133,14 +159,19 @@ class Distiller:
         teacher_inputs = inputs if self.kind == "squad" else {k: v for k, v in inputs.items() if k != "labels"}
         with torch.no_grad():
             t = self.teacher(**teacher_inputs, output_hidden_states=states)
-        s = student(**inputs, output_hidden_states=states)
+        if self.kind in TRANSFER_KINDS:  # batches may mix in unlabeled transfer rows: the hard term skips them
+            s = student(**teacher_inputs, output_hidden_states=states)
+            hard = hard_label_loss(s.logits, inputs["labels"], self.kind)
+        else:
+            s = student(**inputs, output_hidden_states=states)
+            hard = s.loss
         if self.kind == "squad":
             soft = squad_soft_loss(s, t, self.temperature)
         else:
             keep = inputs["labels"] != IGNORE if self.kind == "tokens" else None
             soft = soft_label_loss(s.logits, t.logits, self.kind, self.temperature, keep)
-        loss = (1 - self.alpha) * s.loss + self.alpha * soft
-        parts = {"ce": s.loss.item(), "soft": soft.item()}
+        loss = (1 - self.alpha) * hard + self.alpha * soft
+        parts = {"ce": hard.item(), "soft": soft.item()}
         if states:
             patient = patient_loss(s.hidden_states, t.hidden_states, self.pairs)
             loss = loss + self.beta * patient
@@ -188,7 +219,11 @@ def resolve_config(cfg: DistillConfig, meta: dict[str, Any], n_teacher: int) -> 
     checks = [(1 <= layers <= n_teacher, f"student_layers must be in [1, {n_teacher}] (the teacher's), got {layers}"),
               (0 <= cfg.alpha <= 1, f"alpha must be in [0, 1], got {cfg.alpha}"),
               (cfg.temperature > 0, f"temperature must be positive, got {cfg.temperature}"),
-              (cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}")]
+              (cfg.beta >= 0, f"beta must be >= 0, got {cfg.beta}"),
+              (not cfg.transfer or spec.kind in TRANSFER_KINDS,
+               f"--transfer works for {' and '.join(TRANSFER_KINDS)} tasks; {task} is {spec.kind}"),
+              (not cfg.transfer or cfg.alpha > 0 or (cfg.beta > 0 and cfg.pkd != "none"),
+               "--transfer rows have no labels, so they teach nothing at alpha 0 without the patient term")]
     for ok, message in checks:
         if not ok:
             raise XLNetError(f"invalid DistillConfig: {message}")
@@ -221,6 +256,26 @@ def load_first_layers(student: nn.Module, source: Path) -> list[str]:
     prefix = BODY + "layer."
     kept = {k: v for k, v in weights.items() if not k.startswith(prefix) or int(k[len(prefix):].split(".")[0]) < depth}
     return load_into(student, kept, path)
+
+
+def add_transfer(train: FT.Split, spec: T.TaskSpec, cfg: DistillConfig, tok: Any,
+                 labels: list[str] | None) -> tuple[FT.Split, int]:
+    """The training split with the transfer file's inputs appended as unlabeled rows; returns it and how many
+    rows were added (inputs that tokenize to a training row's are dropped, then the rest subsampled)."""
+    path = Path(cfg.transfer)
+    examples = [dataclasses.replace(e, label=None) for e in T.read_text_examples(spec, path, labels)]
+    seen = {tuple(row) for row in train.tensors["input_ids"].tolist()}
+    features = T.featurize_text(examples, tok, spec, cfg.max_seq_len, labels)
+    fresh = [i for i, row in enumerate(features["input_ids"].tolist()) if tuple(row) not in seen]
+    keep = torch.tensor(FT.subsample(fresh, cfg.max_transfer_examples, cfg.seed), dtype=torch.long)
+    if not len(keep):
+        raise XLNetError(f"{path}: no transfer example left (each is identical to a training example)")
+    rows = {k: v[keep] for k, v in features.items()}
+    gold = train.tensors["labels"]
+    rows["labels"] = torch.full((len(keep),), math.nan if gold.is_floating_point() else IGNORE, dtype=gold.dtype)
+    tensors = {k: torch.cat([v, rows[k]]) for k, v in train.tensors.items()}
+    ids = train.ids + [f"transfer:{examples[i].id}" for i in keep.tolist()]
+    return dataclasses.replace(train, tensors=tensors, ids=ids), len(keep)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -256,6 +311,13 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     student = build_student(teacher, cfg)
     teacher, student = teacher.to(device), student.to(device)
     train, dev, test = FT.load_splits(spec, files, tok, cfg, labels)
+    n_transfer = 0
+    if cfg.transfer:
+        labeled = train.rows
+        train, n_transfer = add_transfer(train, spec, cfg, tok, labels)
+        if not cfg.quiet:
+            print(f"training on {labeled:,} labeled examples and {n_transfer:,} transfer examples from "
+                  f"{cfg.transfer}", file=sys.stderr)
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +329,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                                 lambda m: FT.save_model_dir(m, out_dir / "best", tok, student_meta),
                                 step_loss, "distill")
     seconds = time.time() - start
-    report = {"teacher": str(cfg.teacher), "layer_pairs": pairs,
+    report = {"teacher": str(cfg.teacher), "layer_pairs": pairs, "transfer_examples": n_transfer,
               "teacher_dev": FT.score(teacher, dev, spec, cfg, labels, device, out_dir / "teacher" / "dev"),
               "teacher_test": test and FT.score(teacher, test, spec, cfg, labels, device, out_dir / "teacher" / "test"),
               "layers": {"teacher": teacher.config.n_layer, "student": cfg.student_layers},
