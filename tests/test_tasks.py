@@ -193,6 +193,10 @@ def test_unreadable_files_name_the_line(tmp_path):
     whole = gzip.compress(b'{"text": "a", "label": "x"}\n' * 2000)
     with pytest.raises(XLNetError, match=r"cut\.jsonl\.gz: cannot read"):
         T.read_table(spec, _bytes(tmp_path / "cut.jsonl.gz", whole[: len(whole) // 2]))
+    member = gzip.compress(b'{"text": "b", "label": "x"}\n')
+    damaged = whole + member[:10] + b"\x07" + member[11:]  # a second gzip member whose deflate block type is invalid
+    with pytest.raises(XLNetError, match=r"damaged\.jsonl\.gz: cannot read"):
+        T.read_table(spec, _bytes(tmp_path / "damaged.jsonl.gz", damaged))
     with pytest.raises(XLNetError, match=r"fake\.jsonl\.gz: cannot read"):
         T.read_table(spec, _bytes(tmp_path / "fake.jsonl.gz", b'{"text": "a", "label": "x"}\n'))
 

@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -92,7 +93,7 @@ def decoded_lines(path: Path, src: IO[bytes]) -> Iterator[tuple[int, str]]:
                 yield lineno, raw_line.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise XLNetError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise XLNetError(f"{path}: cannot read ({e})") from None
 
 
