@@ -68,6 +68,28 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return XLNetLMHeadModel.from_pretrained(path, verbose=False).state_dict()
 
 
+def test_resume_checks_data_and_tokenizer_by_content_not_path(corpus, tmp_path):
+    """Data and tokenizer copied elsewhere resume the run exactly; other data under the old path would not."""
+    import shutil
+
+    from xlnet.data.prepare import prepare
+
+    pretrain(small(corpus, tmp_path / "a"))
+    b = tmp_path / "b"
+    pretrain(small(corpus, b), stop_after_steps=3)
+    moved = {k: tmp_path / "moved" / Path(corpus[k]).name for k in ("data_dir", "tokenizer_dir")}
+    for k, dst in moved.items():
+        shutil.copytree(corpus[k], dst)
+    other = prepare(moved["tokenizer_dir"], [Path(corpus["data_dir"]).parent / "text.txt"], tmp_path / "other",
+                    valid_fraction=0.3, progress=False)  # the same text split otherwise: other data
+    with pytest.raises(XLNetError, match=r"does not match checkpoint.*data_dir '.*other' holds other files than"):
+        pretrain(small(corpus, b, data_dir=str(other), tokenizer_dir=str(moved["tokenizer_dir"])), resume="latest")
+    done = pretrain(small(corpus, b, **{k: str(v) for k, v in moved.items()}), resume="latest")
+    assert done["steps"] == 6
+    straight, resumed = (weights(d / "checkpoints" / "step_00000006") for d in (tmp_path / "a", b))
+    assert all(torch.equal(w, resumed[name]) for name, w in straight.items())
+
+
 def test_straight_run_equals_run_plus_resume(corpus, tmp_path, capsys):
     # straight: 6 steps through the CLI (YAML + flag override), dropout on, so RNG restore matters
     cfg = small(corpus, tmp_path / "a")

@@ -173,10 +173,13 @@ class Data:
     vocab_size: int
     data_dir: Path
     tokenizer_dir: Path
+    # sha256 of the manifest and of spiece.model, keyed by the fields they stand for: a resumed run checks the
+    # files' contents, so data or a tokenizer moved (or the package reinstalled elsewhere) still resumes
+    identity: dict[str, str]
 
 
 def load_data(cfg: PretrainConfig, info: T.DistInfo, model_vocab: int) -> Data:
-    from xlnet.data.prepare import _read_manifest, load_corpus
+    from xlnet.data.prepare import MANIFEST, _read_manifest, load_corpus
     from xlnet.fileio import sha256_file
     from xlnet.tokenizer import Tokenizer, default_tokenizer_dir
 
@@ -199,12 +202,14 @@ def load_data(cfg: PretrainConfig, info: T.DistInfo, model_vocab: int) -> Data:
         raise XLNetError(f"vocab sizes disagree: tokenizer {tok_dir} has {tok.vocab_size}, data {data_dir} has "
                          f"{train.vocab_size}, model has {model_vocab} (set --vocab-size or use matching files)")
     want = _read_manifest(data_dir).get("tokenizer", {}).get("sha256")
-    if want and want != sha256_file(tok.model_path):
+    tok_sha = sha256_file(tok.model_path)
+    if want and want != tok_sha:
         raise XLNetError(f"{data_dir} was prepared with another tokenizer than {tok.model_path} (sha256 differs)")
     if len(valid) == 0:
         raise XLNetError(f"{data_dir}: the valid split is empty")
+    identity = {"data_dir": sha256_file(data_dir / MANIFEST), "tokenizer_dir": tok_sha}
     return Data(train.tokens, train.sent_ids, valid.tokens, valid.sent_ids, tok.word_start_table(),
-                tok.vocab_size, data_dir, tok_dir)
+                tok.vocab_size, data_dir, tok_dir, identity)
 
 
 def make_sampler(cfg: PretrainConfig, data: Data, info: T.DistInfo, split: str) -> "PLMSampler":
@@ -333,14 +338,23 @@ def resolve_resume(cfg: PretrainConfig, resume: str | None) -> Path | None:
     return ckpt
 
 
-def check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, ckpt: Path) -> None:
+def check_resume_config(state: dict[str, Any], cfg: PretrainConfig, identity: dict[str, str], ckpt: Path) -> None:
+    """The checkpoint's config against this run's; the data and tokenizer by content where the checkpoint recorded
+    it (checkpoints from before that compare the paths)."""
     now = dataclasses.asdict(cfg)
-    saved = {**dataclasses.asdict(PretrainConfig()), **saved}  # fields added since the checkpoint: their defaults
-    diff = [k for k in now if k not in RUNTIME_FIELDS and saved.get(k) != now[k]]
+    saved = {**dataclasses.asdict(PretrainConfig()), **state["config"]}  # fields added since: their defaults
+    saved_identity = state.get("identity", {})
+
+    def same(k: str) -> bool:
+        return saved_identity[k] == identity[k] if k in saved_identity else saved.get(k) == now[k]
+
+    diff = [k for k in now if k not in RUNTIME_FIELDS and not same(k)]
     if diff:
         k = diff[0]
-        raise XLNetError(f"config does not match checkpoint {ckpt}: {k} is {now[k]!r}, the checkpoint has "
-                         f"{saved.get(k)!r}{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}")
+        what = (f"{now[k]!r} holds other files than the checkpoint's {saved.get(k)!r} (sha256 differs)"
+                if k in saved_identity else f"is {now[k]!r}, the checkpoint has {saved.get(k)!r}")
+        raise XLNetError(f"config does not match checkpoint {ckpt}: {k} {what}"
+                         f"{f' (and {len(diff) - 1} more)' if len(diff) > 1 else ''}")
 
 
 def build_model(cfg: PretrainConfig, model_cfg: XLNetConfig, ckpt: Path | None, info: T.DistInfo,
@@ -465,7 +479,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     data = load_data(cfg, info, model_cfg.vocab_size)
     resolved = dataclasses.replace(cfg, data_dir=str(data.data_dir), tokenizer_dir=str(data.tokenizer_dir))
     if saved is not None:
-        check_resume_config(saved["config"], resolved, ckpt)
+        check_resume_config(saved, resolved, data.identity, ckpt)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(out_dir / "config.yaml", "w") as f:
@@ -509,7 +523,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     stopped: str | None = None
 
     def save(at: int) -> Path:
-        state = {"step": at, "tokens": tokens_seen, "config": dataclasses.asdict(resolved),
+        state = {"step": at, "tokens": tokens_seen, "config": dataclasses.asdict(resolved), "identity": data.identity,
                  "world_size": info.world_size, "sampler": sampler.state_dict(),
                  "train_loss": train_loss, "valid_loss": last_valid, "valid_loss_start": first_valid}
         return T.save_checkpoint(T.checkpoint_path(out_dir, at), wrapped, optimizer, scheduler, state,
