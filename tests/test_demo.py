@@ -126,3 +126,28 @@ def test_seed_aggregates_are_paired_means_and_sample_spreads() -> None:
     assert "3.300 ± 0.300" in text and "33.0 ± 3.0" in text and "30.0  36.0  33.0" in text and "+6.0 mean  (+10.0 -1.0 +9.0)  higher in 2 of 3" in text
     with pytest.raises(XLNetError, match="different models"):
         seed_table([table(0.1, 0.3, 0.4), table(0.1, 0.3, 0.4)[:2]])
+
+
+@pytest.mark.parametrize("labels", [["majority", "PLM", "random init"],
+                                    ["majority", "PLM", "PLM - span targets", "PLM + bi_data", "random init"],
+                                    ["majority", "PLM", "MLM", "CLM", "CLM on span targets", "PLM - memory",
+                                     "PLM - span targets", "PLM + bi_data", "PLM, left-to-right order", "random init"]])
+def test_bar_labels_never_overlap(labels: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xlnet.demo import bar_labels, tick_labels_overlap
+
+    fig, (_, ax) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)  # the seed plot's bar panel
+    ax.bar(range(len(labels)), [1.0] * len(labels))
+    bar_labels(ax, labels)
+    ticks = ax.get_xticklabels()
+    shown = [t.get_text() for t in ticks]
+    assert [s.replace("\n", " ") for s in shown] == labels  # wrapped at spaces only, never cut
+    assert (shown == labels) == (len(labels) == 3)  # short names stay as they are
+    tilted = ticks[0].get_rotation() != 0
+    assert tilted == (len(labels) == 10)  # five fit once wrapped; ten need the tilt as well
+    assert tilted or not tick_labels_overlap(ax)
+    plt.close(fig)

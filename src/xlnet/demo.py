@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import textwrap
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -336,9 +337,22 @@ def write_plots(out: Path, arms: list[Arm], pre: dict[str, dict[str, Any]], runs
 
 
 def bar_labels(ax: Any, labels: list[str]) -> None:
-    """Name the bars at 0, 1, ...; more than five are tilted, right-aligned under their bars, so they do not overlap."""
-    tilt = {"rotation": 30, "ha": "right", "rotation_mode": "anchor"} if len(labels) > 5 else {}
-    ax.set_xticks(range(len(labels)), labels, **tilt)
+    """Name the bars at 0, 1, ...: as they are where they fit side by side, else wrapped onto two lines, else
+    wrapped and tilted (right-aligned under their bars)."""
+    wrapped = [textwrap.fill(label, 12, break_long_words=False, break_on_hyphens=False) for label in labels]
+    for names in (labels, wrapped):
+        ax.set_xticks(range(len(labels)), names)
+        if not tick_labels_overlap(ax):
+            return
+    ax.set_xticks(range(len(labels)), wrapped, rotation=30, ha="right", rotation_mode="anchor")
+
+
+def tick_labels_overlap(ax: Any) -> bool:
+    """Whether neighbouring x tick labels touch, measured as drawn after the figure's layout."""
+    ax.figure.tight_layout()
+    renderer = ax.figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+    return any(left.x1 + 2 > right.x0 for left, right in zip(boxes, boxes[1:]))
 
 
 def write_seed_plot(out: Path, arms: list[Arm], per_seed: list[dict[str, Any]], table: list[dict[str, Any]]) -> Path:
