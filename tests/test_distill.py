@@ -18,8 +18,8 @@ from test_finetune import TINY, conll, jsonl_data, race, squad2, table_rows, wri
 from xlnet.assets import default_tokenizer_dir
 from xlnet.cli import main
 from xlnet.config import XLNetConfig
-from xlnet.distill import (IGNORE, DistillConfig, Distiller, add_transfer, build_student, distill, hard_label_loss,
-                           layer_pairs, patient_loss, soft_label_loss, squad_soft_loss)
+from xlnet.distill import (IGNORE, DistillConfig, Distiller, add_transfer, build_student, comparison_table, distill,
+                           hard_label_loss, layer_pairs, patient_loss, soft_label_loss, squad_soft_loss)
 from xlnet.errors import XLNetError
 from xlnet.finetune import FinetuneConfig, evaluate_model, finetune
 from xlnet.heads import XLNetForSequenceClassification
@@ -247,6 +247,7 @@ def test_transfer_examples_teach_the_student(teacher, keyword_data, tmp_path):
     with_transfer = distill(distill_cfg(teacher, keyword_data, tmp_path / "t", transfer=str(transfer), **common))
     without = distill(distill_cfg(teacher, keyword_data, tmp_path / "n", **common))
     assert with_transfer["distill"]["transfer_examples"] == 120
+    assert comparison_table(with_transfer).splitlines()[2].startswith("student, KD + transfer ")
     assert with_transfer["dev"]["metrics"]["accuracy"] >= 0.8, with_transfer["dev"]
     assert without["dev"]["metrics"]["accuracy"] <= 0.7, without["dev"]
 

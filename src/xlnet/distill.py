@@ -350,14 +350,15 @@ def comparison_table(summary: dict[str, Any]) -> str:
 
     cfg = summary["config"]
     name = "student, " + (f"PKD-{cfg['pkd']}" if cfg["pkd"] != "none" else "KD" if cfg["alpha"] > 0 else "labels only")
+    name += " + transfer" if cfg.get("transfer") else ""
     rows = [("teacher", "teacher", d["teacher_dev"], d["teacher_test"]),
             (name, "student", summary["dev"], summary["test"])]
     seconds = d["dev_inference_seconds"]
-    lines = [f"{'model':<24} {'layers':>6} {'params':>10} {'dev ' + metric:>14} {'test ' + metric:>14} "
+    lines = [f"{'model':<30} {'layers':>6} {'params':>10} {'dev ' + metric:>14} {'test ' + metric:>14} "
              f"{'dev inference':>14}"]
     for label, who, dev, test in rows:
         speed = "" if who == "teacher" else f" ({seconds['teacher'] / seconds['student']:.1f}x)"
-        lines.append(f"{label:<24} {d['layers'][who]:>6} {d['parameters'][who]:>10,} {main(dev):>14} "
+        lines.append(f"{label:<30} {d['layers'][who]:>6} {d['parameters'][who]:>10,} {main(dev):>14} "
                      f"{main(test):>14} {seconds[who]:>8.2f} s{speed}")
     return "\n".join(lines)
 
