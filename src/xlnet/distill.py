@@ -117,7 +117,8 @@ def squad_soft_loss(student: XLNetOutput, teacher: XLNetOutput, temperature: flo
 
 
 def labeled_rows(labels: Tensor, kind: str) -> Tensor:
-    """Rows with a gold label: transfer rows carry IGNORE (classification) or NaN (regression)."""
+    """Rows (tagging: tokens) with a gold label: transfer rows carry IGNORE (classification) or NaN (regression),
+    tagging IGNORE at the pieces that do not start a word."""
     return labels.isfinite() if kind == "regression" else labels != IGNORE
 
 
@@ -168,7 +169,7 @@ class Distiller:
         if self.kind == "squad":
             soft = squad_soft_loss(s, t, self.temperature)
         else:
-            keep = inputs["labels"] != IGNORE if self.kind == "tokens" else None
+            keep = labeled_rows(inputs["labels"], self.kind) if self.kind == "tokens" else None
             soft = soft_label_loss(s.logits, t.logits, self.kind, self.temperature, keep)
         loss = (1 - self.alpha) * hard + self.alpha * soft
         parts = {"ce": hard.item(), "soft": soft.item()}

@@ -73,6 +73,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def open_binary(path: Path) -> tuple[IO[bytes], IO[bytes]]:
     """(line source, raw file) for a plain or .gz file; the raw file's position tells progress through compressed input."""
+    if not path.is_file():
+        raise XLNetError(f"{path}: no such file")
     try:
         raw = open(path, "rb")
     except OSError as e:
@@ -101,8 +103,6 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """(1-based line number, line with its newline) of a UTF-8 text file, plain or .gz; a leading BOM (some GLUE
     files have one) is dropped."""
     path = Path(path)
-    if not path.is_file():
-        raise XLNetError(f"{path}: no such file")
     src, raw = open_binary(path)
     with raw, src:
         for lineno, line in decoded_lines(path, src):

@@ -78,8 +78,6 @@ def iter_documents(path: str | Path) -> Iterator[list[str]]:
     """Stream the documents of one input file; empty or unreadable files raise XLNetError naming it."""
     path = Path(path)
     _kind(path)
-    if not path.is_file():
-        raise XLNetError(f"{path}: no such file")
     src, raw = open_binary(path)
     with raw, src:
         n = 0
@@ -171,8 +169,6 @@ def _chunks(paths: Sequence[Path], progress) -> Iterator[list[list[str]]]:
     size = 0
     for path in paths:
         _kind(path)
-        if not path.is_file():
-            raise XLNetError(f"{path}: no such file")
         src, raw = open_binary(path)
         done_before = progress.n
         n_docs = 0
