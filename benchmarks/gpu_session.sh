@@ -56,7 +56,7 @@ for s in $steps; do
              | tee "$OUT/triton_all.txt" ;;
     # the real training loop (embedded corpus, base preset at the benchmark shape, compiled blocks, prefetched
     # batches): its logged tokens/s (last 20 steps) against `compile`'s step shows what the loop around it costs
-    e2e) timeout 300 python3 -m xlnet.cli pretrain --model base --seq-len 512 --reuse-len 256 --mem-len 384 \
+    e2e) timeout 240 python3 -m xlnet.cli pretrain --model base --seq-len 512 --reuse-len 256 --mem-len 384 \
              --num-predict 85 --batch-size 16 --max-steps 60 --warmup-steps 10 --eval-every 0 --save-every 0 \
              --progress false --out-dir /tmp/e2e > "$OUT/e2e.txt" 2>&1; tail -4 "$OUT/e2e.txt"
          cp /tmp/e2e/metrics.jsonl "$OUT/e2e_metrics.jsonl" 2>/dev/null; tail -1 "$OUT/e2e_metrics.jsonl" ;;

@@ -524,6 +524,62 @@ def test_sdpa_core_bias_in_autocast_dtype_and_head_dim(monkeypatch) -> None:
     assert set(heads) == {(config.d_head, config.d_head)}
 
 
+class _LogSumExpKernel(torch.autograd.Function):
+    """Attention as CUDA's flash-style kernels compute it: the forward keeps each row's float32 log-sum-exp, the
+    backward recomputes the probabilities from it (no dropout)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale):
+        s = q @ k.transpose(-1, -2) * scale + bias
+        top = s.amax(-1, keepdim=True)
+        e = (s - top).exp()
+        total = e.sum(-1, keepdim=True)
+        out = e / total @ v
+        ctx.save_for_backward(q, k, v, bias, out, top + total.log())
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        p = (q @ k.transpose(-1, -2) * ctx.scale + bias - lse).exp()
+        ds = p * (d_out @ v.transpose(-1, -2) - (d_out * out).sum(-1, keepdim=True))
+        return ds @ k * ctx.scale, ds.transpose(-1, -2) @ q * ctx.scale, p.transpose(-1, -2) @ d_out, ds, None
+
+
+def test_sdpa_core_rows_that_see_no_key_do_not_depend_on_the_kernel(monkeypatch) -> None:
+    """Without memory a query-stream row of rank 0 sees no key. A kernel that keeps a float32 log-sum-exp loses
+    log K next to -1e30 and recomputes that row's probabilities as 1 instead of 1/K: on an H200 (torch 2.11)
+    the SDPA core's gradients differed from the reference's by 7e-3 to 1e-1 (relative norm) on these inputs,
+    and `_LogSumExpKernel` reproduced those numbers on CPU to three digits. Such rows now reach the kernel as
+    zeros: every row it gets sees a key, the kernel gives torch's own numbers, the logits are the reference's,
+    and the gradients differ from the reference's by those rows' score gradients alone (the reference's come
+    from -1e30's rounding: the softmax it differentiates is uniform)."""
+    import xlnet.fast_attention as fa
+
+    def emulated(q, k, v, attn_mask=None, dropout_p=0.0, scale=None):
+        assert dropout_p == 0.0 and (attn_mask.amax(-1) > fa.mask_value(attn_mask.dtype) / 2).all()
+        return _LogSumExpKernel.apply(q, k, v, attn_mask, scale)
+
+    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "sdpa")
+    config = tiny_config(mem_len=12, d_model=128, n_head=2, d_head=64, d_inner=256)
+    ref, fast = pair(XLNetLMHeadModel, config)
+    x = inputs()
+    labels = x["input_ids"][:, :P]
+    ref(**x, labels=labels).loss.backward()
+    runs = []
+    for kernel in (F.scaled_dot_product_attention, emulated):
+        monkeypatch.setattr(fa.F, "scaled_dot_product_attention", kernel)
+        fast.zero_grad()
+        out = fast(**x, labels=labels)
+        assert_close(out.logits, ref(**x, labels=labels).logits, "logits")
+        out.loss.backward()
+        runs.append(torch.cat([p.grad.flatten() for p in fast.parameters() if p.grad is not None]))
+    assert_close(runs[1], runs[0], "gradients, log-sum-exp kernel against torch's SDPA", tol=1e-6)
+    expected = torch.cat([p.grad.flatten() for p in ref.parameters() if p.grad is not None])
+    assert 0 < (runs[0] - expected).norm() < 1e-3 * expected.norm()
+
+
 def test_forced_core(monkeypatch) -> None:
     """$XLNET_ATTN_CORE (benchmarks' A/B knob) overrides the device's choice; a typo is a one-line error."""
     import xlnet.fast_attention as fa

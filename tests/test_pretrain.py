@@ -129,6 +129,17 @@ def test_straight_run_equals_run_plus_resume(corpus, tmp_path, capsys):
         assert torch.equal(wa[name], wb[name]), name
 
 
+def test_summary_gives_the_steady_rate_beside_the_whole_run() -> None:
+    """A short GPU run is mostly compiling: the whole run's tokens/s and the last steps' (with their MFU) are
+    both printed, each labelled (MFU used to be the last steps' next to the whole run's rate)."""
+    s = dict(stopped=None, steps=60, tokens=491_520, wall_s=81.0, train_s=63.6, tokens_per_s=7734.2,
+             recent_tokens_per_s=87974.0, recent_steps=20, mfu=0.0737, objective="plm", train_loss=6.7219,
+             valid_loss_start=None, valid_loss=None, checkpoint=None, plot=None)
+    assert ("60 steps, 491,520 tokens in 81s this run (7,734 tokens/s while training; the last 20 steps "
+            "87,974 tokens/s, MFU 7.4%)") in format_summary(s)
+    assert "(7,734 tokens/s while training)" in format_summary({**s, "mfu": None})  # CPU: no peak, no MFU
+
+
 @pytest.mark.parametrize("objective", ["mlm", "clm", "infoword"])
 def test_other_objectives_learn_and_resume_exactly(corpus, tmp_path, capsys, objective):
     """Masked LM, left-to-right LM and InfoWord through the same loop: the loss falls, a resumed run is
@@ -289,6 +300,10 @@ def test_user_errors_are_one_line(corpus, tmp_path):
         pretrain(small(corpus, tmp_path / "x", data_dir=str(tmp_path / "missing")))
     with pytest.raises(XLNetError, match="vocab sizes disagree"):
         pretrain(small(corpus, tmp_path / "x", vocab_size=corpus["vocab_size"] + 1))
+    # no --vocab-size: the model takes the tokenizer's, whatever the preset's (tiny's is 8000)
+    run = pretrain(small(corpus, tmp_path / "v", vocab_size=None, max_steps=1, eval_every=0, save_every=0))
+    saved = json.loads((Path(run["checkpoint"]) / "config.json").read_text())
+    assert saved["vocab_size"] == corpus["vocab_size"] != 8000
     with pytest.raises(XLNetError, match="no checkpoint"):
         pretrain(small(corpus, tmp_path / "x"), resume="latest")
     with pytest.raises(XLNetError, match="divisible"):

@@ -135,9 +135,9 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def mask_value(dtype: torch.dtype) -> float:
     """What a masked score becomes. In bfloat16 -1e20, not -1e30: CUDA's memory-efficient SDPA kernel returned NaN
-    gradients for rows whose every key was masked with bf16(-1e30) (the query stream's rank-0 rows), and finite
-    ones, those of the uniform softmax, with -1e10 to -1e25 (H200, torch 2.11). A whole masked row is still
-    uniform: bf16's spacing at 1e20 is 2^59, so -1e20 + score rounds to -1e20."""
+    gradients for rows whose every key was masked with bf16(-1e30) (the query stream's rank-0 rows; H200, torch
+    2.11; such rows no longer reach it, FastInputs.dead_g). A whole masked row is still uniform on the other
+    cores: bf16's spacing at 1e20 is 2^59, so -1e20 + score rounds to -1e20."""
     return -NEG_INF if dtype in (torch.float32, torch.float64) else -1e20
 
 
@@ -271,6 +271,12 @@ class FastInputs:
     seg_k: Tensor | None = None  # each key (memory = segment 0)
     shift_g: Tensor | None = None  # [B, 1, P, K] column of the distance table holding distance pos_p - j
     valid: Tensor | None = None  # [B, P, 1, 1] 1 for a real slot, 0 for a zero (padded) row of target_mapping
+    # [B, 1, P, 1] True for a target slot that sees no key (sdpa core only; a content row always sees itself):
+    # CUDA's flash-style kernels save each row's float32 log-sum-exp, which loses log K next to -1e30, so their
+    # backward recomputed such a row's probabilities as 1 instead of 1/K (K times the gradients, H200, torch
+    # 2.11). The row goes to the kernel as zeros (q and bias): the same uniform softmax, computed exactly; its
+    # scores then get no gradient (the reference's comes from -1e30's rounding, README)
+    dead_g: Tensor | None = None
 
 
 def distance_columns(pos: Tensor, qlen: int, klen: int, rlen: int) -> Tensor:
@@ -306,7 +312,9 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
         out.shift_g = distance_columns(pos, qlen, klen, rlen)
         if mask_g is not None:
             rows = pos[:, :, None].expand(-1, -1, klen)
-            out.mask_g = additive_mask(mask_g.expand(bsz, -1, -1).gather(1, rows)[:, None], score_dtype)
+            mask_g = mask_g.expand(bsz, -1, -1).gather(1, rows)[:, None]
+            out.mask_g = additive_mask(mask_g, score_dtype)
+            out.dead_g = mask_g.all(-1, keepdim=True) if core == "sdpa" else None
     if token_type_ids is not None:
         keys = F.pad(token_type_ids, (mlen, 0), value=0)
         seg_g = None if pos is None else token_type_ids.gather(1, pos)
@@ -416,12 +424,12 @@ def position_bias(table: Tensor, geom: tuple[int, ...], qlen: int, shift: Tensor
 
 def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: Tensor, k_r: Tensor,
                 seg_q: Tensor | None, seg_k: Tensor | None, mask: Tensor | None, shift: Tensor | None, klen: int,
-                core: str, windows: bool, rows: int | None = None) -> Tensor:
+                core: str, windows: bool, rows: int | None = None, dead: Tensor | None = None) -> Tensor:
     """q [B, Lq, n, dh] (Lq = L for the content stream, P target slots for the query stream); coef [B, Lq, n]
     the segment coefficient (q + b)·(s_same - s_diff) (None without segments); k, v [B, n, K, dh]; k_r
     [B|1, R, n, dh]; seg_q, seg_k, mask as in FastInputs; shift None (content: row i reads
     distance i - j through rel_shift, with the table in blocks of `rows` rows; None: one block) or [B, 1, Lq, K]
-    gather columns. -> [B, Lq, n, dh]."""
+    gather columns; dead FastInputs.dead_g. -> [B, Lq, n, dh]."""
     bsz, qlen, n_head, d_head = q.shape
     scale = attn.scale
     q_r = (q + attn.r_r_bias) * scale
@@ -456,6 +464,8 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     else:
         bias = position_bias(table, geom, qlen, shift, seg, mask, scale, windows)
         if core == "sdpa":
+            if dead is not None:
+                qc, bias = qc.masked_fill(dead, 0), bias.masked_fill(dead, 0)
             out = F.scaled_dot_product_attention(qc, kc, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=scale)
             return out.transpose(1, 2)
         score = torch.baddbmm(bias.reshape(-1, qlen, klen), flat3(qc), flat3(kc).transpose(1, 2), alpha=scale)
@@ -549,7 +559,7 @@ def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, f
         q_g = q[n_h:].view(bsz, n_pred, n, dh)
         coef_g = None if coef is None else coef[n_h:].view(bsz, n_pred, n)
         attn_g = fast_attend(attn, q_g, coef_g, k, v, k_r, fast.seg_qg, fast.seg_k, fast.mask_g, fast.shift_g, klen,
-                             fast.core, fast.windows)
+                             fast.core, fast.windows, dead=fast.dead_g)
         vec[n_h:].view(bsz, n_pred, n, dh).copy_(attn_g * fast.valid)
     out = torch.matmul(vec.view(-1, n * dh), attn.o.reshape(d, n * dh).t())
     return attn.layer_norm(residual_dropout(x, out, attn.dropout.p, attn.training))

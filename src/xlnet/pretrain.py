@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # annotations only; the functions import them where they are 
 class PretrainConfig:
     # model: a preset plus optional overrides (None keeps the preset's value)
     model: str = "mini"  # preset: tiny, mini, base, large; the fields below override single values (None = keep)
-    vocab_size: int | None = None  # must match the tokenizer's
+    vocab_size: int | None = None  # None: the tokenizer's; else it must match the tokenizer's
     d_model: int | None = None
     n_layer: int | None = None
     n_head: int | None = None
@@ -104,9 +104,12 @@ class PretrainConfig:
     progress: bool = True  # progress bar
 
     def model_config(self, vocab_size: int | None = None) -> XLNetConfig:
+        """The preset with this config's overrides; vocab_size (the tokenizer's) where none is set."""
         names = ("vocab_size", "d_model", "n_layer", "n_head", "d_head", "d_inner", "dropout", "dropatt",
                  "initializer_range")
         overrides = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        if vocab_size is not None:
+            overrides.setdefault("vocab_size", vocab_size)
         if "d_model" in overrides and "d_head" not in overrides:  # keep n_head * d_head == d_model
             overrides["d_head"] = overrides["d_model"] // overrides.get("n_head", _preset(self.model)["n_head"])
         return XLNetConfig.from_preset(self.model, mem_len=self.mem_len, reuse_len=self.reuse_len,
@@ -178,7 +181,7 @@ class Data:
     identity: dict[str, str]
 
 
-def load_data(cfg: PretrainConfig, info: T.DistInfo, model_vocab: int) -> Data:
+def load_data(cfg: PretrainConfig, info: T.DistInfo) -> Data:
     from xlnet.data.prepare import MANIFEST, _read_manifest, load_corpus
     from xlnet.fileio import sha256_file
     from xlnet.tokenizer import Tokenizer, default_tokenizer_dir
@@ -198,9 +201,11 @@ def load_data(cfg: PretrainConfig, info: T.DistInfo, model_vocab: int) -> Data:
             data_dir = default_data_dir(tok_dir, cache_dir())
     train = load_corpus(data_dir, "train", verify=info.is_main)
     valid = load_corpus(data_dir, "valid", verify=info.is_main)
+    model_vocab = cfg.vocab_size or tok.vocab_size
     if not (tok.vocab_size == train.vocab_size == model_vocab):
         raise XLNetError(f"vocab sizes disagree: tokenizer {tok_dir} has {tok.vocab_size}, data {data_dir} has "
-                         f"{train.vocab_size}, model has {model_vocab} (set --vocab-size or use matching files)")
+                         f"{train.vocab_size}, model has {model_vocab} (leave --vocab-size out or use matching "
+                         f"files)")
     want = _read_manifest(data_dir).get("tokenizer", {}).get("sha256")
     tok_sha = sha256_file(tok.model_path)
     if want and want != tok_sha:
@@ -475,8 +480,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     ckpt = resolve_resume(cfg, resume)
     saved = T.read_trainer_state(ckpt) if ckpt is not None else None
 
-    model_cfg = cfg.model_config()
-    data = load_data(cfg, info, model_cfg.vocab_size)
+    data = load_data(cfg, info)
+    model_cfg = cfg.model_config(data.vocab_size)
     resolved = dataclasses.replace(cfg, data_dir=str(data.data_dir), tokenizer_dir=str(data.tokenizer_dir))
     if saved is not None:
         check_resume_config(saved, resolved, data.identity, ckpt)
@@ -591,6 +596,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
                                 title=f"pretraining ({cfg.objective.upper()} loss)")
     return {
         "steps": step, "tokens": tokens_seen, "tokens_per_s": throughput.total_tokens / max(throughput.total_time, 1e-9),
+        "recent_tokens_per_s": throughput.tokens_per_s, "recent_steps": throughput.recent_steps,
         "mfu": throughput.mfu, "train_loss": train_loss, "valid_loss_start": first_valid, "valid_loss": last_valid,
         "checkpoint": str(last_ckpt) if last_ckpt else None, "plot": str(plot) if plot else None,
         "stopped": stopped, "train_s": throughput.total_time, "wall_s": time.perf_counter() - wall_start,
@@ -602,8 +608,10 @@ def format_summary(s: dict[str, Any]) -> str:
     def f(v: float | None, spec: str = ".4f") -> str:
         return "-" if v is None else format(v, spec)
 
-    speed = (f"{s['tokens_per_s']:,.0f} tokens/s while training"
-             f"{', MFU ' + format(s['mfu'], '.1%') if s['mfu'] is not None else ''}" if s["train_s"] > 0 else
+    # the whole run's rate includes compiling (GPU); MFU is the steady rate's, over the last steps
+    recent = (f"; the last {s['recent_steps']} steps {s['recent_tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%}"
+              if s["mfu"] is not None else "")
+    speed = (f"{s['tokens_per_s']:,.0f} tokens/s while training{recent}" if s["train_s"] > 0 else
              "the checkpoint had finished: nothing to train")
     lines = [
         f"{'stopped by ' + s['stopped'] if s['stopped'] else 'done'}: {s['steps']} steps, {s['tokens']:,} tokens "

@@ -660,6 +660,11 @@ class Throughput:
         del self._marks[:-self.window]
 
     @property
+    def recent_steps(self) -> int:
+        """How many steps tokens_per_s and mfu cover (up to `window`)."""
+        return len(self._marks)
+
+    @property
     def tokens_per_s(self) -> float:
         t = sum(s for s, _ in self._marks)
         return sum(n for _, n in self._marks) / t if t > 0 else 0.0
