@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
-# core, the real training loop, largest batch for XLNet-large. The default (`tests graph`) fits one 600 s call;
-# `rows kernels`, `e2e`, `compile`, `cores`, `cudagraphs`, `triton` are the next ones, one or two per call.
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|maxbatch]...
+# core, the real training loop, largest batch for XLNet-large. The default (`tests e2e e2e_inline`, ~6 minutes)
+# fits one 600 s call: the GPU tests (the SDPA core's no-key rows fixed after the 2026-11-27 session) and where the
+# real loop loses against the benchmark's step; then `graph`, `kernels`, `compile`, `cores`, `triton`, one or two
+# per call (`rows` and `cudagraphs` ran on 2026-11-27: benchmarks/README.md).
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|e2e_inline|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-steps=${*:-tests graph}
+steps=${*:-tests e2e e2e_inline}
 # the attention core alone (attention_kernels.py, with its kernel profile and ablations) under a time limit
 kernels() { timeout "$1" python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1; }
+# `xlnet pretrain` itself at the benchmark shape, 60 steps; $1 names the outputs, the rest are extra flags
+e2e() {
+  local name=$1; shift
+  timeout 240 python3 -m xlnet.cli pretrain --model base --seq-len 512 --reuse-len 256 --mem-len 384 \
+    --num-predict 85 --batch-size 16 --max-steps 60 --warmup-steps 10 --eval-every 0 --save-every 0 \
+    --profile-steps 5 --progress false --out-dir "/tmp/$name" "$@" > "$OUT/$name.txt" 2>&1; tail -4 "$OUT/$name.txt"
+  cp "/tmp/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl" 2>/dev/null; tail -1 "$OUT/${name}_metrics.jsonl"
+  cp "/tmp/$name/profile.txt" "$OUT/${name}_profile.txt" 2>/dev/null; head -30 "$OUT/${name}_profile.txt"
+}
 for s in $steps; do
   case $s in
     # four workers (pytest-xdist, in the device image): the compiled runs' cold compiles are CPU-bound
@@ -24,8 +35,8 @@ for s in $steps; do
     # A/B: compiled blocks against the whole model as one graph (a cold whole-graph compile took over 2 minutes)
     graph) timeout 460 python3 benchmarks/throughput.py --device cuda --impls fast_compile,fast_compile_graph \
              --modes plm,finetune --steps 8 --no-memory > "$OUT/graph.txt" 2>&1; grep '^[|#]' "$OUT/graph.txt" ;;
-    # A/B of the content stream's distance table in blocks of rows (one table on CUDA until this has run; 32-row
-    # blocks on CPU: 2-11% faster there) and of the math core, compiled as the CLI runs, against HF, in one process
+    # A/B of the content stream's distance table in blocks of rows (32-row blocks on CPU: 2-11% faster there; on
+    # CUDA at most 4-6% on 2026-11-27, within the run's spread: one table) and of the math core, compiled as the CLI runs, against HF, in one process
     rows) timeout 330 python3 benchmarks/throughput.py --device cuda \
              --impls fast_compile,fast_compile_rows64,fast_compile_rows128,fast_compile_math,hf_xlnet --modes plm,finetune \
              --steps 8 --json-out "$OUT/rows.json" > "$OUT/rows.txt" 2>&1; grep '^[|#]' "$OUT/rows.txt" ;;
@@ -56,10 +67,10 @@ for s in $steps; do
              | tee "$OUT/triton_all.txt" ;;
     # the real training loop (embedded corpus, base preset at the benchmark shape, compiled blocks, prefetched
     # batches): its logged tokens/s (last 20 steps) against `compile`'s step shows what the loop around it costs
-    e2e) timeout 240 python3 -m xlnet.cli pretrain --model base --seq-len 512 --reuse-len 256 --mem-len 384 \
-             --num-predict 85 --batch-size 16 --max-steps 60 --warmup-steps 10 --eval-every 0 --save-every 0 \
-             --progress false --out-dir /tmp/e2e > "$OUT/e2e.txt" 2>&1; tail -4 "$OUT/e2e.txt"
-         cp /tmp/e2e/metrics.jsonl "$OUT/e2e_metrics.jsonl" 2>/dev/null; tail -1 "$OUT/e2e_metrics.jsonl" ;;
+    # (2026-11-27, H200: 88k tokens/s against the step's 120-140k); steps 4-8 profiled (profile.txt).
+    # e2e_inline: the same with the batches built inline (--prefetch 0): what the background thread costs or saves
+    e2e) e2e e2e ;;
+    e2e_inline) e2e e2e_inline --prefetch 0 ;;
     maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1
              tail -6 "$OUT/maxbatch.txt" ;;
   esac

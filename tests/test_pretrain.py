@@ -129,6 +129,25 @@ def test_straight_run_equals_run_plus_resume(corpus, tmp_path, capsys):
         assert torch.equal(wa[name], wb[name]), name
 
 
+def test_profile_steps_write_an_op_table_and_a_trace(corpus, tmp_path):
+    """--profile-steps 2: steps 4 and 5 under torch.profiler (the first three are warm-up), the op table and the
+    trace written when the window closes; with --prefetch 1 the batches come from the background thread, and the
+    run is the same as the inline one."""
+    runs = {}
+    for name, extra in (("profiled", dict(profile_steps=2, prefetch=1)), ("plain", {})):
+        summary = pretrain(small(corpus, tmp_path / name, eval_every=0, **extra))
+        runs[name] = losses(tmp_path / name)
+        assert ("profile    " in format_summary(summary)) == (name == "profiled")
+    out = tmp_path / "profiled"
+    table = (out / "profile.txt").read_text()
+    assert table.startswith("# torch.profiler, training steps 4 to 5, cpu") and "aten::" in table
+    assert "aten::" in json.dumps(json.loads((out / "profile.json").read_text())["traceEvents"][:2000])
+    assert not list(out.glob(".profile*"))
+    assert runs["profiled"] == runs["plain"]
+    with pytest.raises(XLNetError, match="prefetch must be >= 0"):
+        pretrain(small(corpus, tmp_path / "bad", prefetch=-1))
+
+
 def test_summary_gives_the_steady_rate_beside_the_whole_run() -> None:
     """A short GPU run is mostly compiling: the whole run's tokens/s and the last steps' (with their MFU) are
     both printed, each labelled (MFU used to be the last steps' next to the whole run's rate)."""

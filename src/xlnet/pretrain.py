@@ -102,6 +102,10 @@ class PretrainConfig:
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory, more time
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     progress: bool = True  # progress bar
+    prefetch: int | None = None  # batches built ahead in a background thread (None: 2 on a GPU, 0 on a CPU)
+    # profile this many training steps after the first 3 (torch.profiler): profile.txt (ops by time) and
+    # profile.json (a trace for Perfetto or chrome://tracing) in out_dir
+    profile_steps: int = 0
 
     def model_config(self, vocab_size: int | None = None) -> XLNetConfig:
         """The preset with this config's overrides; vocab_size (the tokenizer's) where none is set."""
@@ -128,7 +132,8 @@ class PretrainConfig:
 # (max_steps re-stretches the schedule on purpose; grad_accum may trade against the number of processes as long
 # as the rows per micro-batch stay the same, which the sampler state checks).
 RUNTIME_FIELDS = ("out_dir", "max_steps", "grad_accum", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-                  "log_every", "device", "precision", "compile", "activation_checkpointing", "fsdp", "progress")
+                  "log_every", "device", "precision", "compile", "activation_checkpointing", "fsdp", "progress",
+                  "prefetch", "profile_steps")
 
 
 def _preset(name: str) -> dict[str, Any]:
@@ -251,13 +256,14 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return moved
 
 
-def prefetch(sampler: "PLMSampler", device: torch.device) -> "Prefetcher":
-    """On a GPU the next two batches are built while the device works (pinned, for asynchronous copies);
-    on a CPU, where the step itself needs the cores, inline."""
+def prefetch(sampler: "PLMSampler", device: torch.device, depth: int | None = None) -> "Prefetcher":
+    """By default, on a GPU, the next two batches are built while the device works (pinned, for asynchronous
+    copies); on a CPU, where the step itself needs the cores, inline."""
     from xlnet.data.plm import Prefetcher
 
-    return Prefetcher(sampler, depth=2 if device.type == "cuda" else 0, device=device,
-                      keys=DEVICE_INPUTS[sampler.cfg.objective])
+    if depth is None:
+        depth = 2 if device.type == "cuda" else 0
+    return Prefetcher(sampler, depth=depth, device=device, keys=DEVICE_INPUTS[sampler.cfg.objective])
 
 
 # ================================================================================================
@@ -320,6 +326,8 @@ def check_config(cfg: PretrainConfig, info: T.DistInfo) -> None:
         (cfg.objective != "infoword" or not cfg.fsdp, "objective infoword runs two forward passes a step; not "
                                                      "with fsdp (use DDP)"),
         (cfg.infoword_weight >= 0, "infoword_weight must be >= 0"),
+        (cfg.prefetch is None or cfg.prefetch >= 0, "prefetch must be >= 0"),
+        (cfg.profile_steps >= 0, "profile_steps must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -542,10 +550,12 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
         train_loss = saved.get("train_loss", train_loss)
 
     wrapped.train()
-    batches = prefetch(sampler, info.device)
+    batches = prefetch(sampler, info.device, cfg.prefetch)
+    profiler = T.StepProfiler(cfg.profile_steps, start_step + 3, out_dir, info)
     try:
         with T.StopSignal() as stop:
             while step < cfg.max_steps:
+                profiler.before(step)
                 t0 = time.perf_counter()
                 train_loss, extras = forward_backward(wrapped, batches, mems, cfg, info, precision)
                 grad_norm = T.clip_grad_norm(wrapped, cfg.clip)
@@ -562,6 +572,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
                 if info.device.type == "cuda":
                     torch.cuda.synchronize(info.device)
                 throughput.step(tokens_per_step, time.perf_counter() - t0)
+                profiler.after(step)
 
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     logger.log("train", step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
@@ -584,6 +595,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
                     bar.write(f"{stopped}: saved {last_ckpt}; continue with --resume")
                     break
     finally:
+        profiler.close()
         batches.close()
         bar.close()
         logger.close()
@@ -601,6 +613,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
         "checkpoint": str(last_ckpt) if last_ckpt else None, "plot": str(plot) if plot else None,
         "stopped": stopped, "train_s": throughput.total_time, "wall_s": time.perf_counter() - wall_start,
         "out_dir": str(out_dir), "objective": cfg.objective,
+        "profile": profiler.written,
     }
 
 
@@ -620,7 +633,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{f(s['valid_loss'])}",
         f"checkpoint {s['checkpoint'] or '-'}",
         f"plot       {s['plot'] or '-'}",
-    ]
+    ] + ([f"profile    {s['profile']} (and profile.json, the trace)"] if s.get("profile") else [])
     return "\n".join(lines)
 
 

@@ -676,6 +676,46 @@ class Throughput:
         return self.tokens_per_s * self.flops_per_token / self.peak
 
 
+class StepProfiler:
+    """torch.profiler over `steps` training steps from step `first` on (steps 0: off), main process only; then
+    out_dir/profile.txt, the ops by their own time (device time on a GPU), and profile.json, the trace (Perfetto,
+    chrome://tracing). Call before(steps done) and after(steps done) around each step, close() at the end."""
+
+    def __init__(self, steps: int, first: int, out_dir: Path, info: "DistInfo") -> None:
+        self.first, self.steps, self.last = first, steps, first + steps
+        self.pending = steps > 0 and info.is_main
+        self.device, self.out_dir = info.device, Path(out_dir)
+        self._prof: torch.profiler.profile | None = None
+        self.written: str | None = None  # profile.txt, once written
+
+    def before(self, done: int) -> None:
+        if self.pending and done >= self.first:
+            self.pending = False
+            cuda = [torch.profiler.ProfilerActivity.CUDA] if self.device.type == "cuda" else []
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, *cuda])
+            self._prof.__enter__()
+            self.first, self.last = done, done + self.steps
+
+    def after(self, done: int) -> None:
+        if self._prof is not None and done >= self.last:
+            self.close()
+
+    def close(self) -> None:
+        """Write what was recorded (a run that ends inside the window writes its part)."""
+        if self._prof is None:
+            return
+        prof, self._prof = self._prof, None
+        prof.__exit__(None, None, None)
+        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        with atomic_write(self.out_dir / "profile.txt", "w") as f:
+            f.write(f"# torch.profiler, training steps {self.first + 1} to {self.last}, {self.device}\n")
+            f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+        tmp = self.out_dir / ".profile.json.tmp"
+        prof.export_chrome_trace(str(tmp))
+        os.replace(tmp, self.out_dir / "profile.json")
+        self.written = str(self.out_dir / "profile.txt")
+
+
 def cuda_memory_gib(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
