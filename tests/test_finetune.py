@@ -283,6 +283,23 @@ def test_task_defaults_and_explicit_values():
         resolve_config(FinetuneConfig(compile="fast"), T.get_task("sst2"))
 
 
+def test_subsample_seed_keeps_the_examples_across_seeds(tmp_path):
+    """--max-train-examples draws with --seed unless --subsample-seed is given: then runs with other seeds (a
+    student against its teacher, a seed spread) train on the same examples."""
+    from xlnet.finetune import load_split
+    from xlnet.tokenizer import Tokenizer
+
+    data, tok = jsonl_data(tmp_path, n_train=40), Tokenizer.load(default_tokenizer_dir())
+
+    def ids(**kw) -> list[str]:
+        cfg = FinetuneConfig(task="classification", max_seq_len=32, **kw)
+        return load_split(T.get_task("classification"), data / "train.jsonl", tok, cfg, ["pos", "neg", "mixed"], 10).ids
+
+    assert ids(seed=1) != ids(seed=2)
+    assert ids(seed=1, subsample_seed=7) == ids(seed=2, subsample_seed=7) == ids(seed=7)
+    assert len(ids(seed=1, subsample_seed=7)) == 10
+
+
 def test_layer_decay_groups(tmp_path):
     cfg = FinetuneConfig(task="sst2", preset="tiny", lr=1e-3, layer_decay=0.75, warmup_frac=0.0)
     spec = T.get_task("sst2")

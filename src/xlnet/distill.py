@@ -268,7 +268,7 @@ def add_transfer(train: FT.Split, spec: T.TaskSpec, cfg: DistillConfig, tok: Any
     seen = {tuple(row) for row in train.tensors["input_ids"].tolist()}
     features = T.featurize_text(examples, tok, spec, cfg.max_seq_len, labels)
     fresh = [i for i, row in enumerate(features["input_ids"].tolist()) if tuple(row) not in seen]
-    keep = torch.tensor(FT.subsample(fresh, cfg.max_transfer_examples, cfg.seed), dtype=torch.long)
+    keep = torch.tensor(FT.subsample(fresh, cfg.max_transfer_examples, FT.sample_seed(cfg)), dtype=torch.long)
     if not len(keep):
         raise XLNetError(f"{path}: no transfer example left (each is identical to a training example)")
     rows = {k: v[keep] for k, v in features.items()}

@@ -100,6 +100,9 @@ class FinetuneConfig:
     max_train_examples: int = 0  # deterministic subsample (0 = all)
     max_eval_examples: int = 0  # deterministic subsample of dev and test (0 = all)
     seed: int = 42  # head initialisation, subsamples, batch order, dropout
+    # the subsamples' own seed (None = seed): another --seed then trains on the same examples (students against
+    # their teacher, seed-to-seed spreads of one data set)
+    subsample_seed: int | None = None
     device: str = "auto"  # auto = cuda if available, else cpu; or cpu, cuda, cuda:1 ...
     precision: str = "auto"  # auto = bf16 autocast on a GPU, fp32 on CPU; or fp32, bf16
     # torch.compile every block (training and evaluation): on an H200 base-model training steps ran 1.9x faster
@@ -191,6 +194,10 @@ class Split:
         return next(iter(self.tensors.values())).shape[0]
 
 
+def sample_seed(cfg: FinetuneConfig) -> int:
+    return cfg.seed if cfg.subsample_seed is None else cfg.subsample_seed
+
+
 def subsample(items: list, limit: int, seed: int) -> list:
     """A deterministic subset of `limit` items, in file order (0 = all)."""
     if limit <= 0 or len(items) <= limit:
@@ -205,25 +212,25 @@ def load_split(spec: T.TaskSpec, path: Path, tok: Tokenizer, cfg: FinetuneConfig
     """Read, subsample and featurize one split; the returned Split knows how to write its predictions."""
     if spec.kind in ("classification", "regression"):
         everything: list = T.read_text_examples(spec, path, labels)
-        examples = subsample(everything, limit, cfg.seed)
+        examples = subsample(everything, limit, sample_seed(cfg))
         tensors = T.featurize_text(examples, tok, spec, cfg.max_seq_len, labels)
         ids = [e.id for e in examples]
         writer: Callable = lambda out, d: write_text(examples, spec, labels, out, d)
     elif spec.kind == "race":
         everything = T.read_race(path)
-        examples = subsample(everything, limit, cfg.seed)
+        examples = subsample(everything, limit, sample_seed(cfg))
         tensors = T.featurize_race(examples, tok, cfg.max_seq_len, cfg.max_query_len)
         ids = [e.id for e in examples]
         writer = lambda out, d: write_race(examples, out, d)
     elif spec.kind == "tokens":
         everything = T.read_conll(path)
-        examples = subsample(everything, limit, cfg.seed)
+        examples = subsample(everything, limit, sample_seed(cfg))
         tensors = T.featurize_tokens(examples, tok, cfg.max_seq_len, labels)
         ids = [e.id for e in examples]
         writer = lambda out, d: write_conll(examples, labels or [], tensors, out, d)
     else:
         everything = T.read_squad(path)
-        examples = subsample(everything, limit, cfg.seed)
+        examples = subsample(everything, limit, sample_seed(cfg))
         feats = T.featurize_squad(examples, tok, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
         tensors = feats.tensors
         ids = [e.qid for e in examples]
