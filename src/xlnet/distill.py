@@ -153,7 +153,7 @@ class Distiller:
     temperature: float
     beta: float
 
-    def __call__(self, student: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def __call__(self, student: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         states = bool(self.pairs)
         # SQuAD's teacher needs its labels (the end logits are conditioned on the gold start); the others' would only
         # make it compute a loss nobody reads
@@ -172,11 +172,11 @@ class Distiller:
             keep = labeled_rows(inputs["labels"], self.kind) if self.kind == "tokens" else None
             soft = soft_label_loss(s.logits, t.logits, self.kind, self.temperature, keep)
         loss = (1 - self.alpha) * hard + self.alpha * soft
-        parts = {"ce": hard.item(), "soft": soft.item()}
+        parts = {"ce": hard.detach(), "soft": soft.detach()}
         if states:
             patient = patient_loss(s.hidden_states, t.hidden_states, self.pairs)
             loss = loss + self.beta * patient
-            parts["patient"] = patient.item()
+            parts["patient"] = patient.detach()
         return loss, parts
 
 

@@ -502,10 +502,11 @@ def load_splits(spec: T.TaskSpec, files: dict[str, Path | None], tok: Tokenizer,
 
 
 # A training step's loss from the model and a batch of its inputs, plus named parts to log (distillation's).
-StepLoss = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
+# (loss, named terms to log, detached, on the device: read with the step's other scalars)
+StepLoss = Callable[[nn.Module, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
 
 
-def task_loss(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+def task_loss(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """The head's own loss on the gold labels."""
     return model(**inputs).loss, {}
 
@@ -534,16 +535,18 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
                                  positions=train.positions):
                 with TR.autocast(device, cfg.precision):
                     loss, parts = step_loss(model, model_inputs(batch, device, train=True))
-                if not torch.isfinite(loss):
-                    raise XLNetError(f"loss became {loss.item()} at step {step + 1}; lower --lr or check the data")
                 loss.backward()
                 TR.clip_grad_norm(model, cfg.clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                parts = TR.read_scalars(loss=loss, **parts)  # once the step is queued
+                loss_value = parts.pop("loss")
+                if not math.isfinite(loss_value):  # stops before anything more is saved
+                    raise XLNetError(f"loss became {loss_value} at step {step + 1}; lower --lr or check the data")
                 step += 1
-                logger.log("train", step, loss=loss.item(), lr=max(scheduler.get_last_lr()), **parts)  # head's lr
-                progress.update(loss=f"{loss.item():.4f}")
+                logger.log("train", step, loss=loss_value, lr=max(scheduler.get_last_lr()), **parts)  # head's lr
+                progress.update(loss=f"{loss_value:.4f}")
                 if step % steps_per_epoch == 0 or step == total:
                     best = evaluate_epoch(model, dev, spec, cfg, labels, device, out_dir, step, logger, progress,
                                           best, save_best)

@@ -425,10 +425,10 @@ def objective_losses(model: torch.nn.Module, batch: dict[str, Tensor],
 
 
 def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.Tensor]], mems: list,
-                     cfg: PretrainConfig, info: T.DistInfo, precision: str) -> tuple[float, dict[str, float]]:
+                     cfg: PretrainConfig, info: T.DistInfo, precision: str) -> tuple[Tensor, dict[str, Tensor]]:
     """One step's micro-batches: gradients accumulate (synced on the last one), each micro-batch carries its
     own memory (`mems[m]`, updated in place). Returns the step's mean LM loss over all ranks, and InfoWord's
-    InfoNCE term (which the gradient adds, times infoword_weight) when the objective has it."""
+    InfoNCE term (which the gradient adds, times infoword_weight) when the objective has it, on the device."""
     loss_sum = torch.zeros((), device=info.device)
     nce_sum = torch.zeros((), device=info.device)
     for m in range(cfg.grad_accum):
@@ -444,8 +444,8 @@ def forward_backward(model: torch.nn.Module, batches: Iterator[dict[str, torch.T
         loss_sum += loss.detach().float() / cfg.grad_accum
         if nce is not None:
             nce_sum += nce.detach().float() / cfg.grad_accum
-    extras = {"infonce": float(T.all_reduce(nce_sum, "mean"))} if cfg.objective == "infoword" else {}
-    return float(T.all_reduce(loss_sum, "mean")), extras
+    extras = {"infonce": T.all_reduce(nce_sum, "mean")} if cfg.objective == "infoword" else {}
+    return T.all_reduce(loss_sum, "mean"), extras
 
 
 @torch.no_grad()
@@ -557,16 +557,19 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
             while step < cfg.max_steps:
                 profiler.before(step)
                 t0 = time.perf_counter()
-                train_loss, extras = forward_backward(wrapped, batches, mems, cfg, info, precision)
-                grad_norm = T.clip_grad_norm(wrapped, cfg.clip)
-                if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-                    raise XLNetError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at "
-                                     f"step {step + 1}; stopped without saving (last good checkpoint: "
-                                     f"{last_ckpt or 'none'}); try a lower --lr or --precision fp32")
+                loss_t, extras_t = forward_backward(wrapped, batches, mems, cfg, info, precision)
+                norm_t = T.clip_grad_norm(wrapped, cfg.clip)
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                # read once the step is queued; a non-finite step is never saved (the run stops here)
+                extras = T.read_scalars(loss=loss_t, grad_norm=norm_t, **extras_t)
+                train_loss, grad_norm = extras.pop("loss"), extras.pop("grad_norm")
+                if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+                    raise XLNetError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at "
+                                     f"step {step + 1}; stopped without saving (last good checkpoint: "
+                                     f"{last_ckpt or 'none'}); try a lower --lr or --precision fp32")
                 step += 1
                 tokens_seen += tokens_per_step
                 if info.device.type == "cuda":

@@ -271,13 +271,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(warmup_steps, total_steps, min_ratio))
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip to `max_norm` (<= 0: measure only); returns the total norm before clipping. FSDP2-safe."""
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (<= 0: measure only); returns the total norm before clipping, on the device (read it
+    with the step's other scalars, `read_scalars`). FSDP2-safe."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
-    return float(norm)
+    return norm
+
+
+def read_scalars(**values: torch.Tensor) -> dict[str, float]:
+    """A step's scalars (loss, gradient norm, loss terms) in one copy to the host, after the optimizer step has
+    been queued: on a GPU each `.item()` is a round trip that leaves the device idle until the host queues more."""
+    if not values:
+        return {}
+    flat = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()
+    return dict(zip(values, flat))
 
 
 # ================================================================================================
