@@ -692,10 +692,11 @@ class StepProfiler:
     chrome://tracing). Call before(steps done) and after(steps done) around each step, close() at the end."""
 
     def __init__(self, steps: int, first: int, out_dir: Path, info: "DistInfo") -> None:
-        self.first, self.steps, self.last = first, steps, first + steps
+        self.first, self.steps = first, steps
         self.pending = steps > 0 and info.is_main
         self.device, self.out_dir = info.device, Path(out_dir)
         self._prof: torch.profiler.profile | None = None
+        self._window = (0, 0)  # (steps done when it started, steps done so far)
         self.written: str | None = None  # profile.txt, once written
 
     def before(self, done: int) -> None:
@@ -704,11 +705,13 @@ class StepProfiler:
             cuda = [torch.profiler.ProfilerActivity.CUDA] if self.device.type == "cuda" else []
             self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, *cuda])
             self._prof.__enter__()
-            self.first, self.last = done, done + self.steps
+            self._window = (done, done)
 
     def after(self, done: int) -> None:
-        if self._prof is not None and done >= self.last:
-            self.close()
+        if self._prof is not None:
+            self._window = (self._window[0], done)
+            if done - self._window[0] >= self.steps:
+                self.close()
 
     def close(self) -> None:
         """Write what was recorded (a run that ends inside the window writes its part)."""
@@ -718,7 +721,7 @@ class StepProfiler:
         prof.__exit__(None, None, None)
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         with atomic_write(self.out_dir / "profile.txt", "w") as f:
-            f.write(f"# torch.profiler, training steps {self.first + 1} to {self.last}, {self.device}\n")
+            f.write(f"# torch.profiler, training steps {self._window[0] + 1} to {self._window[1]}, {self.device}\n")
             f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
         tmp = self.out_dir / ".profile.json.tmp"
         prof.export_chrome_trace(str(tmp))
