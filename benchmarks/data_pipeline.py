@@ -5,10 +5,12 @@
 
 `xlnet pretrain` builds each batch on the host (spans, permutation ranks, target mapping) while, on a GPU, the
 previous step runs on the device. This script times one batch of PLMSampler at the GPU benchmark shape, then a
-training loop against a simulated device: each step waits --device-ms with the GIL released (as a CUDA
-synchronize does), once with the batches built inline and once through Prefetcher (depth 2). Inline, a step costs
-the batch plus the device time; prefetched, the larger of the two. The corpus is synthetic (random ids, a
-sentence break every ~20 tokens, 70% of pieces word starts): the pipeline's cost does not depend on the text.
+training loop against a simulated device, once with the batches built inline and once through Prefetcher (depth
+2). Each simulated step first holds the GIL for --host-ms (the host launching the step's kernels: Python, guards,
+launches), then waits out the rest of --device-ms with the GIL released (as a CUDA synchronize does); each
+--host-ms value is one row. Inline, a step costs the batch plus the device time; prefetched, ideally the larger of
+the two. The corpus is synthetic (random ids, a sentence break every ~20 tokens, 70% of pieces word starts): the
+pipeline's cost does not depend on the text.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 
 def main(argv=None) -> None:
     from xlnet.data.plm import PLMConfig, PLMSampler, Prefetcher
+    from xlnet.pretrain import DEVICE_INPUTS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seq", type=int, default=512)
@@ -30,6 +33,8 @@ def main(argv=None) -> None:
     ap.add_argument("--targets", type=int, default=85)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--device-ms", type=float, default=56.0, help="simulated device time per step")
+    ap.add_argument("--host-ms", type=float, nargs="+", default=[0.0, 30.0, 50.0, 56.0],
+                    help="of each step, the time the launching thread holds the GIL (one row per value)")
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args(argv)
 
@@ -43,34 +48,39 @@ def main(argv=None) -> None:
     def sampler() -> PLMSampler:
         return PLMSampler(tokens, sent, word_start, cfg)
 
-    s = sampler()
-    next(s)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        next(s)
-        times.append(time.perf_counter() - t0)
-    batch_ms = 1000 * statistics.median(times)
+    def batch_ms(dense: bool) -> tuple[float, float]:
+        s, times = sampler(), []
+        for step in range(args.steps + 1):
+            t0 = time.perf_counter()
+            batch = s.batch_at(step, 0, dense)
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times[1:]), sum(v.nbytes for v in batch.values()) / 2**20
 
-    def loop(depth: int) -> float:
-        batches = Prefetcher(sampler(), depth=depth)
+    def loop(depth: int, host_ms: float) -> float:
+        # what `xlnet pretrain` builds: the compact batch, the fields the model needs
+        batches = Prefetcher(sampler(), depth=depth, keys=DEVICE_INPUTS["plm"], dense=False)
         next(batches)
         t0 = time.perf_counter()
         for _ in range(args.steps):
             next(batches)
-            time.sleep(args.device_ms / 1000)  # the device step; the GIL is free meanwhile
+            start = time.perf_counter()
+            launched, done = start + host_ms / 1000, start + args.device_ms / 1000
+            while time.perf_counter() < launched:  # pure Python: the GIL is held but for forced switches
+                pass
+            time.sleep(max(0.0, done - time.perf_counter()))  # the device finishes; the GIL is free meanwhile
         batches.close()
         return 1000 * (time.perf_counter() - t0) / args.steps
 
-    inline, ahead = loop(0), loop(2)
     print(f"# seq {args.seq}, reuse {args.reuse}, {args.batch} rows, {args.targets} targets; median of {args.steps}")
-    print("| | ms per step |")
-    print("|---|---:|")
-    print(f"| one batch on the host | {batch_ms:.1f} |")
-    print(f"| simulated device step | {args.device_ms:.1f} |")
-    print(f"| loop, batches inline | {inline:.1f} |")
-    print(f"| loop, prefetched (depth 2) | {ahead:.1f} |")
-    print(f"prefetch: {inline / ahead:.2f}x the steps per second of the inline loop")
+    for dense in (True, False):
+        ms, mib = batch_ms(dense)
+        print(f"one {'dense' if dense else 'compact'} batch on the host: {ms:.1f} ms, {mib:.2f} MiB")
+    print(f"training loop against a simulated {args.device_ms:.1f} ms device step, ms per step:")
+    print("| host holds the GIL, ms | batches inline | prefetched (depth 2) | prefetch speed-up |")
+    print("|---:|---:|---:|---:|")
+    for host_ms in args.host_ms:
+        inline, ahead = loop(0, host_ms), loop(2, host_ms)
+        print(f"| {host_ms:.0f} | {inline:.1f} | {ahead:.1f} | {inline / ahead:.2f}x |")
 
 
 if __name__ == "__main__":

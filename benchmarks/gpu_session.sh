@@ -68,7 +68,7 @@ for s in $steps; do
     # the real training loop (embedded corpus, base preset at the benchmark shape, compiled blocks, prefetched
     # batches): its logged tokens/s (last 20 steps) against `compile`'s step shows what the loop around it costs
     # (2026-11-27, H200: 88k tokens/s against the step's 120-140k); steps 4-8 profiled (profile.txt).
-    # e2e_inline: the same with the batches built inline (--prefetch 0): what the background thread costs or saves
+    # e2e_inline: the same with the batches built inline (--prefetch 0): what the worker process saves
     e2e) e2e e2e ;;
     e2e_inline) e2e e2e_inline --prefetch 0 ;;
     maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1

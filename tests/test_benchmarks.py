@@ -79,3 +79,16 @@ def test_pretrain_recipe_quick_run_table_and_json(tmp_path) -> None:
     # the same first weights' loss differs only through the init std; the table has both rows
     assert rows[0]["valid"]["0"] != rows[1]["valid"]["0"]
     assert "| old |" in run.stdout and "| new |" in run.stdout
+
+
+def test_data_pipeline_quick_run() -> None:
+    """data_pipeline.py at a small shape: both batch forms, and one row per --host-ms with both loops (a step can
+    not be shorter than the simulated device step)."""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "data_pipeline.py"), "--seq", "64", "--reuse", "32",
+                          "--batch", "2", "--targets", "8", "--steps", "4", "--device-ms", "20", "--host-ms", "0", "15"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "one dense batch" in run.stdout and "one compact batch" in run.stdout
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [r[0].strip() for r in rows] == ["0", "15"]
+    assert all(float(r[1]) >= 20 and float(r[2]) >= 20 for r in rows)

@@ -7,6 +7,9 @@ oracles) that draw random numbers in the same order as the vectorized code, so t
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xlnet.data.plm import (
-    CLS_ID, SEP_ID, PLMConfig, PLMSampler, Prefetcher, layout_sample, make_plm_batch, perm_mask_from_ranks,
+    CLS_ID, SEP_ID, PLMConfig, PLMSampler, Prefetcher, densify, layout_sample, make_plm_batch, perm_mask_from_ranks,
     sample_span_mask, sample_spans, sentence_boundaries, split_a_b, truncate_pair,
 )
 from xlnet.errors import XLNetError
@@ -427,8 +430,8 @@ def test_state_from_other_sampler_is_rejected():
 
 @pytest.mark.parametrize("depth", [0, 2])
 def test_prefetcher_yields_the_samplers_batches_and_keeps_its_state(depth):
-    """Batches built ahead in a thread are the sampler's own, in order (across micro-batches of a step), and
-    the sampler's state is that of the batches consumed: a checkpoint resumes at the right batch."""
+    """Batches built ahead by a worker process are the sampler's own, in order (across micro-batches of a step),
+    and the sampler's state is that of the batches consumed: a checkpoint resumes at the right batch."""
     tokens, sent, ws = make_corpus(8)
     cfg = PLMConfig(**SMALL, seed=5)
     plain = PLMSampler.for_rank(tokens, sent, ws, cfg, accum_steps=2)
@@ -448,8 +451,61 @@ def test_prefetcher_yields_the_samplers_batches_and_keeps_its_state(depth):
     again.close()
 
 
+@pytest.mark.parametrize("depth", [0, 2])
+def test_prefetcher_builds_compact_batches(depth):
+    """dense=False (what `xlnet pretrain` asks for): the sampler's compact batches, only the fields asked for."""
+    tokens, sent, ws = make_corpus(8)
+    cfg = PLMConfig(**SMALL, seed=5)
+    plain = PLMSampler(tokens, sent, ws, cfg)
+    keys = ("input_ids", "labels", "target_index", "perm_q_rank", "perm_k_rank")
+    ahead = Prefetcher(PLMSampler(tokens, sent, ws, cfg), depth=depth, keys=keys, dense=False)
+    for step in range(3):
+        got, want = next(ahead), plain.batch_at(step, 0, dense=False)
+        assert set(got) == set(keys) and all(torch.equal(got[k], want[k]) for k in keys)
+    ahead.close()
+
+
+def test_prefetcher_pins_in_a_thread_of_its_own(monkeypatch):
+    """For a CUDA device the worker's arrays become page-locked tensors in the prefetcher's pinning thread, never
+    the training thread; in order, and the worker's errors still arrive (pin_memory stubbed: no GPU here)."""
+    pinned_by = []
+
+    def pin(t):
+        pinned_by.append(threading.current_thread().name)
+        return t.clone()
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    tokens, sent, ws = make_corpus(8)
+    cfg = PLMConfig(**SMALL, seed=5)
+    plain = PLMSampler(tokens, sent, ws, cfg)
+    ahead = Prefetcher(PLMSampler(tokens, sent, ws, cfg), depth=2, device=torch.device("cuda"), dense=False)
+    assert _same(_take(ahead, 4), [plain.batch_at(step, 0, dense=False) for step in range(4)])
+    ahead.close()
+    assert pinned_by and all(name.startswith("plm-pin") for name in pinned_by)
+
+    def broken(step, first_row, dense=True):
+        raise XLNetError("corrupt corpus")
+    plain.batch = broken
+    ahead = Prefetcher(plain, depth=2, device=torch.device("cuda"))
+    with pytest.raises(XLNetError, match="corrupt corpus"):
+        next(ahead)
+    ahead.close()
+
+
+def test_prefetcher_reports_a_dead_worker():
+    """The worker killed (the kernel's OOM killer, say): one clear error, not a BrokenProcessPool traceback."""
+    tokens, sent, ws = make_corpus(8)
+    ahead = Prefetcher(PLMSampler(tokens, sent, ws, PLMConfig(**SMALL)), depth=1)
+    next(ahead)
+    for pid in list(ahead._procs._processes):
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(XLNetError, match="the process building batches died"):
+        for _ in range(3):  # the batch under way when it died may have arrived
+            next(ahead)
+    ahead.close()
+
+
 def test_prefetcher_leaves_the_thread_count_alone():
-    """torch.set_num_threads is process-wide: a prefetching thread must not change the training step's pool."""
+    """The worker process sets its own thread count (one), not the training process's."""
     tokens, sent, ws = make_corpus(8)
     before = torch.get_num_threads()
     ahead = Prefetcher(PLMSampler(tokens, sent, ws, PLMConfig(**SMALL)), depth=2)
@@ -467,7 +523,7 @@ def test_prefetcher_reports_the_workers_error_and_a_moved_sampler():
         next(ahead)
     ahead.close()
 
-    def broken(step, first_row):
+    def broken(step, first_row, dense=True):
         raise XLNetError("corrupt corpus")
     sampler.batch = broken
     ahead = Prefetcher(sampler, depth=2)
@@ -482,6 +538,27 @@ def test_prefetcher_reports_the_workers_error_and_a_moved_sampler():
 def _samplers(objectives=("plm", "mlm", "clm"), **kw):
     tokens, sent, ws = make_corpus(11)
     return {o: PLMSampler(tokens, sent, ws, PLMConfig(**SMALL, seed=2, objective=o, **kw)) for o in objectives}
+
+
+@pytest.mark.parametrize("objective,order,clm_predict", [
+    ("plm", "random", "all"), ("plm", "left-to-right", "all"), ("clm", "random", "all"), ("clm", "random", "targets"),
+    ("mlm", "random", "all"), ("infoword", "random", "all")])
+def test_compact_batches_densify_to_the_dense_ones(objective, order, clm_predict):
+    """dense=False leaves out perm_mask [B, L, L] and target_mapping [B, P, L] and nothing else; `densify` rebuilds
+    them (bit for bit) from the ranks and target_index, whose -1 slots are the padding rows."""
+    sampler = _samplers((objective,), factorization_order=order, clm_predict=clm_predict)[objective]
+    for step in range(3):
+        dense, compact = sampler.batch_at(step, 0), sampler.batch_at(step, 0, dense=False)
+        assert set(dense) - set(compact) == ({"perm_mask", "target_mapping"} & set(dense)) and set(compact) <= set(dense)
+        assert all(torch.equal(compact[k], dense[k]) for k in compact)
+        rebuilt = densify(compact)
+        assert not {"perm_q_rank", "perm_k_rank", "target_index"} & set(rebuilt)
+        assert all(torch.equal(rebuilt[k], dense[k]) for k in rebuilt)
+        if objective == "plm":
+            tmap, index = dense["target_mapping"], dense["target_index"]
+            assert torch.equal(tmap.sum(-1), dense["target_mask"]) and torch.equal(index == -1, dense["target_mask"] == 0)
+            assert torch.equal(tmap.argmax(-1)[index >= 0], index[index >= 0])
+            assert (index == -1).any()  # the padding slots are exercised
 
 
 @pytest.mark.parametrize("bi_data", [False, True])

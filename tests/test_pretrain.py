@@ -131,7 +131,7 @@ def test_straight_run_equals_run_plus_resume(corpus, tmp_path, capsys):
 
 def test_profile_steps_write_an_op_table_and_a_trace(corpus, tmp_path):
     """--profile-steps 2: steps 4 and 5 under torch.profiler (the first three are warm-up), the op table and the
-    trace written when the window closes; with --prefetch 1 the batches come from the background thread, and the
+    trace written when the window closes; with --prefetch 1 the batches come from a worker process, and the
     run is the same as the inline one."""
     runs = {}
     for name, extra in (("profiled", dict(profile_steps=2, prefetch=1)), ("plain", {})):

@@ -102,7 +102,7 @@ class PretrainConfig:
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory, more time
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     progress: bool = True  # progress bar
-    prefetch: int | None = None  # batches built ahead in a background thread (None: 2 on a GPU, 0 on a CPU)
+    prefetch: int | None = None  # batches built ahead by a worker process (None: 2 on a GPU, 0 on a CPU)
     # profile this many training steps after the first 3 (torch.profiler): profile.txt (ops by time) and
     # profile.json (a trace for Perfetto or chrome://tracing) in out_dir
     profile_steps: int = 0
@@ -237,7 +237,7 @@ def make_sampler(cfg: PretrainConfig, data: Data, info: T.DistInfo, split: str) 
 
 # what goes to the device, per objective: perm_mask is rebuilt there from its [B, L] rank form (1/L of the floats)
 DEVICE_INPUTS = {
-    "plm": ("input_ids", "token_type_ids", "target_mapping", "labels", "perm_q_rank", "perm_k_rank"),
+    "plm": ("input_ids", "token_type_ids", "target_index", "labels", "perm_q_rank", "perm_k_rank"),
     "mlm": ("input_ids", "token_type_ids", "target_positions", "labels"),
     "clm": ("input_ids", "token_type_ids", "target_positions", "labels", "perm_q_rank", "perm_k_rank"),
 }
@@ -247,23 +247,22 @@ DEVICE_INPUTS["infoword"] = DEVICE_INPUTS["mlm"] + tuple(SPAN_INPUTS)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The model's inputs on `device` (asynchronous from pinned memory)."""
-    from xlnet.data.plm import perm_mask_from_ranks
+    """The model's inputs on `device` (asynchronous from pinned memory), perm_mask and target_mapping built there
+    from the compact batch."""
+    from xlnet.data.plm import densify
 
-    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if "perm_q_rank" in moved:
-        moved["perm_mask"] = perm_mask_from_ranks(moved.pop("perm_q_rank"), moved.pop("perm_k_rank"))
-    return moved
+    return densify({k: v.to(device, non_blocking=True) for k, v in batch.items()})
 
 
 def prefetch(sampler: "PLMSampler", device: torch.device, depth: int | None = None) -> "Prefetcher":
-    """By default, on a GPU, the next two batches are built while the device works (pinned, for asynchronous
-    copies); on a CPU, where the step itself needs the cores, inline."""
+    """By default, on a GPU, a worker process builds the next two batches (compact: the dense masks are built on
+    the device) while the device works, pinned for asynchronous copies; on a CPU, where the step itself needs
+    the cores, inline."""
     from xlnet.data.plm import Prefetcher
 
     if depth is None:
         depth = 2 if device.type == "cuda" else 0
-    return Prefetcher(sampler, depth=depth, device=device, keys=DEVICE_INPUTS[sampler.cfg.objective])
+    return Prefetcher(sampler, depth=depth, device=device, keys=DEVICE_INPUTS[sampler.cfg.objective], dense=False)
 
 
 # ================================================================================================

@@ -50,10 +50,13 @@ Batch dict (batch-first torch tensors, L = seq_len, P = num_predict)
 -------------------------------------------------------------------
 input_ids [B, L] long, token_type_ids [B, L] long, perm_mask [B, L, L] float32 (1 = i may NOT attend to j; the
 query-stream mask; a content stream clears the diagonal), target_mapping [B, P, L] float32, labels [B, P] long
-(-100 on padding slots), target_mask [B, P] float32, is_masked [B, L] bool (the targets), and perm_q_rank /
+(-100 on padding slots), target_mask [B, P] float32, is_masked [B, L] bool (the targets), perm_q_rank /
 perm_k_rank [B, L] long with perm_mask == (perm_q_rank[:, :, None] <= perm_k_rank[:, None, :]) -- a
-rank form of the same mask (`perm_mask_from_ranks`): `xlnet pretrain` sends the ranks to the GPU and rebuilds
-the mask there, and kernels can build masks on the fly from them (e.g. flex_attention's mask_mod).
+rank form of the same mask (`perm_mask_from_ranks`) -- and target_index [B, P] long, the position each slot
+reads (-1 on padding slots), the index form of target_mapping (`target_mapping_from_index`). A compact batch
+(`dense=False`) has only the rank and index forms, 1/L and 1/L of the two dense tensors: `xlnet pretrain`
+builds batches that way and rebuilds the dense ones on the device (`densify`); kernels can also build masks on
+the fly from the ranks (e.g. flex_attention's mask_mod).
 
 Objectives (`PLMConfig.objective`)
 ---------------------------------
@@ -84,7 +87,7 @@ changes nothing but the objective:
 
 Feeding a GPU
 -------------
-Every batch is a pure function of (step, rows), so `Prefetcher` can build the next ones in a background thread
+Every batch is a pure function of (step, rows), so `Prefetcher` can build the next ones in a worker process
 while the device runs the current step, and the sampler's state (what a checkpoint stores) still counts only the
 batches consumed.
 """
@@ -93,7 +96,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing as mp
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -341,6 +347,22 @@ def perm_mask_from_ranks(q_rank: Tensor, k_rank: Tensor) -> Tensor:
     return (q_rank[:, :, None] <= k_rank[:, None, :]).to(torch.float32)
 
 
+def target_mapping_from_index(target_index: Tensor, seq_len: int) -> Tensor:
+    """target_mapping [B, P, L] float32 from the index form [B, P] (-1: a padding slot, an all-zero row)."""
+    return (target_index[:, :, None] == torch.arange(seq_len, device=target_index.device)).to(torch.float32)
+
+
+def densify(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A compact batch (`PLMSampler.batch_at(..., dense=False)`) with perm_mask and target_mapping built from the
+    rank and index forms, on the batch's device; the compact keys are dropped."""
+    out = dict(batch)
+    if "perm_q_rank" in out:
+        out["perm_mask"] = perm_mask_from_ranks(out.pop("perm_q_rank"), out.pop("perm_k_rank"))
+    if "target_index" in out:
+        out["target_mapping"] = target_mapping_from_index(out.pop("target_index"), out["input_ids"].shape[1])
+    return out
+
+
 def _long(a: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
 
@@ -360,26 +382,22 @@ def target_slots(input_ids: np.ndarray, target: np.ndarray, num_predict: int) ->
 
 def assemble_batch(
     input_ids: np.ndarray, token_type_ids: np.ndarray, q_rank: np.ndarray, k_rank: np.ndarray,
-    target: np.ndarray, num_predict: int,
+    target: np.ndarray, num_predict: int, dense: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Stack per-row arrays [B, L] into the PLM batch dict (see module docstring); vectorized over B and L."""
-    bsz, seq_len = input_ids.shape
+    """Stack per-row arrays [B, L] into the PLM batch dict (see module docstring); vectorized over B and L.
+    dense=False leaves out perm_mask and target_mapping (`densify` builds them from the ranks and target_index)."""
     pos, valid, labels = target_slots(input_ids, target, num_predict)
-    tmap = np.zeros((bsz, num_predict, seq_len), dtype=np.float32)
-    bi, pi = np.nonzero(valid)
-    tmap[bi, pi, pos[bi, pi]] = 1.0
-    q, k = _long(q_rank), _long(k_rank)
-    return {
+    batch = {
         "input_ids": _long(input_ids),
         "token_type_ids": _long(token_type_ids),
-        "perm_mask": perm_mask_from_ranks(q, k),
-        "target_mapping": torch.from_numpy(tmap),
         "labels": _long(labels),
         "target_mask": torch.from_numpy(valid.astype(np.float32)),
         "is_masked": torch.from_numpy(np.ascontiguousarray(target)),
-        "perm_q_rank": q,
-        "perm_k_rank": k,
+        "perm_q_rank": _long(q_rank),
+        "perm_k_rank": _long(k_rank),
+        "target_index": _long(np.where(valid, pos, -1)),
     }
+    return {**batch, **densify(batch)} if dense else batch
 
 
 def mlm_inputs(input_ids: np.ndarray, target: np.ndarray, rng: np.random.Generator, vocab_size: int) -> np.ndarray:
@@ -437,7 +455,7 @@ def infoword_batch(input_ids: np.ndarray, corrupted: np.ndarray, token_type_ids:
 
 
 def clm_batch(input_ids: np.ndarray, token_type_ids: np.ndarray, target: np.ndarray | None = None,
-              num_predict: int = 0) -> dict[str, torch.Tensor]:
+              num_predict: int = 0, dense: bool = True) -> dict[str, torch.Tensor]:
     """Left-to-right batch [B, L]: the identity order as ranks (q = k: i sees j < i, the content stream also
     itself), position i predicts token i + 1; with `target`, only the targets are predicted (target i from
     position i - 1; a target at position 0 has no left context and becomes a padding slot)."""
@@ -451,16 +469,16 @@ def clm_batch(input_ids: np.ndarray, token_type_ids: np.ndarray, target: np.ndar
         ok &= pos > 0
         positions, labels = _long(np.where(ok, pos - 1, 0)), _long(np.where(ok, gold, -100))
         valid = torch.from_numpy(ok.astype(np.float32))
-    return {
+    batch = {
         "input_ids": ids,
         "token_type_ids": _long(token_type_ids),
-        "perm_mask": perm_mask_from_ranks(order, order),
         "target_positions": positions,
         "labels": labels,
         "target_mask": valid,
         "perm_q_rank": order,
         "perm_k_rank": order,
     }
+    return {**batch, **densify(batch)} if dense else batch
 
 
 def make_plm_batch(
@@ -607,8 +625,9 @@ class PLMSampler:
             ex["span"] = pick_span(t, rng, cfg.max_ngram)
         return ex
 
-    def batch(self, step: int, first_row: int) -> dict[str, torch.Tensor]:
-        """The batch of rows first_row .. first_row + batch_size - 1 at global step `step` (pure function)."""
+    def batch(self, step: int, first_row: int, dense: bool = True) -> dict[str, torch.Tensor]:
+        """The batch of rows first_row .. first_row + batch_size - 1 at global step `step` (pure function);
+        dense=False: without perm_mask and target_mapping (see `densify`)."""
         ex = [self.row_example(r, step) for r in range(first_row, first_row + self.cfg.batch_size)]
         st = {key: np.stack([e[key] for e in ex]) for key in ex[0] if key in BATCH_FIELDS}
         ids, seg, target, n_pred = st["input_ids"], st["token_type_ids"], st["target"], self.cfg.num_predict
@@ -617,20 +636,20 @@ class PLMSampler:
         if self.cfg.objective == "infoword":
             return infoword_batch(ids, st["mlm_input_ids"], seg, target, n_pred, st["span"], self.cfg.max_ngram)
         if self.cfg.objective == "clm":
-            return clm_batch(ids, seg, target if self.cfg.clm_predict == "targets" else None, n_pred)
+            return clm_batch(ids, seg, target if self.cfg.clm_predict == "targets" else None, n_pred, dense)
         if self.cfg.factorization_order == "left-to-right":  # the targets as drawn, the order fixed
             order = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-            return assemble_batch(ids, seg, order, order, target, n_pred)
-        return assemble_batch(ids, seg, st["q_rank"], st["k_rank"], target, n_pred)
+            return assemble_batch(ids, seg, order, order, target, n_pred, dense)
+        return assemble_batch(ids, seg, st["q_rank"], st["k_rank"], target, n_pred, dense)
 
     # ------------------------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
-    def batch_at(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+    def batch_at(self, step: int, micro: int, dense: bool = True) -> dict[str, torch.Tensor]:
         """Micro-batch `micro` of this sampler's rows at global step `step` (pure function)."""
-        return self.batch(step, self.rows[0] + micro * self.cfg.batch_size)
+        return self.batch(step, self.rows[0] + micro * self.cfg.batch_size, dense)
 
     def position_after(self, step: int, micro: int) -> tuple[int, int]:
         """The (step, micro) that follows (step, micro)."""
@@ -669,60 +688,100 @@ class PLMSampler:
         self.step, self.micro = int(state["step"]), int(state["micro"])
 
 
-def _prefetch_thread(device: torch.device | None) -> None:
-    # (no torch.set_num_threads here: it is not thread-local, it would shrink the training step's pool too)
-    if device is not None and device.index is not None:  # pinned buffers for this process's GPU, not a context
-        torch.cuda.set_device(device.index)  # on GPU 0 from every rank
+_WORKER_SAMPLER: "PLMSampler | None" = None  # in a Prefetcher's worker process: its copy of the sampler
+
+
+def _start_worker(sampler: "PLMSampler") -> None:
+    global _WORKER_SAMPLER
+    _WORKER_SAMPLER = sampler  # forked: the parent's object as it was, corpus arrays shared; spawned: unpickled
+    # Ctrl-C and SIGTERM are the trainer's (it saves, then closes the pool); one thread for the numpy and the
+    # small torch ops (the process is the parallelism)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+def _worker_batch(step: int, micro: int, dense: bool, keys: tuple[str, ...] | None) -> dict[str, np.ndarray]:
+    # numpy arrays travel by value through the result pipe (tensors would go through shared-memory files)
+    return {k: v.numpy() for k, v in _keep(_WORKER_SAMPLER.batch_at(step, micro, dense), keys).items()}
+
+
+def _keep(batch: dict, keys: tuple[str, ...] | None) -> dict:
+    return batch if keys is None else {k: v for k, v in batch.items() if k in keys}
+
+
+def _pin_thread(device: torch.device) -> None:
+    if device.index is not None:  # pinned buffers for this process's GPU, not a context on GPU 0 from every rank
+        torch.cuda.set_device(device.index)
 
 
 class Prefetcher:
-    """Iterates a PLMSampler with the next `depth` batches built by a background thread (depth 0: inline). On a
-    GPU the main thread spends the end of each step waiting for the device, with the GIL released, and that is
-    when the next batch's numpy work runs (7-10 ms for 16 rows of 512 on one core, which a synchronous loop adds
-    to every step). The sampler moves only as batches are consumed, so its state_dict stays the resume point.
-    keys: the fields to keep; device: a CUDA device makes page-locked copies (so that `.to(device,
-    non_blocking=True)` is asynchronous), allocated with that device current (as DataLoader's pinning thread)."""
+    """Iterates a PLMSampler with the next `depth` batches built by a worker process (depth 0: inline). The
+    sampler moves only as batches are consumed, so its state_dict stays the resume point.
+
+    A process, not a thread: on a GPU the host launches the training step, and a thread building batches (7-14
+    ms of mostly Python for 16 rows of 512) takes the GIL from it; with the launching thread busy for most of the
+    step, a prefetching thread made each step slower than building its batch inline (benchmarks/data_pipeline.py).
+    The worker is forked where the platform allows (the corpus arrays are shared, not copied) and holds the
+    sampler as it was when the Prefetcher was made. keys: the fields to keep; dense: as `PLMSampler.batch`
+    (False: the compact batch, a few hundred KB at the GPU shape instead of 19 MB); device: a CUDA device makes
+    page-locked copies (so that `.to(device, non_blocking=True)` is asynchronous), made by a thread of this
+    process with that device current (the copy runs without the GIL)."""
 
     def __init__(self, sampler: PLMSampler, depth: int = 2, device: torch.device | None = None,
-                 keys: Sequence[str] | None = None) -> None:
-        self.sampler, self.depth, self.keys = sampler, depth, keys
+                 keys: Sequence[str] | None = None, dense: bool = True) -> None:
+        self.sampler, self.depth, self.keys = sampler, depth, None if keys is None else tuple(keys)
+        self.dense = dense
         self.pin = device is not None and device.type == "cuda"
         self._cursor = (sampler.step, sampler.micro)  # the next position to submit
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="plm-prefetch", initializer=_prefetch_thread,
-                                        initargs=(device if self.pin else None,)) if depth > 0 else None
+        self._procs = self._pins = None
+        if depth > 0:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            self._procs = ProcessPoolExecutor(1, mp_context=mp.get_context(method), initializer=_start_worker,
+                                              initargs=(sampler,))
+            if self.pin:
+                self._pins = ThreadPoolExecutor(1, thread_name_prefix="plm-pin", initializer=_pin_thread,
+                                                initargs=(device,))
         self._pending: deque[tuple[tuple[int, int], Future]] = deque()
         for _ in range(depth):
             self._submit()
 
-    def _build(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        batch = self.sampler.batch_at(step, micro)
-        if self.keys is not None:
-            batch = {k: batch[k] for k in self.keys}
+    def _tensors(self, batch: dict[str, np.ndarray | Tensor]) -> dict[str, Tensor]:
+        batch = {k: torch.as_tensor(v) for k, v in batch.items()}
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
 
     def _submit(self) -> None:
         pos = self._cursor
         self._cursor = self.sampler.position_after(*pos)
-        self._pending.append((pos, self._pool.submit(self._build, *pos)))
+        future = self._procs.submit(_worker_batch, *pos, self.dense, self.keys)
+        if self._pins is not None:  # waits for the worker, then pins, off the main thread
+            future = self._pins.submit(lambda done=future: self._tensors(done.result()))
+        self._pending.append((pos, future))
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> dict[str, Tensor]:
         here = (self.sampler.step, self.sampler.micro)
-        if self._pool is None:
-            batch = self._build(*here)
+        if self._procs is None:
+            batch = self._tensors(_keep(self.sampler.batch_at(*here, self.dense), self.keys))
         else:
             pos, future = self._pending.popleft()
             if pos != here:
                 raise XLNetError(f"the sampler moved under its prefetcher (at {here}, prefetched {pos})")
-            batch = future.result()  # re-raises the worker's error here
-            self._submit()
+            try:
+                batch = future.result()  # re-raises the worker's error here
+                self._submit()
+            except BrokenProcessPool:
+                raise XLNetError("the process building batches died (out of memory? killed?); --prefetch 0 "
+                                 "builds them in the training process") from None
+            batch = batch if self._pins is not None else self._tensors(batch)
         self.sampler.advance()
         return batch
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-            self._pending.clear()
+        for pool in (self._pins, self._procs):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._procs = self._pins = None
+        self._pending.clear()
