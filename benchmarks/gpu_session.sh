@@ -11,11 +11,12 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 steps=${*:-tests e2e e2e_inline}
 # the attention core alone (attention_kernels.py, with its kernel profile and ablations) under a time limit
 kernels() { timeout "$1" python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1; }
-# `xlnet pretrain` itself at the benchmark shape, 60 steps; $1 names the outputs, the rest are extra flags
+# `xlnet pretrain` itself at the benchmark shape and dropout (pretrain's default is 0), 60 steps; $1 names the
+# outputs, the rest are extra flags
 e2e() {
   local name=$1; shift
   timeout 240 python3 -m xlnet.cli pretrain --model base --seq-len 512 --reuse-len 256 --mem-len 384 \
-    --num-predict 85 --batch-size 16 --max-steps 60 --warmup-steps 10 --eval-every 0 --save-every 0 \
+    --num-predict 85 --batch-size 16 --dropout 0.1 --dropatt 0.1 --max-steps 60 --warmup-steps 10 --eval-every 0 --save-every 0 \
     --profile-steps 5 --progress false --out-dir "/tmp/$name" "$@" > "$OUT/$name.txt" 2>&1; tail -4 "$OUT/$name.txt"
   cp "/tmp/$name/metrics.jsonl" "$OUT/${name}_metrics.jsonl" 2>/dev/null; tail -1 "$OUT/${name}_metrics.jsonl"
   cp "/tmp/$name/profile.txt" "$OUT/${name}_profile.txt" 2>/dev/null; head -30 "$OUT/${name}_profile.txt"

@@ -82,9 +82,13 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def multi_process() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce(t: torch.Tensor, op: str = "mean") -> torch.Tensor:
     """In-place sum/mean/max over ranks (no-op in a single process); returns `t`."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_process():
         reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
         dist.all_reduce(t, op=reduce_op)
         if op == "mean":
@@ -607,7 +611,10 @@ class StopSignal:
             signal.signal(sig, old)
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was asked to stop (one tiny all-reduce under torchrun)."""
+        """True on every rank if any rank was asked to stop (one tiny all-reduce under torchrun; a single process
+        does not touch the device: on a GPU that was a copy each way every step)."""
+        if not multi_process():
+            return self.requested is not None
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         return bool(all_reduce(flag, "max").item() > 0)
 
