@@ -95,9 +95,10 @@ batches consumed.
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 import multiprocessing as mp
 import signal
+import sys
+from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -722,8 +723,8 @@ class Prefetcher:
     A process, not a thread: on a GPU the host launches the training step, and a thread building batches (7-14
     ms of mostly Python for 16 rows of 512) takes the GIL from it; with the launching thread busy for most of the
     step, a prefetching thread made each step slower than building its batch inline (benchmarks/data_pipeline.py).
-    The worker is forked where the platform allows (the corpus arrays are shared, not copied) and holds the
-    sampler as it was when the Prefetcher was made. keys: the fields to keep; dense: as `PLMSampler.batch`
+    On Linux the worker is forked (the corpus arrays are shared, not copied); it holds the sampler as it was
+    when the Prefetcher was made. keys: the fields to keep; dense: as `PLMSampler.batch`
     (False: the compact batch, a few hundred KB at the GPU shape instead of 19 MB); device: a CUDA device makes
     page-locked copies (so that `.to(device, non_blocking=True)` is asynchronous), made by a thread of this
     process with that device current (the copy runs without the GIL)."""
@@ -736,7 +737,8 @@ class Prefetcher:
         self._cursor = (sampler.step, sampler.micro)  # the next position to submit
         self._procs = self._pins = None
         if depth > 0:
-            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            # fork on Linux (macOS frameworks are not fork-safe: there the sampler is pickled into a fresh process)
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
             self._procs = ProcessPoolExecutor(1, mp_context=mp.get_context(method), initializer=_start_worker,
                                               initargs=(sampler,))
             if self.pin:
