@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
-# core, the real training loop, largest batch for XLNet-large. The default (`tests e2e e2e_inline`, ~6 minutes)
+# core, the real training loop, largest batch for XLNet-large. The default (`tests e2e e2e_inline e2e_step`, ~8 minutes)
 # fits one 600 s call: the GPU tests (the SDPA core's no-key rows fixed after the 2026-11-27 session) and where the
 # real loop loses against the benchmark's step; then `graph`, `kernels`, `compile`, `cores`, `triton`, one or two
 # per call (`rows` and `cudagraphs` ran on 2026-11-27: benchmarks/README.md).
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|e2e_inline|maxbatch]...
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|e2e_inline|e2e_step|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-steps=${*:-tests e2e e2e_inline}
+steps=${*:-tests e2e e2e_inline e2e_step}
 # the attention core alone (attention_kernels.py, with its kernel profile and ablations) under a time limit
 kernels() { timeout "$1" python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1; }
 # `xlnet pretrain` itself at the benchmark shape and dropout (pretrain's default is 0), 60 steps; $1 names the
@@ -71,6 +71,10 @@ for s in $steps; do
     # (2026-11-27, H200: 88k tokens/s against the step's 120-140k); steps 4-8 profiled (profile.txt).
     # e2e_inline: the same with the batches built inline (--prefetch 0): what the worker process saves
     e2e) e2e e2e ;;
+    # the benchmark's compiled PLM step on the e2e run's model (its vocab, 8000) in the same session: the gap
+    e2e_step) timeout 200 python3 benchmarks/throughput.py --device cuda --impls fast_compile --modes plm --steps 8 \
+                --vocab-size 8000 --no-memory --json-out "$OUT/e2e_step.json" > "$OUT/e2e_step.txt" 2>&1
+              grep '^[|#]' "$OUT/e2e_step.txt" ;;
     e2e_inline) e2e e2e_inline --prefetch 0 ;;
     maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1
              tail -6 "$OUT/maxbatch.txt" ;;

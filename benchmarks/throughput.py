@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--targets", type=int, default=None)
     ap.add_argument("--mem", type=int, default=None)
+    ap.add_argument("--vocab-size", type=int, default=None,
+                    help="vocabulary of every model (default: the preset's; 8000 is the embedded tokenizer's)")
     ap.add_argument("--steps", type=int, default=None, help="timed rounds per implementation (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -172,8 +174,9 @@ def mlm_batch(args, vocab: int, device: str, seed: int = 0) -> dict:
 def our_config(args, impl: str):
     from xlnet.config import XLNetConfig
 
+    vocab = {} if args.vocab_size is None else {"vocab_size": args.vocab_size}
     return XLNetConfig.from_preset(args.preset, mem_len=args.mem, attn_impl=impl, dropout=0.1, dropatt=0.1,
-                                   summary_last_dropout=0.1, num_labels=2)
+                                   summary_last_dropout=0.1, num_labels=2, **vocab)
 
 
 def with_setting(step, core: str | None = None, rows: int | None = None):
@@ -509,8 +512,8 @@ def main(argv=None) -> None:
         sys.exit(f"throughput.py: unknown mode/implementation {', '.join(unknown)} "
                  f"(modes: {', '.join(MODES)}; implementations: {', '.join(LABELS)})")
     meta = dict(device=args.device, machine=machine(), threads=args.threads, torch=torch.__version__,
-                preset=args.preset, seq=args.seq, batch=args.batch, targets=args.targets, mem=args.mem,
-                steps=args.steps, compile=args.compile, compile_mode=args.compile_mode,
+                preset=args.preset, vocab=our_config(args, "fast").vocab_size, seq=args.seq, batch=args.batch,
+                targets=args.targets, mem=args.mem, steps=args.steps, compile=args.compile, compile_mode=args.compile_mode,
                 attn_core=os.environ.get("XLNET_ATTN_CORE", "auto"), date=time.strftime("%Y-%m-%d"),
                 load=os.getloadavg()[0], malloc_tuned=malloc_tuned, isolated=args.isolated)
     if not args.json:
@@ -560,7 +563,8 @@ def print_header(args, meta: dict) -> None:
     timing = f"{args.steps} steps in each of 2 processes per implementation" if args.isolated else \
         f"{args.steps} interleaved steps"
     print(f"# {meta['date']} {meta['machine']}, {args.device}, {args.threads} threads, torch {meta['torch']}; "
-          f"preset {args.preset}, seq {args.seq}, batch {args.batch}, targets {args.targets}, mem {args.mem}, "
+          f"preset {args.preset}, vocab {meta['vocab']}, seq {args.seq}, batch {args.batch}, targets {args.targets}, "
+          f"mem {args.mem}, "
           f"median of {timing}; load avg {meta['load']:.1f}; compile mode {args.compile_mode}, "
           f"attention core {meta['attn_core']}; malloc {'tuned' if meta['malloc_tuned'] else 'default'}; "
           f"warm-up = the first {args.warmup} steps (compiling, if compiled)")
