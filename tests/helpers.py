@@ -1,8 +1,17 @@
-"""Shared by the parity tests (test_model.py: ours vs HF; test_fast_attention.py: fast vs reference)."""
+"""Shared by the parity tests (test_model.py: ours vs HF; test_fast_attention.py: fast vs reference), and the
+two-process runs of the training verbs (torchrun on gloo)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+import yaml
 
 from xlnet.config import XLNetConfig
 
@@ -56,3 +65,20 @@ def plm_inputs(seed: int = 1, padding: bool = False, segments: bool = True, two_
         tm[0, -1] = 0  # a padded prediction slot
         x["target_mapping"] = tm
     return x
+
+
+def two_processes(verb: str, cfg, *flags: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`xlnet VERB --config <cfg as YAML> FLAGS` in 2 processes on gloo (one thread each); asserts it succeeded.
+    The YAML lands beside cfg.out_dir."""
+    yaml_path = Path(cfg.out_dir).with_suffix(".yaml")
+    yaml_path.parent.mkdir(parents=True, exist_ok=True)
+    yaml_path.write_text(yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "xlnet.cli", verb, "--config", str(yaml_path), *flags]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

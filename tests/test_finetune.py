@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from helpers import two_processes
 from xlnet import tasks as T
+from xlnet import training as TR
 from xlnet.assets import default_tokenizer_dir
 from xlnet.checkpoint import load_model
 from xlnet.cli import main
@@ -244,6 +247,34 @@ def test_every_task_end_to_end(case, lm_dir, tmp_path):
         assert (tmp_path / "eval" / pred_name).read_text() == pred.read_text()
     else:  # the model scores the whole file, training only a subsample
         assert result["n"] > dev["n"]
+
+
+@pytest.mark.parametrize("n_train,compiled", [(35, "false"), (33, "false"), (35, "true")])
+def test_two_processes_train_as_one(lm_dir, tmp_path, n_train, compiled):
+    """`torchrun --nproc-per-node 2 ... finetune` (DDP on gloo): each rank trains on its half of every batch of 16.
+    An epoch ends with a batch of 3 rows (35: shares of 2 and 1, weighted 4/3 and 2/3) or of one row (33: rank 1
+    has none and runs one at weight 0). The logged losses, the dev scores and the best model are one eager
+    process's, to float reassociation, also with compiled blocks under DDP (what a GPU run does by default);
+    only rank 0 writes and prints."""
+    data = glue_sst2(tmp_path / "data", n_train=n_train)
+    kw = dict(epochs=2, dropout=0.0, quiet=False)
+    one = cfg_for(lm_dir, tmp_path / "one", "sst2", data, **kw)
+    two = cfg_for(lm_dir, tmp_path / "two", "sst2", data, compile=compiled, **kw)
+    finetune(one)
+    proc = two_processes("finetune", two, timeout=600)
+    assert proc.stdout.count("[dev] task sst2") == 1 and proc.stderr.count("step 3: dev accuracy") == 1
+    rows = {name: TR.read_metrics(Path(c.out_dir) / "metrics.jsonl") for name, c in (("one", one), ("two", two))}
+    assert [(r["split"], r["step"]) for r in rows["one"]] == [(r["split"], r["step"]) for r in rows["two"]]
+    for a, b in zip(rows["one"], rows["two"]):
+        for key in set(a) - {"time"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
+    summaries = [json.loads((Path(c.out_dir) / "summary.json").read_text()) for c in (one, two)]
+    assert summaries[0]["dev"]["metrics"] == summaries[1]["dev"]["metrics"]
+    assert summaries[0]["test"] is None and summaries[1]["test"] is None  # sst2's test split is unlabeled
+    weights = [load_file(Path(c.out_dir) / "best" / "model.safetensors") for c in (one, two)]
+    for name, w in weights[0].items():
+        torch.testing.assert_close(w, weights[1][name], rtol=0, atol=1e-5, msg=name)
+    assert not list(Path(two.out_dir).glob(".dev-epoch.*"))
 
 
 def dev_name(spec: T.TaskSpec, data: Path) -> str:

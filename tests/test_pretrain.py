@@ -7,10 +7,8 @@ import json
 import math
 import os
 import random
-import socket
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from helpers import two_processes
 from xlnet import training as T
 from xlnet.cli import main as cli_main
 from xlnet.errors import XLNetError
@@ -212,12 +211,6 @@ def _yaml(cfg: PretrainConfig, where: Path) -> str:
     return str(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIST = dict(dropout=0.0, dropatt=0.0, max_steps=4, eval_every=4, save_every=2)
 
 
@@ -230,14 +223,7 @@ def one_process(corpus, tmp_path_factory) -> Path:
 
 
 def torchrun(corpus, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    cfg = small(corpus, out, grad_accum=1, **DIST)
-    yaml_path = out.with_suffix(".yaml")
-    yaml_path.write_text(yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "xlnet.cli", "pretrain", "--config", str(yaml_path), *flags]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = two_processes("pretrain", small(corpus, out, grad_accum=1, **DIST), *flags, timeout=180)
     assert proc.stdout.count("done: 4 steps") == 1  # only rank 0 prints
     return proc
 

@@ -298,12 +298,14 @@ def inference_seconds(model: nn.Module, split: FT.Split, cfg: DistillConfig, dev
 # the run
 
 
-def distill(cfg: DistillConfig) -> dict[str, Any]:
+def distill(cfg: DistillConfig, info: TR.DistInfo | None = None) -> dict[str, Any]:
+    """Distill and compare; returns the summary (under torchrun: rank 0's, as `finetune.finetune`)."""
+    info = info or TR.init_distributed(cfg.device)
     teacher, meta = load_teacher(cfg)
     cfg, spec = resolve_config(cfg, meta, teacher.config.n_layer)
     files = FT.data_files(spec, cfg.data)
     TR.set_seed(cfg.seed)
-    device = TR.resolve_device(cfg.device)
+    device = info.device
     cfg = dataclasses.replace(cfg, precision=TR.resolve_precision(cfg.precision, device),
                               tokenizer=cfg.tokenizer or cfg.teacher)
     labels = meta.get("labels") or teacher.config.label_names or (list(spec.labels) if spec.labels else None)
@@ -316,7 +318,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     if cfg.transfer:
         labeled = train.rows
         train, n_transfer = add_transfer(train, spec, cfg, tok, labels)
-        if not cfg.quiet:
+        if not cfg.quiet and info.is_main:
             print(f"training on {labeled:,} labeled examples and {n_transfer:,} transfer examples from "
                   f"{cfg.transfer}", file=sys.stderr)
 
@@ -328,7 +330,9 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
     start = time.time()
     best, steps = FT.train_loop(student, train, dev, spec, cfg, labels, device, out_dir,
                                 lambda m: FT.save_model_dir(m, out_dir / "best", tok, student_meta),
-                                step_loss, "distill")
+                                step_loss, "distill", info)
+    if not info.is_main:
+        return {"rank": info.rank, "steps": steps}
     seconds = time.time() - start
     report = {"teacher": str(cfg.teacher), "layer_pairs": pairs, "transfer_examples": n_transfer,
               "teacher_dev": FT.score(teacher, dev, spec, cfg, labels, device, out_dir / "teacher" / "dev"),
@@ -375,7 +379,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = build_dataclass(DistillConfig, args.config, args)
-    summary = distill(cfg)
+    info, summary = TR.run_on_ranks(cfg.device, lambda info: distill(cfg, info), timeout_s=FT.EVAL_WAIT_S)
+    if not info.is_main:
+        return 0
     print(comparison_table(summary))
     print(f"best student: {summary['best']}; summary: {Path(cfg.out_dir) / 'summary.json'}")
     return 0

@@ -468,12 +468,20 @@ def score(model: nn.Module, split: Split, spec: T.TaskSpec, cfg: FinetuneConfig,
 # the loop
 
 
-def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+# Under torchrun the other ranks wait in a collective while rank 0 alone scores dev (after each epoch) and test:
+# longer than NCCL's default 10 minutes on a large split must not end the run.
+EVAL_WAIT_S = 6 * 3600
+
+
+def finetune(cfg: FinetuneConfig, info: TR.DistInfo | None = None) -> dict[str, Any]:
+    """Fine-tune and score; returns the summary (under torchrun: rank 0's; the other ranks return
+    {"rank": r, "steps": n} and write nothing)."""
+    info = info or TR.init_distributed(cfg.device)
     spec = T.get_task(cfg.task)
     cfg = resolve_config(cfg, spec)
     files = data_files(spec, cfg.data)
     TR.set_seed(cfg.seed)
-    device = TR.resolve_device(cfg.device)
+    device = info.device
     cfg = dataclasses.replace(cfg, precision=TR.resolve_precision(cfg.precision, device))
     labels = task_labels(spec, cfg, files["train"])
     tok = load_tokenizer(cfg)
@@ -486,7 +494,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     meta = model_meta(spec, cfg, labels)
     start = time.time()
     best, steps = train_loop(model, train, dev, spec, cfg, labels, device, out_dir,
-                             lambda m: save_model_dir(m, out_dir / "best", tok, meta))
+                             lambda m: save_model_dir(m, out_dir / "best", tok, meta), info=info)
+    if not info.is_main:
+        return {"rank": info.rank, "steps": steps}
     return finish(cfg, spec, labels, test, device, out_dir, best, steps, time.time() - start)
 
 
@@ -511,20 +521,49 @@ def task_loss(model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, dict
     return model(**inputs).loss, {}
 
 
+def rank_rows(batch: dict[str, Tensor], info: TR.DistInfo) -> tuple[dict[str, Tensor], float]:
+    """This rank's share of a global batch (consecutive rows; shares differ by at most one row) and the weight of
+    its mean loss: n_rank * world / n, so that DDP's mean over the ranks' gradients is the gradient of the whole
+    batch's mean loss (exactly so for losses that are means over rows). A rank left without a row (a last batch
+    smaller than the world) runs the first row at weight 0: every rank must take part in each backward."""
+    if not info.distributed:
+        return batch, 1.0
+    n = len(next(iter(batch.values())))
+    per, extra = divmod(n, info.world_size)
+    start = info.rank * per + min(info.rank, extra)
+    rows = per + (info.rank < extra)
+    weight = rows * info.world_size / n
+    share = slice(start, start + rows) if rows else slice(0, 1)
+    return {k: v[share] for k, v in batch.items()}, weight
+
+
+def batch_means(values: dict[str, Tensor], weight: float, info: TR.DistInfo) -> dict[str, Tensor]:
+    """The whole batch's means of a step's logged scalars from each rank's weighted ones (one all-reduce)."""
+    if not info.distributed:
+        return values
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()]) * weight
+    return dict(zip(values, TR.all_reduce(stacked, "mean")))
+
+
 def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg: FinetuneConfig,
                labels: list[str] | None, device: torch.device, out_dir: Path,
                save_best: Callable[[nn.Module], Path], step_loss: StepLoss = task_loss,
-               desc: str = "finetune") -> tuple[dict[str, Any] | None, int]:
-    """Train for max_steps (or epochs), scoring dev after every epoch; returns (best dev result, steps)."""
+               desc: str = "finetune", info: TR.DistInfo | None = None) -> tuple[dict[str, Any] | None, int]:
+    """Train for max_steps (or epochs), scoring dev after every epoch; returns (best dev result, steps). Under
+    torchrun (`info`) every rank trains on its share of each batch of cfg.batch_size rows through DDP, and rank 0
+    alone scores dev, keeps the best model and logs (the others then wait in the next step's all-reduce)."""
+    info = info or TR.DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     steps_per_epoch = math.ceil(train.rows / cfg.batch_size)
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
     optimizer, scheduler = build_optimizer(model, cfg, total)
-    logger = TR.MetricsLogger(out_dir)
-    progress = TR.Progress(total, enabled=not cfg.quiet, desc=f"{desc} {spec.name}")
+    logger = TR.MetricsLogger(out_dir, enabled=info.is_main)
+    progress = TR.Progress(total, enabled=not cfg.quiet and info.is_main, desc=f"{desc} {spec.name}")
     gen = torch.Generator().manual_seed(cfg.seed)
     best: dict[str, Any] | None = None
     step = 0
     TR.maybe_compile(model, cfg.compile, device)
+    # find_unused: mask_emb (the query stream's input) never gets a gradient here, nor do some heads' parts
+    wrapped = TR.wrap_ddp(model, info, find_unused=True) if info.distributed else model
     trim = trims(model, train)
     lengths = row_lengths(train) if trim and cfg.group_by_length else None
     model.train()
@@ -533,21 +572,23 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
             order = None if lengths is None else length_grouped_order(lengths, cfg.batch_size, gen)
             for batch in batches(train.tensors, cfg.batch_size, gen, order=order, trim=trim,
                                  positions=train.positions):
+                rows, weight = rank_rows(batch, info)
                 with TR.autocast(device, cfg.precision):
-                    loss, parts = step_loss(model, model_inputs(batch, device, train=True))
-                loss.backward()
+                    loss, parts = step_loss(wrapped, model_inputs(rows, device, train=True))
+                (loss * weight if info.distributed else loss).backward()
                 TR.clip_grad_norm(model, cfg.clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                parts = TR.read_scalars(loss=loss, **parts)  # once the step is queued
+                # once the step is queued; the same values on every rank, so a non-finite loss stops them all
+                parts = TR.read_scalars(**batch_means({"loss": loss, **parts}, weight, info))
                 loss_value = parts.pop("loss")
                 if not math.isfinite(loss_value):  # stops before anything more is saved
                     raise XLNetError(f"loss became {loss_value} at step {step + 1}; lower --lr or check the data")
                 step += 1
                 logger.log("train", step, loss=loss_value, lr=max(scheduler.get_last_lr()), **parts)  # head's lr
                 progress.update(loss=f"{loss_value:.4f}")
-                if step % steps_per_epoch == 0 or step == total:
+                if (step % steps_per_epoch == 0 or step == total) and info.is_main:
                     best = evaluate_epoch(model, dev, spec, cfg, labels, device, out_dir, step, logger, progress,
                                           best, save_best)
                 if step >= total:
@@ -646,7 +687,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = build_dataclass(FinetuneConfig, args.config, args)
-    summary = finetune(cfg)
+    info, summary = TR.run_on_ranks(cfg.device, lambda info: finetune(cfg, info), timeout_s=EVAL_WAIT_S)
+    if not info.is_main:
+        return 0
     for split in ("dev", "test"):
         if summary.get(split):
             print(f"[{split}] " + format_table(summary[split]))

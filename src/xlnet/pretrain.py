@@ -653,13 +653,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = build_dataclass(PretrainConfig, args.config, args)
-    info = T.init_distributed(cfg.device)
-    try:
-        summary = pretrain(cfg, resume=args.resume, info=info)
-        # rank 0 plots last: a rank that tore gloo down meanwhile was seen to abort at exit (once, FSDP test)
-        T.barrier()
-    finally:
-        T.teardown_distributed()
+    info, summary = T.run_on_ranks(cfg.device, lambda info: pretrain(cfg, resume=args.resume, info=info))
     if info.is_main:
         print(format_summary(summary))
     if summary["stopped"]:

@@ -9,6 +9,7 @@ internals beyond `model.transformer.layer` (the list of blocks the wrappers act 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -63,8 +64,10 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Read torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); init NCCL on GPU, gloo on CPU."""
+def init_distributed(device: str = "auto", timeout_s: float | None = None) -> DistInfo:
+    """Read torchrun's env vars (RANK, WORLD_SIZE, LOCAL_RANK); init NCCL on GPU, gloo on CPU. timeout_s: how
+    long a collective may wait for a rank (None: torch's default, 10 minutes for NCCL), e.g. while rank 0
+    alone evaluates."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -72,9 +75,23 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
+        wait = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size, **wait)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def run_on_ranks(device: str, work: Callable[[DistInfo], Any], timeout_s: float | None = None) -> tuple[DistInfo, Any]:
+    """work(info) on every rank of a torchrun job (or the one process), then a barrier and the group torn down,
+    also on error. The barrier holds the other ranks until rank 0 has written its last outputs: a rank that
+    tore gloo down while another was still working was seen to abort at exit."""
+    info = init_distributed(device, timeout_s)
+    try:
+        result = work(info)
+        barrier()
+    finally:
+        teardown_distributed()
+    return info, result
 
 
 def teardown_distributed() -> None:
