@@ -6,6 +6,7 @@ also checks that a pretrained LM directory loads into each task head.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import re
@@ -22,6 +23,7 @@ from xlnet import training as TR
 from xlnet.assets import default_tokenizer_dir
 from xlnet.checkpoint import load_model
 from xlnet.cli import main
+from xlnet.cliconf import build_dataclass
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
 from xlnet.evaluate import evaluate_predictions
@@ -293,6 +295,18 @@ def test_model_learns_keyword_classification(lm_dir, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ config and optimizer
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("finetune-*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_finetune_configs_are_valid(path):
+    """configs/finetune-*.yaml: every key a FinetuneConfig field, a known task, values that pass resolve_config,
+    and flags still win over the file."""
+    cfg = build_dataclass(FinetuneConfig, str(path))
+    resolved = resolve_config(cfg, T.get_task(cfg.task))
+    assert resolved.max_steps > 0 and 0 < resolved.warmup_frac < 1 and resolved.lr < 1e-4
+    args = argparse.Namespace(lr=1e-5, task=None)
+    assert build_dataclass(FinetuneConfig, str(path), args).lr == 1e-5
 
 
 def test_task_defaults_and_explicit_values():
