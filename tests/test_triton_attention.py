@@ -77,17 +77,27 @@ def test_triton_core_matches_reference(variant: str, head: str, monkeypatch) -> 
 
 def test_triton_core_without_memory_fully_masked_rows(monkeypatch) -> None:
     """No memory: the query stream's first target in the factorization order sees no key (every score -1e30, a
-    uniform softmax on every path); its backward must still recompute those probabilities as 1/K."""
+    uniform softmax on every path). The CUDA cores hand such rows to their kernel as zeros (FastInputs.dead_g):
+    the reference's logits, and the SDPA core's gradients, which differ from the reference's in those rows'
+    score gradients alone (the reference differentiates -1e30's rounding)."""
     import xlnet.fast_attention as fa
 
-    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "triton")
     ref, fast = pair(XLNetLMHeadModel, tiny_config(mem_len=12))
     x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True).items()}
     labels = x["input_ids"][:, :P]
-    r, f = ref(**x, labels=labels), fast(**x, labels=labels)
-    assert_close(f.logits, r.logits, "logits")
-    r.loss.backward(), f.loss.backward()
-    assert_grads_close(ref, fast)
+    r = ref(**x, labels=labels)
+    r.loss.backward()
+    grads = {}
+    for core in ("sdpa", "triton"):
+        monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False, core=core: core)
+        fast.zero_grad()
+        f = fast(**x, labels=labels)
+        assert_close(f.logits, r.logits, f"logits, {core} core")
+        f.loss.backward()
+        grads[core] = torch.cat([p.grad.flatten() for p in fast.parameters() if p.grad is not None])
+    assert_close(grads["triton"], grads["sdpa"], "gradients, triton core against sdpa core", tol=1e-6)
+    expected = torch.cat([p.grad.flatten() for p in ref.parameters() if p.grad is not None])
+    assert 0 < (grads["sdpa"] - expected).norm() < 1e-2 * expected.norm()
 
 
 @pytest.mark.parametrize("with_seg", [True, False])
@@ -225,11 +235,14 @@ def test_custom_ops_pass_opcheck_and_compile_as_one_graph(monkeypatch) -> None:
                                                            "test_autograd_registration"))
 
     monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "triton")
-    ref, fast = pair(XLNetLMHeadModel, tiny_config(mem_len=12))
+    config = tiny_config(mem_len=12)
+    ref, fast = pair(XLNetLMHeadModel, config)
     x = {k_: t.to(DEVICE) for k_, t in plm_inputs(padding=True).items()}
     labels = x["input_ids"][:, :P]
+    # with memory every row sees a key (rows that see none: test_triton_core_without_memory_fully_masked_rows)
+    mems = [torch.randn(B, 5, config.d_model, generator=g).to(DEVICE) for _ in range(config.n_layer)]
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
-    r, f = ref(**x, labels=labels), compiled(**x, labels=labels)
+    r, f = ref(**x, labels=labels, mems=mems), compiled(**x, labels=labels, mems=mems)
     assert_close(f.logits, r.logits, "logits")
     r.loss.backward(), f.loss.backward()
     assert_grads_close(ref, fast)

@@ -271,11 +271,12 @@ class FastInputs:
     seg_k: Tensor | None = None  # each key (memory = segment 0)
     shift_g: Tensor | None = None  # [B, 1, P, K] column of the distance table holding distance pos_p - j
     valid: Tensor | None = None  # [B, P, 1, 1] 1 for a real slot, 0 for a zero (padded) row of target_mapping
-    # [B, 1, P, 1] True for a target slot that sees no key (sdpa core only; a content row always sees itself):
-    # CUDA's flash-style kernels save each row's float32 log-sum-exp, which loses log K next to -1e30, so their
-    # backward recomputed such a row's probabilities as 1 instead of 1/K (K times the gradients, H200, torch
-    # 2.11). The row goes to the kernel as zeros (q and bias): the same uniform softmax, computed exactly; its
-    # scores then get no gradient (the reference's comes from -1e30's rounding, README)
+    # [B, 1, P, 1] True for a target slot that sees no key (the CUDA cores, sdpa and triton; a content row always
+    # sees itself): CUDA's flash-style kernels save each row's float32 log-sum-exp, which loses log K next to
+    # -1e30, so their backward recomputed such a row's probabilities as 1 instead of 1/K (K times the gradients,
+    # H200, torch 2.11). The row goes to the kernel as zeros (q, segment coefficient, mask): the same uniform
+    # softmax, computed exactly; its scores then get no gradient (the reference's comes from -1e30's rounding,
+    # README), the same on both CUDA cores
     dead_g: Tensor | None = None
 
 
@@ -314,7 +315,7 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
             rows = pos[:, :, None].expand(-1, -1, klen)
             mask_g = mask_g.expand(bsz, -1, -1).gather(1, rows)[:, None]
             out.mask_g = additive_mask(mask_g, score_dtype)
-            out.dead_g = mask_g.all(-1, keepdim=True) if core == "sdpa" else None
+            out.dead_g = mask_g.all(-1, keepdim=True) if core in ("sdpa", "triton") else None
     if token_type_ids is not None:
         keys = F.pad(token_type_ids, (mlen, 0), value=0)
         seg_g = None if pos is None else token_type_ids.gather(1, pos)
@@ -434,6 +435,10 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     scale = attn.scale
     q_r = (q + attn.r_r_bias) * scale
     qc = (q + attn.r_w_bias).transpose(1, 2)  # [B, n, Lq, dh]
+    if dead is not None:  # zero scores, so an exact uniform softmax with no gradient (FastInputs.dead_g)
+        q_r, qc = q_r.masked_fill(dead.transpose(1, 2), 0), qc.masked_fill(dead, 0)
+        coef = None if coef is None else coef.masked_fill(dead[:, 0], 0)
+        mask = mask.masked_fill(dead, 0)
     kc = k
     seg: tuple[Tensor, ...] = ()
     if coef is not None and core == "manual":  # content + segment in one product (one-hots: FastInputs)
@@ -464,8 +469,6 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     else:
         bias = position_bias(table, geom, qlen, shift, seg, mask, scale, windows)
         if core == "sdpa":
-            if dead is not None:
-                qc, bias = qc.masked_fill(dead, 0), bias.masked_fill(dead, 0)
             out = F.scaled_dot_product_attention(qc, kc, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=scale)
             return out.transpose(1, 2)
         score = torch.baddbmm(bias.reshape(-1, qlen, klen), flat3(qc), flat3(kc).transpose(1, 2), alpha=scale)
