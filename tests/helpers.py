@@ -4,12 +4,14 @@ two-process runs of the training verbs (torchrun on gloo)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -82,3 +84,24 @@ def two_processes(verb: str, cfg, *flags: str, timeout: int = 300) -> subprocess
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def assert_same_finetune_run(one: str | Path, two: str | Path, tol: float = 1e-5) -> list[dict]:
+    """Two fine-tuning (or distillation) output directories hold the same run: every logged value to `tol`, the
+    same dev scores, the best model's weights to `tol`. Returns the two summaries."""
+    from safetensors.torch import load_file
+
+    from xlnet.training import read_metrics
+
+    one, two = Path(one), Path(two)
+    rows = [read_metrics(d / "metrics.jsonl") for d in (one, two)]
+    assert [(r["split"], r["step"]) for r in rows[0]] == [(r["split"], r["step"]) for r in rows[1]]
+    for a, b in zip(*rows):
+        for key in set(a) - {"time"}:
+            assert a[key] == pytest.approx(b[key], abs=tol), (a["step"], key)
+    weights = [load_file(d / "best" / "model.safetensors") for d in (one, two)]
+    for name, w in weights[0].items():
+        torch.testing.assert_close(w, weights[1][name], rtol=0, atol=tol, msg=name)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (one, two)]
+    assert summaries[0]["dev"]["metrics"] == summaries[1]["dev"]["metrics"]
+    return summaries

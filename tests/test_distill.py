@@ -11,12 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
-from helpers import assert_close, two_processes
+from helpers import assert_close, assert_same_finetune_run, two_processes
 import test_finetune
 from test_finetune import TINY, conll, jsonl_data, race, squad2, table_rows, write
-from xlnet import training as TR
 from xlnet.assets import default_tokenizer_dir
 from xlnet.cli import main
 from xlnet.config import XLNetConfig
@@ -338,16 +336,7 @@ def test_two_processes_distill_as_one(teacher, keyword_data, tmp_path):
     distill(cfgs[0])
     proc = two_processes("distill", cfgs[1])
     assert proc.stdout.count("teacher ") == 1  # rank 0's comparison table only
-    rows = [TR.read_metrics(Path(c.out_dir) / "metrics.jsonl") for c in cfgs]
-    assert [(r["split"], r["step"]) for r in rows[0]] == [(r["split"], r["step"]) for r in rows[1]]
-    for a, b in zip(*rows):
-        for key in set(a) - {"time"}:
-            assert a[key] == pytest.approx(b[key], abs=1e-5), (a["step"], key)
-    weights = [load_file(Path(c.out_dir) / "best" / "model.safetensors") for c in cfgs]
-    for name, w in weights[0].items():
-        torch.testing.assert_close(w, weights[1][name], rtol=0, atol=1e-5, msg=name)
-    summaries = [json.loads((Path(c.out_dir) / "summary.json").read_text()) for c in cfgs]
-    assert summaries[0]["dev"]["metrics"] == summaries[1]["dev"]["metrics"]
+    assert_same_finetune_run(cfgs[0].out_dir, cfgs[1].out_dir)
 
 
 def test_cli_prints_teacher_and_student(teacher, keyword_data, tmp_path, capsys):

@@ -731,8 +731,7 @@ class Prefetcher:
 
     def __init__(self, sampler: PLMSampler, depth: int = 2, device: torch.device | None = None,
                  keys: Sequence[str] | None = None, dense: bool = True) -> None:
-        self.sampler, self.depth, self.keys = sampler, depth, None if keys is None else tuple(keys)
-        self.dense = dense
+        self.sampler, self.keys, self.dense = sampler, None if keys is None else tuple(keys), dense
         self.pin = device is not None and device.type == "cuda"
         self._cursor = (sampler.step, sampler.micro)  # the next position to submit
         self._procs = self._pins = None
