@@ -48,7 +48,7 @@ SCENARIOS = {"content": (512, 896, True, True, True), "query": (85, 896, True, T
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 INT_POINTERS = {"C0", "SEGQ", "SEGK", "SEED"}
 FLOAT_POINTERS = {"STATS", "DELTA", "DCOEF", "COEF"}
-DATA_POINTERS = {"Q", "Kt", "V", "T", "MASK", "O", "DO", "DQ", "DK", "DV", "DT"}  # in the autocast dtype
+DATA_POINTERS = {"Q", "Kt", "V", "T", "MASK", "O", "DO", "DQ", "DK", "DV", "DS"}  # in the autocast dtype
 
 
 def signature(fn, dtype: str) -> dict[str, str]:
