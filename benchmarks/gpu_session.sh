@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
-# core, the real training loop, largest batch for XLNet-large. The default (`tests e2e e2e_inline e2e_step`, ~8 minutes)
-# fits one 600 s call: the GPU tests (the SDPA core's no-key rows fixed after the 2026-11-27 session) and where the
-# real loop loses against the benchmark's step; then `graph`, `kernels`, `compile`, `cores`, `triton`, one or two
-# per call (`rows` and `cudagraphs` ran on 2026-11-27: benchmarks/README.md).
+# core, the real training loop, largest batch for XLNet-large. The default (`tests triton`, ~8 minutes) fits one
+# 600 s call: the GPU tests, then the Triton core on real kernels since its dq kernel stores dS dense (the core
+# alone 1.2-1.36x SDPA's time on 2026-11-27, the compiled step not re-timed); then `compile` (ours against HF
+# in one process, not re-run since d067191). The loop (`e2e e2e_inline e2e_step`), `graph` and `kernels` ran on
+# 2026-11-27's fifth GPU session, `rows` and `cudagraphs` in the fourth (benchmarks/README.md).
 # Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|e2e_inline|e2e_step|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-steps=${*:-tests e2e e2e_inline e2e_step}
+steps=${*:-tests triton}
 # the attention core alone (attention_kernels.py, with its kernel profile and ablations) under a time limit
 kernels() { timeout "$1" python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1; }
 # `xlnet pretrain` itself at the benchmark shape and dropout (pretrain's default is 0), 60 steps; $1 names the

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -140,6 +141,8 @@ def test_profile_steps_write_an_op_table_and_a_trace(corpus, tmp_path):
     out = tmp_path / "profiled"
     table = (out / "profile.txt").read_text()
     assert table.startswith("# torch.profiler, training steps 4 to 5, cpu") and "aten::" in table
+    wall, host = map(float, re.search(r"# per step: ([\d.]+) ms wall, ([\d.]+) ms of host ops", table).groups())
+    assert 0 < host <= 2 * wall  # own times of ops that ran in the window (two threads at most)
     assert "aten::" in json.dumps(json.loads((out / "profile.json").read_text())["traceEvents"][:2000])
     assert not list(out.glob(".profile*"))
     assert runs["profiled"] == runs["plain"]

@@ -103,8 +103,8 @@ class PretrainConfig:
     fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP
     progress: bool = True  # progress bar
     prefetch: int | None = None  # batches built ahead by a worker process (None: 2 on a GPU, 0 on a CPU)
-    # profile this many training steps after the first 3 (torch.profiler): profile.txt (ops by time) and
-    # profile.json (a trace for Perfetto or chrome://tracing) in out_dir
+    # profile this many training steps after the first 3 (torch.profiler): profile.txt (time per step, device
+    # idle share, ops by time) and profile.json (a trace for Perfetto or chrome://tracing) in out_dir
     profile_steps: int = 0
 
     def model_config(self, vocab_size: int | None = None) -> XLNetConfig:

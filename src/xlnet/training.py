@@ -712,8 +712,11 @@ class Throughput:
 
 class StepProfiler:
     """torch.profiler over `steps` training steps from step `first` on (steps 0: off), main process only; then
-    out_dir/profile.txt, the ops by their own time (device time on a GPU), and profile.json, the trace (Perfetto,
-    chrome://tracing). Call before(steps done) and after(steps done) around each step, close() at the end."""
+    out_dir/profile.txt and profile.json, the trace (Perfetto, chrome://tracing). profile.txt opens with the
+    window's time per step: wall, host ops and, on a GPU, device kernels, whose shortfall against the wall time
+    is how long the device waited for the host. Then the ops by their own time: device time on a GPU, then
+    host time (where a host-bound loop spends it). Call before(steps done) and after(steps done) around each
+    step, close() at the end."""
 
     def __init__(self, steps: int, first: int, out_dir: Path, info: "DistInfo") -> None:
         self.first, self.steps = first, steps
@@ -721,6 +724,7 @@ class StepProfiler:
         self.device, self.out_dir = info.device, Path(out_dir)
         self._prof: torch.profiler.profile | None = None
         self._window = (0, 0)  # (steps done when it started, steps done so far)
+        self._start = 0.0  # perf_counter when it started
         self.written: str | None = None  # profile.txt, once written
 
     def before(self, done: int) -> None:
@@ -730,6 +734,12 @@ class StepProfiler:
             self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, *cuda])
             self._prof.__enter__()
             self._window = (done, done)
+            self._start = self._clock()
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":  # the window's wall time covers its kernels
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def after(self, done: int) -> None:
         if self._prof is not None:
@@ -742,15 +752,37 @@ class StepProfiler:
         if self._prof is None:
             return
         prof, self._prof = self._prof, None
+        wall_s = self._clock() - self._start
         prof.__exit__(None, None, None)
-        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        events = prof.key_averages()
+        cuda = self.device.type == "cuda"
         with atomic_write(self.out_dir / "profile.txt", "w") as f:
             f.write(f"# torch.profiler, training steps {self._window[0] + 1} to {self._window[1]}, {self.device}\n")
-            f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+            f.write(time_per_step(events, wall_s, self._window[1] - self._window[0], cuda) + "\n")
+            for key in ("self_device_time_total", "self_cpu_time_total")[0 if cuda else 1:]:
+                label = "device" if key == "self_device_time_total" else "host"
+                f.write(f"# ops by their own {label} time\n" + events.table(sort_by=key, row_limit=40) + "\n")
         tmp = self.out_dir / ".profile.json.tmp"
         prof.export_chrome_trace(str(tmp))
         os.replace(tmp, self.out_dir / "profile.json")
         self.written = str(self.out_dir / "profile.txt")
+
+
+def time_per_step(events, wall_s: float, steps: int, cuda: bool) -> str:
+    """'# per step: ...' from a profiler's key_averages over `steps` steps of wall_s seconds: wall time, host ops'
+    own time (all threads) and, with CUDA, the kernels' time and the share of the wall time the device idled."""
+    from torch.autograd import DeviceType
+
+    def ms(us: float) -> float:
+        return us / 1e3 / max(steps, 1)
+
+    wall = wall_s * 1e3 / max(steps, 1)
+    host = ms(sum(e.self_cpu_time_total for e in events if e.device_type == DeviceType.CPU))
+    line = f"# per step: {wall:.1f} ms wall, {host:.1f} ms of host ops (own time)"
+    if cuda:
+        kernels = ms(sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA))
+        line += f", {kernels:.1f} ms of device kernels (the device idle {max(0.0, 1 - kernels / wall):.0%} of it)"
+    return line
 
 
 def cuda_memory_gib(device: torch.device) -> float | None:
