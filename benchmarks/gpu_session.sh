@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
-# core, the real training loop, largest batch for XLNet-large. The default (`tests triton`, ~8 minutes) fits one
-# 600 s call: the GPU tests, then the Triton core on real kernels since its dq kernel stores dS dense (the core
-# alone 1.2-1.36x SDPA's time on 2026-11-27, the compiled step not re-timed); then `compile` (ours against HF
-# in one process, not re-run since d067191). The loop (`e2e e2e_inline e2e_step`), `graph` and `kernels` ran on
-# 2026-11-27's fifth GPU session, `rows` and `cudagraphs` in the fourth (benchmarks/README.md).
+# core, the real training loop, largest batch for XLNet-large. The default (`tests e2e e2e_step`, ~4-5 minutes):
+# the GPU tests (PendingScalars' pinned copy and event in the compiled pretraining run), then the real loop,
+# which since 2026-11-27 queues a step ahead of reading the last (7 ms a step behind the step before that,
+# 133k against 151k tokens/s), against the benchmark's step on the same model. Then `triton` (the core on real
+# kernels since its dq kernel stores dS dense: the core alone 1.2-1.36x SDPA's time, the compiled step not
+# re-timed) and `compile` (ours against HF in one process, not re-run since d067191). benchmarks/README.md has
+# what each ran on (`graph`, `kernels` and the loop in the fifth GPU session, `rows` and `cudagraphs` in the fourth).
 # Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|e2e_inline|e2e_step|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-steps=${*:-tests triton}
+steps=${*:-tests e2e e2e_step}
 # the attention core alone (attention_kernels.py, with its kernel profile and ablations) under a time limit
 kernels() { timeout "$1" python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1; }
 # `xlnet pretrain` itself at the benchmark shape and dropout (pretrain's default is 0), 60 steps; $1 names the

@@ -68,6 +68,31 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return XLNetLMHeadModel.from_pretrained(path, verbose=False).state_dict()
 
 
+def test_steps_are_read_one_behind_except_where_evaluated_or_saved(corpus, tmp_path, monkeypatch):
+    """The loop queues step n + 1 before it reads step n's scalars, so a GPU never waits for the host between
+    steps; not after a step that is evaluated (every 2 here) or saved, which must see the model as that step
+    left it: then the losses, valid losses included, equal a run that also saves at each evaluation."""
+    events: list[tuple[str, int]] = []
+
+    class Recording(T.PendingScalars):
+        def __init__(self, **values):
+            super().__init__(**values)
+            self.step = sum(kind == "queue" for kind, _ in events) + 1
+            events.append(("queue", self.step))
+
+        def read(self):
+            events.append(("read", self.step))
+            return super().read()
+
+    monkeypatch.setattr(T, "PendingScalars", Recording)
+    pretrain(small(corpus, tmp_path / "a", eval_every=2, save_every=0))
+    assert events == [("queue", 1), ("queue", 2), ("read", 1), ("read", 2), ("queue", 3), ("queue", 4), ("read", 3),
+                      ("read", 4), ("queue", 5), ("queue", 6), ("read", 5), ("read", 6)]
+    pretrain(small(corpus, tmp_path / "b", eval_every=2, save_every=2))
+    assert [row[1] for row in losses(tmp_path / "a") if row[0] == "valid"] == [0, 2, 4, 6]
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
 def test_resume_checks_data_and_tokenizer_by_content_not_path(corpus, tmp_path):
     """Data and tokenizer copied elsewhere resume the run exactly; other data under the old path would not."""
     import shutil

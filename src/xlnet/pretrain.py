@@ -548,54 +548,79 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
         last_valid, first_valid = saved.get("valid_loss"), saved.get("valid_loss_start")
         train_loss = saved.get("train_loss", train_loss)
 
+    def launch() -> dict[str, Any]:
+        """Queue one training step; its scalars are read once the next step is queued (PendingScalars)."""
+        loss_t, extras_t = forward_backward(wrapped, batches, mems, cfg, info, precision)
+        norm_t = T.clip_grad_norm(wrapped, cfg.clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"lr": lr, "scalars": T.PendingScalars(loss=loss_t, grad_norm=norm_t, **extras_t)}
+
+    def evaluates(at: int) -> bool:
+        return cfg.eval_every > 0 and (at % cfg.eval_every == 0 or at == cfg.max_steps)
+
+    def saves(at: int) -> bool:
+        return (cfg.save_every > 0 and at % cfg.save_every == 0) or at == cfg.max_steps
+
     wrapped.train()
     batches = prefetch(sampler, info.device, cfg.prefetch)
     profiler = T.StepProfiler(cfg.profile_steps, start_step + 3, out_dir, info)
+    # The host queues step n + 1 before it reads step n's scalars, so the device never waits for the host
+    # between steps; except after a step that is evaluated or saved (they must see the model as that step left
+    # it) or that ends the profiled window. `launched` counts the steps queued, `step` those read; `queued` is
+    # the one in between.
+    launched, queued, saved_at = step, None, None
+    clock = time.perf_counter()
     try:
         with T.StopSignal() as stop:
-            while step < cfg.max_steps:
-                profiler.before(step)
-                t0 = time.perf_counter()
-                loss_t, extras_t = forward_backward(wrapped, batches, mems, cfg, info, precision)
-                norm_t = T.clip_grad_norm(wrapped, cfg.clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                # read once the step is queued; a non-finite step is never saved (the run stops here)
-                extras = T.read_scalars(loss=loss_t, grad_norm=norm_t, **extras_t)
-                train_loss, grad_norm = extras.pop("loss"), extras.pop("grad_norm")
-                if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-                    raise XLNetError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'} at "
-                                     f"step {step + 1}; stopped without saving (last good checkpoint: "
-                                     f"{last_ckpt or 'none'}); try a lower --lr or --precision fp32")
-                step += 1
-                tokens_seen += tokens_per_step
-                if info.device.type == "cuda":
-                    torch.cuda.synchronize(info.device)
-                throughput.step(tokens_per_step, time.perf_counter() - t0)
-                profiler.after(step)
-
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    logger.log("train", step, loss=train_loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
-                               tokens_per_s=round(throughput.tokens_per_s, 1), mfu=throughput.mfu,
-                               mem_gib=T.cuda_memory_gib(info.device), **extras)
-                if cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    last_valid = evaluate(wrapped, resolved, data, info, precision)
-                    first_valid = last_valid if first_valid is None else first_valid
-                    logger.log("valid", step, loss=last_valid)
-                    bar.write(f"step {step}: valid loss {last_valid:.4f}")
-                bar.update(1, loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_s:,.0f}",
-                           valid=None if last_valid is None else f"{last_valid:.3f}")
+            while True:
                 stop_now = stop.agreed(info.device)
-                if stop_after_steps is not None and step - start_step >= stop_after_steps and step < cfg.max_steps:
+                if stop_after_steps is not None and launched - start_step >= stop_after_steps \
+                        and launched < cfg.max_steps:
                     stop.requested, stop_now = stop.requested or "stop_after_steps", True
-                if (cfg.save_every > 0 and step % cfg.save_every == 0) or step == cfg.max_steps or stop_now:
-                    last_ckpt = save(step)
-                if stop_now:
-                    stopped = stop.requested or "signal"
-                    bar.write(f"{stopped}: saved {last_ckpt}; continue with --resume")
+                ahead = None
+                if not stop_now and launched < cfg.max_steps and not (queued is not None and (
+                        evaluates(launched) or saves(launched) or profiler.closes_after(launched))):
+                    profiler.before(launched)
+                    ahead = launch()
+                    launched += 1
+                if queued is not None:
+                    # a non-finite step is never saved (the run stops here)
+                    extras = queued["scalars"].read()
+                    train_loss, grad_norm = extras.pop("loss"), extras.pop("grad_norm")
+                    if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+                        raise XLNetError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'}"
+                                         f" at step {step + 1}; stopped without saving (last good checkpoint: "
+                                         f"{last_ckpt or 'none'}); try a lower --lr or --precision fp32")
+                    step += 1
+                    tokens_seen += tokens_per_step
+                    now = time.perf_counter()
+                    throughput.step(tokens_per_step, now - clock)
+                    profiler.after(step)
+                    if step % cfg.log_every == 0 or step == cfg.max_steps:
+                        logger.log("train", step, loss=train_loss, lr=queued["lr"], grad_norm=grad_norm,
+                                   tokens=tokens_seen, tokens_per_s=round(throughput.tokens_per_s, 1),
+                                   mfu=throughput.mfu, mem_gib=T.cuda_memory_gib(info.device), **extras)
+                    if evaluates(step):
+                        last_valid = evaluate(wrapped, resolved, data, info, precision)
+                        first_valid = last_valid if first_valid is None else first_valid
+                        logger.log("valid", step, loss=last_valid)
+                        bar.write(f"step {step}: valid loss {last_valid:.4f}")
+                    bar.update(1, loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_s:,.0f}",
+                               valid=None if last_valid is None else f"{last_valid:.3f}")
+                    if saves(step):
+                        last_ckpt, saved_at = save(step), step
+                    clock = now if ahead is not None else time.perf_counter()  # evaluation and saving not timed
+                queued = ahead
+                if queued is None and (stop_now or launched >= cfg.max_steps):
                     break
+            if stop_now:
+                if saved_at != step:
+                    last_ckpt = save(step)
+                stopped = stop.requested or "signal"
+                bar.write(f"{stopped}: saved {last_ckpt}; continue with --resume")
     finally:
         profiler.close()
         batches.close()

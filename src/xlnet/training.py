@@ -302,13 +302,32 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     return norm
 
 
+class PendingScalars:
+    """A step's scalars (loss, gradient norm, loss terms) on their way to the host in one copy, started when the
+    step has been queued (on a GPU asynchronously, into pinned memory, behind an event). `read()` waits for that
+    step alone, so a loop that reads step n after queueing step n + 1 keeps the host a step ahead of the device;
+    a plain `.item()` would also wait for everything queued since, and leave the device idle until the host
+    queues more."""
+
+    def __init__(self, **values: torch.Tensor) -> None:
+        self.names = list(values)
+        self._event: torch.cuda.Event | None = None
+        self._flat = torch.stack([v.detach().float().reshape(()) for v in values.values()]) if values else None
+        if self._flat is not None and self._flat.is_cuda:
+            host = torch.empty(self._flat.shape, dtype=self._flat.dtype, pin_memory=True)
+            self._flat = host.copy_(self._flat, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def read(self) -> dict[str, float]:
+        if self._event is not None:
+            self._event.synchronize()
+        return {} if self._flat is None else dict(zip(self.names, self._flat.tolist()))
+
+
 def read_scalars(**values: torch.Tensor) -> dict[str, float]:
-    """A step's scalars (loss, gradient norm, loss terms) in one copy to the host, after the optimizer step has
-    been queued: on a GPU each `.item()` is a round trip that leaves the device idle until the host queues more."""
-    if not values:
-        return {}
-    flat = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()
-    return dict(zip(values, flat))
+    """A step's scalars read at once, after its optimizer step has been queued (PendingScalars)."""
+    return PendingScalars(**values).read()
 
 
 # ================================================================================================
@@ -740,6 +759,11 @@ class StepProfiler:
         if self.device.type == "cuda":  # the window's wall time covers its kernels
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+    def closes_after(self, done: int) -> bool:
+        """Whether the window closes once step `done` is finished: a loop that queues a step ahead queues none
+        beyond it first, so the window holds its steps alone."""
+        return self._prof is not None and done - self._window[0] >= self.steps
 
     def after(self, done: int) -> None:
         if self._prof is not None:
