@@ -460,6 +460,33 @@ def test_nan_loss_is_one_line(lm_dir, tmp_path, capsys):
     assert not (tmp_path / "out" / "best").exists()
 
 
+def test_steps_are_read_one_behind_and_epoch_ends_before_dev(lm_dir, tmp_path, monkeypatch):
+    """The loop queues step n + 1 before it reads step n's scalars (training.PendingScalars), so a GPU never
+    waits for the host between steps; an epoch's last step is read before dev is scored (3 steps an epoch)."""
+    import xlnet.training as TR
+
+    events: list[tuple[str, int]] = []
+
+    class Recording(TR.PendingScalars):
+        def __init__(self, **values):
+            super().__init__(**values)
+            self.step = sum(kind == "queue" for kind, _ in events) + 1
+            events.append(("queue", self.step))
+
+        def read(self):
+            events.append(("read", self.step))
+            return super().read()
+
+    monkeypatch.setattr(TR, "PendingScalars", Recording)
+    data = jsonl_data(tmp_path / "data", n_train=24, n_dev=8)
+    summary = finetune(cfg_for(lm_dir, tmp_path, "classification", data, epochs=2, batch_size=8))
+    assert events == [("queue", 1), ("queue", 2), ("read", 1), ("queue", 3), ("read", 2), ("read", 3), ("queue", 4),
+                      ("queue", 5), ("read", 4), ("queue", 6), ("read", 5), ("read", 6)]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["split"] == "valid"] == [3, 6] and summary["steps"] == 6
+
+
 def test_compiled_training_step_learns_like_eager(lm_dir, tmp_path):
     """--compile true (the default on a GPU) trains through torch.compile: same data, same seed, the same
     training losses as the eager run to within float reassociation, and the same dev accuracy."""

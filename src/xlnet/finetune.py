@@ -566,9 +566,23 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
     wrapped = TR.wrap_ddp(model, info, find_unused=True) if info.distributed else model
     trim = trims(model, train)
     lengths = row_lengths(train) if trim and cfg.group_by_length else None
+
+    def read(pending: tuple[TR.PendingScalars, float]) -> None:
+        """Log a queued step once its scalars arrive: the same values on every rank, so a non-finite loss stops
+        them all (before anything more is saved: the best model is saved only after an epoch's step is read)."""
+        nonlocal step
+        parts = pending[0].read()
+        loss_value = parts.pop("loss")
+        if not math.isfinite(loss_value):
+            raise XLNetError(f"loss became {loss_value} at step {step + 1}; lower --lr or check the data")
+        step += 1
+        logger.log("train", step, loss=loss_value, lr=pending[1], **parts)
+        progress.update(loss=f"{loss_value:.4f}")
+
     model.train()
+    launched, queued = 0, None  # steps queued; the one queued but not read yet (read after the next is queued)
     try:
-        while step < total:
+        while launched < total:
             order = None if lengths is None else length_grouped_order(lengths, cfg.batch_size, gen)
             for batch in batches(train.tensors, cfg.batch_size, gen, order=order, trim=trim,
                                  positions=train.positions):
@@ -579,19 +593,20 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
                 TR.clip_grad_norm(model, cfg.clip)
                 optimizer.step()
                 scheduler.step()
+                lr = max(scheduler.get_last_lr())  # the head's
                 optimizer.zero_grad(set_to_none=True)
-                # once the step is queued; the same values on every rank, so a non-finite loss stops them all
-                parts = TR.read_scalars(**batch_means({"loss": loss, **parts}, weight, info))
-                loss_value = parts.pop("loss")
-                if not math.isfinite(loss_value):  # stops before anything more is saved
-                    raise XLNetError(f"loss became {loss_value} at step {step + 1}; lower --lr or check the data")
-                step += 1
-                logger.log("train", step, loss=loss_value, lr=max(scheduler.get_last_lr()), **parts)  # head's lr
-                progress.update(loss=f"{loss_value:.4f}")
-                if (step % steps_per_epoch == 0 or step == total) and info.is_main:
-                    best = evaluate_epoch(model, dev, spec, cfg, labels, device, out_dir, step, logger, progress,
-                                          best, save_best)
-                if step >= total:
+                launched += 1
+                ahead = TR.PendingScalars(**batch_means({"loss": loss, **parts}, weight, info)), lr
+                if queued is not None:
+                    read(queued)
+                queued = ahead
+                if launched % steps_per_epoch == 0 or launched == total:  # dev sees the model this step left
+                    read(queued)
+                    queued = None
+                    if info.is_main:
+                        best = evaluate_epoch(model, dev, spec, cfg, labels, device, out_dir, step, logger,
+                                              progress, best, save_best)
+                if launched >= total:
                     break
     finally:
         progress.close()

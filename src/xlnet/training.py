@@ -294,7 +294,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` (<= 0: measure only); returns the total norm before clipping, on the device (read it
-    with the step's other scalars, `read_scalars`). FSDP2-safe."""
+    with the step's other scalars, `PendingScalars`). FSDP2-safe."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
@@ -324,10 +324,6 @@ class PendingScalars:
             self._event.synchronize()
         return {} if self._flat is None else dict(zip(self.names, self._flat.tolist()))
 
-
-def read_scalars(**values: torch.Tensor) -> dict[str, float]:
-    """A step's scalars read at once, after its optimizer step has been queued (PendingScalars)."""
-    return PendingScalars(**values).read()
 
 
 # ================================================================================================
