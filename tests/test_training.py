@@ -178,6 +178,35 @@ def test_stop_signal_sets_flag_then_second_ctrl_c_interrupts():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def _agree(rank: int, out_dir: str) -> None:
+    """One of two gloo processes: rank 1 is asked to stop before its third call to agreed()."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=2)
+    stop, seen = T.StopSignal(), []
+    for call in range(6):
+        if rank == 1 and call == 2:
+            stop.requested = "SIGTERM"
+        seen.append(stop.agreed(torch.device("cpu")))
+    dist.destroy_process_group()
+    with open(f"{out_dir}/{rank}.json", "w") as f:
+        json.dump(seen, f)
+
+
+def test_ranks_agree_to_stop_one_call_later(tmp_path):
+    """Under torchrun agreed() answers with the previous call's all-reduce (no round trip that waits for the
+    queued steps): both ranks stop at the same call, the one after rank 1's request."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree, args=(str(tmp_path),), nprocs=2)
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    assert seen[0] == seen[1] == [False, False, False, True, True, True]
+
+
 def test_flops_and_throughput():
     f = T.xlnet_flops_per_token(256, 4, 1024, 8000, 128, 64, 21)
     dense = 6 * 4 * (4 * 256 * 256 + 2 * 256 * 1024)  # 6N for the blocks' matmuls

@@ -626,6 +626,7 @@ class StopSignal:
     def __init__(self) -> None:
         self.requested: str | None = None
         self._old: dict[int, Any] = {}
+        self._pending: PendingScalars | None = None  # the last all-reduced flag, under torchrun
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested is not None and signum == signal.SIGINT:
@@ -643,12 +644,15 @@ class StopSignal:
             signal.signal(sig, old)
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was asked to stop (one tiny all-reduce under torchrun; a single process
-        does not touch the device: on a GPU that was a copy each way every step)."""
+        """True on every rank if any rank was asked to stop. A single process does not touch the device. Under
+        torchrun each call all-reduces this rank's flag and answers with the previous call's result (read as
+        PendingScalars), so the ranks agree a call later without a round trip that would wait for every step
+        queued since: the loop keeps a step ahead of the device there too."""
         if not multi_process():
             return self.requested is not None
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        return bool(all_reduce(flag, "max").item() > 0)
+        previous, self._pending = self._pending, PendingScalars(stop=all_reduce(flag, "max"))
+        return previous is not None and previous.read()["stop"] > 0
 
 
 # ================================================================================================
