@@ -105,3 +105,24 @@ def assert_same_finetune_run(one: str | Path, two: str | Path, tol: float = 1e-5
     summaries = [json.loads((d / "summary.json").read_text()) for d in (one, two)]
     assert summaries[0]["dev"]["metrics"] == summaries[1]["dev"]["metrics"]
     return summaries
+
+
+def record_scalar_reads(monkeypatch) -> list[tuple[str, int]]:
+    """Patch training.PendingScalars to record ("queue", n) when step n's scalars are queued and ("read", n)
+    when they are read; returns the list the loop fills."""
+    import xlnet.training as TR
+
+    events: list[tuple[str, int]] = []
+
+    class Recording(TR.PendingScalars):
+        def __init__(self, **values):
+            super().__init__(**values)
+            self.step = sum(kind == "queue" for kind, _ in events) + 1
+            events.append(("queue", self.step))
+
+        def read(self):
+            events.append(("read", self.step))
+            return super().read()
+
+    monkeypatch.setattr(TR, "PendingScalars", Recording)
+    return events

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_same_finetune_run, two_processes
+from helpers import assert_same_finetune_run, record_scalar_reads, two_processes
 from xlnet import tasks as T
 from xlnet.assets import default_tokenizer_dir
 from xlnet.checkpoint import load_model
@@ -463,21 +463,7 @@ def test_nan_loss_is_one_line(lm_dir, tmp_path, capsys):
 def test_steps_are_read_one_behind_and_epoch_ends_before_dev(lm_dir, tmp_path, monkeypatch):
     """The loop queues step n + 1 before it reads step n's scalars (training.PendingScalars), so a GPU never
     waits for the host between steps; an epoch's last step is read before dev is scored (3 steps an epoch)."""
-    import xlnet.training as TR
-
-    events: list[tuple[str, int]] = []
-
-    class Recording(TR.PendingScalars):
-        def __init__(self, **values):
-            super().__init__(**values)
-            self.step = sum(kind == "queue" for kind, _ in events) + 1
-            events.append(("queue", self.step))
-
-        def read(self):
-            events.append(("read", self.step))
-            return super().read()
-
-    monkeypatch.setattr(TR, "PendingScalars", Recording)
+    events = record_scalar_reads(monkeypatch)
     data = jsonl_data(tmp_path / "data", n_train=24, n_dev=8)
     summary = finetune(cfg_for(lm_dir, tmp_path, "classification", data, epochs=2, batch_size=8))
     assert events == [("queue", 1), ("queue", 2), ("read", 1), ("queue", 3), ("read", 2), ("read", 3), ("queue", 4),

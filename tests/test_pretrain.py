@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import two_processes
+from helpers import record_scalar_reads, two_processes
 from xlnet import training as T
 from xlnet.cli import main as cli_main
 from xlnet.errors import XLNetError
@@ -72,19 +72,7 @@ def test_steps_are_read_one_behind_except_where_evaluated_or_saved(corpus, tmp_p
     """The loop queues step n + 1 before it reads step n's scalars, so a GPU never waits for the host between
     steps; not after a step that is evaluated (every 2 here) or saved, which must see the model as that step
     left it: then the losses, valid losses included, equal a run that also saves at each evaluation."""
-    events: list[tuple[str, int]] = []
-
-    class Recording(T.PendingScalars):
-        def __init__(self, **values):
-            super().__init__(**values)
-            self.step = sum(kind == "queue" for kind, _ in events) + 1
-            events.append(("queue", self.step))
-
-        def read(self):
-            events.append(("read", self.step))
-            return super().read()
-
-    monkeypatch.setattr(T, "PendingScalars", Recording)
+    events = record_scalar_reads(monkeypatch)
     pretrain(small(corpus, tmp_path / "a", eval_every=2, save_every=0))
     assert events == [("queue", 1), ("queue", 2), ("read", 1), ("read", 2), ("queue", 3), ("queue", 4), ("read", 3),
                       ("read", 4), ("queue", 5), ("queue", 6), ("read", 5), ("read", 6)]
