@@ -360,7 +360,7 @@ def _launch_args(qc: Tensor, klen: int, table: Tensor, strides: tuple[int, int],
                  BLOCK_D=max(16, triton.next_power_of_2(d_head)))
     tensors = (table, c0, coef if has_seg else qc, seg_q if has_seg else c0, seg_k if has_seg else c0,
                mask if has_mask else qc)
-    return dict(tensors=tensors, scalars=scalars, flags=flags)
+    return dict(tensors=tensors, scalars=scalars, flags=flags, stride_cb=stride_cb)
 
 
 def _grid(rows: int, block: str, programs: int):
@@ -414,8 +414,8 @@ def rel_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, qc: Ten
     _backward_q[_grid(qlen, "BLOCK_M", bsz * n_head)](
         qc, k, v, *args["tensors"], do, stats, delta, dq, d_s, d_coef if coef is not None else dq,
         *args["scalars"], **args["flags"])
-    _, _, _, _, _, _, _, sb, sn, rlen, stride_cb, _, _ = args["scalars"]
-    _window_grad[(qlen, bsz * n_head)](d_s, args["tensors"][1], d_table, qlen, klen, rlen, n_head, sb, sn, stride_cb,
+    rlen = table.shape[-1]
+    _window_grad[(qlen, bsz * n_head)](d_s, c0, d_table, qlen, klen, rlen, n_head, sb, sn, args["stride_cb"],
                                        BLOCK=min(WINDOW_BLOCK, triton.next_power_of_2(rlen)))
     return dq, dk, dv, d_table, d_coef
 
