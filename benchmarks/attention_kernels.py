@@ -167,7 +167,7 @@ def print_picked_tiles() -> None:
     """The tile the autotuner kept for each kernel and call shape (which of triton_attention.TILES win)."""
     import xlnet.triton_attention as ta
 
-    for kernel in ("forward", "backward_kv", "backward_q"):
+    for kernel in ta.TILES:
         for key, config in getattr(ta, "_" + kernel).cache.items():
             lq, klen, _, dropout, seg, mask = key[:6]  # the autotune key: triton_attention.tuned
             kw = config.kwargs

@@ -4,8 +4,8 @@
 # the GPU tests (PendingScalars' pinned copy and event in the compiled pretraining run), then the real loop,
 # which since 2026-11-27 queues a step ahead of reading the last (7 ms a step behind the step before that,
 # 133k against 151k tokens/s), against the benchmark's step on the same model. Then `triton` (the core on real
-# kernels since its dq kernel stores dS dense: the core alone 1.2-1.36x SDPA's time, the compiled step not
-# re-timed) and `compile` (ours against HF in one process, not re-run since d067191). benchmarks/README.md has
+# kernels since its backward lost the dq kernel, 2026-11-28: dq is a matrix product over the stored dS; before,
+# the core alone took 1.2-1.36x SDPA's time) and `compile` (ours against HF in one process, not re-run since d067191). benchmarks/README.md has
 # what each ran on (`graph`, `kernels` and the loop in the fifth GPU session, `rows` and `cudagraphs` in the fourth).
 # Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|e2e_inline|e2e_step|maxbatch]...
 set -u

@@ -40,7 +40,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from xlnet import triton_attention as ta  # noqa: E402
 
-KERNELS = {"forward": ta._forward, "backward_kv": ta._backward_kv, "backward_q": ta._backward_q}
+KERNELS = {"forward": ta._forward, "backward_kv": ta._backward_kv}
 # (Lq, K, HAS_SEG, HAS_MASK, DROPOUT) of each call at the GPU benchmark shape (base preset, head dim 64); the
 # distance table has R = K + 512 columns (K keys and the 512 tokens of the segment) in every one
 SCENARIOS = {"content": (512, 896, True, True, True), "query": (85, 896, True, True, True),

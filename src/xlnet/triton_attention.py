@@ -9,14 +9,15 @@ scaled), c0_i the column holding key 0's distance for query row i (content strea
 target's position, `distance_columns`); each row reads K consecutive columns, so for the bidirectional table
 (R = K + Lq) a column is read at most once per row and its gradient is a plain copy. Softmax is online
 (flash-attention style), attention dropout is drawn in the tile from a counter-based generator (philox, one
-call per 8 keys: the backward regenerates the same mask), and the backward recomputes the scores: one kernel
-over key blocks (dk, dv), one over query blocks (dq, dS, the segment coefficient's gradient), no atomics. The
-dq kernel stores dS as dense [Lq, K] rows and `_window_grad` lays them into the table's windows, writing the
-zeros outside them too (no zero-filled buffer first). On an H200 that took the content stream's dq kernel
-from 2.5 ms to 1.0 (+ 0.12 for the copy): dS stored straight into the windows, at offsets the compiler cannot
-prove contiguous or aligned, had cost more than the whole dk/dv kernel. Loads clamp rows and keys past the end instead
-of masking them (their scores are discarded): a masked gather of the [BLOCK_M, BLOCK_N] table window kept its
-predicates and pointers live and spilled registers.
+call per 8 keys: the backward regenerates the same mask), and the backward recomputes the scores once, in a
+kernel over key blocks that accumulates dk and dv and stores dS as dense [Lq, K] rows. The table's gradient is
+made of dS, so dS is in memory anyway: dq = scale·dS·k is then one matrix product, and `_window_grad` lays dS
+into the table's windows (writing the zeros outside them too: no zero-filled buffer first) and sums the
+segment coefficient's gradient. No atomics. (Until 2026-11-28 a second kernel over query blocks recomputed
+every tile a second time for dq, dS and the coefficient: on an H200 it took 1.0 ms of the content stream's
+3.6 ms core.) Loads clamp rows and keys past the end instead of masking them (their scores are discarded): a
+masked gather of the [BLOCK_M, BLOCK_N] table window kept its predicates and pointers live and spilled
+registers.
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set before this module is
 imported): that is how the tests check them against the reference on CPU. Their register use on a GPU can be
@@ -37,21 +38,19 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton 3.6 to 3.9 (torch 2.11 pins 3.6, torch 2.13 3.7; benchmarks/kernel_resources.py lists registers, local
 # memory and matrix instructions, test_triton_attention.py holds them for the installed Triton). Each thread
 # holds at most 16 of the forward's scores (Triton >= 3.7 lays the distance-window gather out across threads
-# and spilled at 32); the backward kernels keep the iterated dimension narrow (kv: query rows, q: keys), as
-# their accumulators stay in registers. The dk/dv kernel's fifth entry, keys_down, computes its tile
-# transposed ([keys, rows]): then all four of its products have the keys (64 or more) as their M, which
+# and spilled at 32); the backward kernel keeps the dimension it iterates over (query rows) narrow, as its
+# accumulators stay in registers. Its first three entries (keys_down) compute the tile transposed
+# ([keys, rows]): then all four of its products have the keys (64 or more) as their M, which
 # Hopper's wgmma needs, and P and dS enter dv and dk from registers; rows-down, the two products that
 # recompute S and dP have 16-32 rows as M and compile to the older mma.sync (the autotuner keeps both kinds
-# until a GPU says which wins). Under the interpreter: small tiles that differ between the kernels, so the
+# until a GPU says which wins). Under the interpreter: small tiles that differ between the two kernels, so the
 # tests run several blocks per loop and check that kernels with different tiles draw the same dropout mask.
 TILES = {
     "forward": ((64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)),
     "backward_kv": ((32, 64, 8, 2, True), (16, 128, 8, 2, True), (16, 64, 4, 2, True), (32, 64, 8, 2),
                     (64, 32, 4, 2)),
-    "backward_q": ((64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2), (32, 32, 4, 2)),
 }
-INTERPRETER_TILES = {"forward": ((16, 32, 4, 1),), "backward_kv": ((32, 16, 4, 1, True),),
-                     "backward_q": ((16, 16, 4, 1),)}
+INTERPRETER_TILES = {"forward": ((16, 32, 4, 1),), "backward_kv": ((32, 16, 4, 1, True),)}
 
 
 # XLNET_TRITON_AUTOTUNE=0: each kernel's first tile only, no timed trials (the GPU tests, whose many small
@@ -255,7 +254,7 @@ def _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, 
 
 @tuned("backward_kv")
 @triton.jit
-def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, DV, Lq: tl.constexpr,
+def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, DV, DS, Lq: tl.constexpr,
                  K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, R: tl.constexpr,
                  stride_cb, stride_mb, stride_mi,
                  HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
@@ -281,64 +280,40 @@ def _backward_kv(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DK, 
         else:
             dv += _dot(tl.trans(p_kept.to(do.dtype)), do, IEEE)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        # dS as it is, [Lq, K] rows per (batch, head) (int64: B·n·Lq·K may pass 2**31): dq is one matrix product
+        # over it, and _window_grad lays it into the table
+        tl.store(DS + (bh.to(tl.int64) * Lq + _by_row(offs_m, KEYS_DOWN)) * K + _by_key(offs_n, KEYS_DOWN),
+                 ds.to(DS.dtype.element_ty), mask=_by_row(offs_m < Lq, KEYS_DOWN) & _by_key(offs_n < K, KEYS_DOWN))
     ok = (offs_n < K)[:, None] & (offs_d < D)[None, :]
     ptrs = bh * K * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(DK + ptrs, (dk * scale).to(DK.dtype.element_ty), mask=ok)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=ok)
 
 
-@tuned("backward_q")
 @triton.jit
-def _backward_q(Q, Kt, V, T, C0, COEF, SEGQ, SEGK, MASK, DO, STATS, DELTA, DQ, DS, DCOEF, Lq: tl.constexpr,
-                K: tl.constexpr, D: tl.constexpr, n_head, scale, p_drop, SEED, stride_tb, stride_th, R: tl.constexpr,
-                stride_cb, stride_mb, stride_mi,
-                HAS_SEG: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
-    b, h = bh // n_head, bh % n_head
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Lq
-    q, do, m, l, delta = _query_block(Q, DO, STATS, DELTA, bh, offs_m, Lq, offs_d, D, BLOCK_D)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dcoef = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_SEG:  # the rows' segment ids, once for the whole key loop
-        sq = tl.load(SEGQ + b * Lq + offs_m, mask=row_ok, other=-1)
-    for start_n in range(0, K, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(Kt + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
-        v = _load_rows(V + bh * K * D, offs_n, K, offs_d, D, BLOCK_D)
-        _, ds = _probs_and_grad(q, k, v, do, m, l, delta, T, C0, COEF, SEGQ, SEGK, MASK, b, h, bh, offs_m, start_n,
-                                Lq, K, n_head, scale, p_drop, SEED, stride_tb, stride_th, R, stride_cb, stride_mb,
-                                stride_mi, HAS_SEG, HAS_MASK, DROPOUT, IEEE, BLOCK_N, False)
-        dq += _dot(ds.to(k.dtype), k, IEEE)
-        # dS as it is, [Lq, K] rows per (batch, head) (int64: B·n·Lq·K may pass 2**31); _window_grad lays it
-        # into the table
-        tl.store(DS + (bh.to(tl.int64) * Lq + offs_m[:, None]) * K + offs_n[None, :], ds.to(DS.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_n < K)[None, :])
-        if HAS_SEG:  # (_score_tile read these ids clamped; masked, here, compiled to fewer registers)
-            sk = tl.load(SEGK + b * K + offs_n, mask=offs_n < K, other=-2)
-            dcoef += tl.sum(tl.where(sq[:, None] == sk[None, :], ds, 0.0), 1)
-    tl.store(DQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d < D)[None, :])
-    if HAS_SEG:
-        tl.store(DCOEF + bh * Lq + offs_m, dcoef, mask=row_ok)
-
-
-@triton.jit
-def _window_grad(DS, C0, DT, Lq: tl.constexpr, K: tl.constexpr, R: tl.constexpr, n_head, stride_tb, stride_th,
-                 stride_cb, BLOCK: tl.constexpr):
+def _window_grad(DS, C0, DT, SEGQ, SEGK, DCOEF, Lq: tl.constexpr, K: tl.constexpr, R: tl.constexpr, n_head,
+                 stride_tb, stride_th, stride_cb, HAS_SEG: tl.constexpr, BLOCK: tl.constexpr):
     """The table's gradient from dS, one table row per program: column r of row i gets dS[i, r - c0_i] inside
-    the row's window [c0_i, c0_i + K), zero outside; every column written (no zero-filled buffer first)."""
+    the row's window [c0_i, c0_i + K), zero outside; every column written (no zero-filled buffer first). With
+    segments, the row's segment coefficient gradient too: the sum of its dS over the keys in its segment."""
     i, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // n_head, bh % n_head
     c0 = tl.load(C0 + b * stride_cb + i)
     row = DS + (bh.to(tl.int64) * Lq + i) * K
+    dcoef = tl.zeros([BLOCK], tl.float32)
+    if HAS_SEG:
+        sq = tl.load(SEGQ + b * Lq + i)
     for start in range(0, R, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         j = cols - c0
-        g = tl.load(row + j, mask=(j >= 0) & (j < K), other=0.0)
+        inside = (j >= 0) & (j < K)
+        g = tl.load(row + j, mask=inside, other=0.0)
         tl.store(DT + b * stride_tb + h * stride_th + i * R + cols, g, mask=cols < R)
+        if HAS_SEG:  # g is 0 outside the window, whatever the clamped key's segment
+            sk = tl.load(SEGK + b * K + tl.minimum(tl.maximum(j, 0), K - 1))
+            dcoef += tl.where(sk == sq, g.to(tl.float32), 0.0)
+    if HAS_SEG:
+        tl.store(DCOEF + bh * Lq + i, tl.sum(dcoef, 0))
 
 
 def _launch_args(qc: Tensor, klen: int, table: Tensor, strides: tuple[int, int], c0: Tensor, coef: Tensor | None,
@@ -406,16 +381,19 @@ def rel_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, qc: Ten
     args = _launch_args(qc, klen, table, (sb, sn), c0, coef, seg_q, seg_k, mask, seed, p, scale)
     do = grad_out.contiguous()
     delta = (do.float() * out.float()).sum(-1)  # rowsum(dO ∘ O) = Σ_j P_ij dP_ij, dropout included
-    dq, dk, dv, d_table = _new_output(qc), _new_output(k), _new_output(v), _new_output(table)
+    dk, dv, d_table = _new_output(k), _new_output(v), _new_output(table)
+    d_s = _new_output(qc, (bsz, n_head, qlen, klen), table.dtype)
     d_coef = _new_output(qc, (bsz, n_head, qlen) if coef is not None else (0,))
     _backward_kv[_grid(klen, "BLOCK_N", bsz * n_head)](
-        qc, k, v, *args["tensors"], do, stats, delta, dk, dv, *args["scalars"], **args["flags"])
-    d_s = _new_output(qc, (bsz, n_head, qlen, klen), table.dtype)
-    _backward_q[_grid(qlen, "BLOCK_M", bsz * n_head)](
-        qc, k, v, *args["tensors"], do, stats, delta, dq, d_s, d_coef if coef is not None else dq,
-        *args["scalars"], **args["flags"])
+        qc, k, v, *args["tensors"], do, stats, delta, dk, dv, d_s, *args["scalars"], **args["flags"])
+    # dq = scale·dS·k: dS is in memory anyway (the table's gradient is made of it), so a matrix product over it
+    # replaces a kernel that recomputed every tile
+    dq = torch.baddbmm(d_s.new_zeros(()), d_s.flatten(0, 1), k.flatten(0, 1).to(d_s.dtype), beta=0,
+                       alpha=scale).view(qc.shape).to(qc.dtype)
     rlen = table.shape[-1]
-    _window_grad[(qlen, bsz * n_head)](d_s, c0, d_table, qlen, klen, rlen, n_head, sb, sn, args["stride_cb"],
+    seg_q, seg_k = args["tensors"][3:5]
+    _window_grad[(qlen, bsz * n_head)](d_s, c0, d_table, seg_q, seg_k, d_coef if coef is not None else d_s, qlen,
+                                       klen, rlen, n_head, sb, sn, args["stride_cb"], HAS_SEG=coef is not None,
                                        BLOCK=min(WINDOW_BLOCK, triton.next_power_of_2(rlen)))
     return dq, dk, dv, d_table, d_coef
 
