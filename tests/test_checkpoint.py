@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from xlnet.checkpoint import load_model
+from xlnet.checkpoint import DIGEST_KEY, load_model
 from xlnet.cli import main
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
+from xlnet.fileio import sha256_file
 from xlnet.heads import ARCHITECTURES, XLNetForSequenceClassification
 from xlnet.interop import convert
 from xlnet.model import XLNetLMHeadModel
@@ -151,6 +156,21 @@ def test_missing_and_corrupt_files_are_one_line_errors(tmp_path: Path) -> None:
         load_model(tmp_path / "m")
 
 
+@pytest.mark.parametrize("poison, message", [(lambda t: t.fill_(float("nan")), "holds NaN or infinite values"),
+                                            (lambda t: t.to(torch.int32), "is torch.int32, not floating point")])
+def test_weights_that_cannot_train_name_the_tensor(poison, message: str, tmp_path: Path) -> None:
+    """NaN or integer weights (written by other code: ours never saves them) are refused on load, naming the
+    tensor, rather than surfacing as a NaN loss that blames the learning rate."""
+    XLNetLMHeadModel(small()).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    weights = load_file(str(path))
+    key = "transformer.layer.0.ff.layer_1.weight"
+    weights[key] = poison(weights[key])
+    save_file(weights, str(path))
+    with pytest.raises(XLNetError, match=re.escape(f"tensor {key} {message}")):
+        load_model(tmp_path / "m")
+
+
 def test_untied_biases_that_differ_are_rejected_for_untie_r_false(tmp_path: Path) -> None:
     model = XLNetLMHeadModel(small(untie_r=False))
     model.save_pretrained(tmp_path / "m")
@@ -173,3 +193,102 @@ def test_our_config_json_round_trip_and_hf_config_mapping(tmp_path: Path) -> Non
         XLNetConfig.from_dict({"d_model": 16, "bogus": 1})
     with pytest.raises(XLNetError, match="c.json: a 'bert' model, not XLNet"):
         XLNetConfig.from_dict(transformers.BertConfig().to_dict(), source="c.json")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"n_head": "four"}, "c.json: n_head must be an integer, not 'four'"),
+    ({"bi_data": "maybe"}, "c.json: bi_data must be true or false"),
+    ({"ff_activation": "swishy"}, "c.json: ff_activation must be one of 'gelu', 'relu', 'gelu_new', 'silu'")])
+def test_config_json_values_are_typed(edit: dict, message: str) -> None:
+    """A hand-edited config.json (ours or Hugging Face's) with a value of the wrong type or an unknown activation
+    is a one-line error naming the file and key, not a TypeError or KeyError when the model is built."""
+    with pytest.raises(XLNetError, match=re.escape(message)):
+        XLNetConfig.from_dict({**small().to_dict(), **edit}, source="c.json")
+    hf = {**small().to_hf_dict(), **edit}
+    with pytest.raises(XLNetError, match=re.escape(message)):
+        XLNetConfig.from_dict(hf, source="c.json")
+
+
+def test_hf_config_with_another_summary_is_refused() -> None:
+    """Our heads summarize a sequence by its last token (<cls>); a Hugging Face model that used another summary
+    would load and silently mean something else."""
+    hf = {**small().to_hf_dict(), "summary_type": "mean"}
+    with pytest.raises(XLNetError, match="c.json: summary_type 'mean' is not supported"):
+        XLNetConfig.from_dict(hf, source="c.json")
+
+
+def _data_offset(path: Path) -> int:
+    """Where a safetensors file's tensor data starts: after the 8-byte header length and the header."""
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def test_weights_record_their_sha256_and_a_flipped_data_byte_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    XLNetLMHeadModel(small()).save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt" and meta[DIGEST_KEY] == sha256_file(path, offset=_data_offset(path))
+    load_model(tmp_path / "m")  # unmodified: loads
+    data = bytearray(path.read_bytes())
+    data[(_data_offset(path) + len(data)) // 2] ^= 0x10  # inside the tensors, header untouched
+    path.write_bytes(bytes(data))
+    with pytest.raises(XLNetError, match=r"m/model.safetensors: weights are corrupt \(sha256 of the tensor data"):
+        XLNetLMHeadModel.from_pretrained(tmp_path / "m")
+    assert main(["convert", "--to-hf", str(tmp_path / "m"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.safetensors: weights are corrupt" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_weights_without_a_recorded_sha256_load_as_before(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = XLNetLMHeadModel(small())
+    model.save_pretrained(tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    save_file(load_file(str(path)), str(path), metadata={"format": "pt"})  # as HF or an older version wrote it
+    x = inputs()
+    assert torch.equal(outputs(model, x), outputs(load_model(tmp_path / "m"), x))
+    raw = path.read_bytes()  # a header whose metadata is null (safetensors accepts it)
+    header = json.loads(raw[8:_data_offset(path)])
+    header["__metadata__"] = None
+    encoded = json.dumps(header).encode()
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[_data_offset(path):])
+    assert torch.equal(outputs(model, x), outputs(load_model(tmp_path / "m"), x))
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        XLNetLMHeadModel(small()).save_pretrained(tmp_path / "m")
+        convert(tmp_path / "m", tmp_path / "hf", to_hf=True)
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "m", tmp_path / "hf"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755
+        assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in d.iterdir()} == \
+            {"config.json": "0o644", "model.safetensors": "0o644"}
+
+
+def test_convert_never_replaces_what_is_not_a_model_directory(tmp_path: Path, capsys) -> None:
+    XLNetLMHeadModel(small()).save_pretrained(tmp_path / "m")
+    user = tmp_path / "userdir"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for dst, message in ((user, "userdir: exists and is not a model directory (no config.json); choose another "
+                                "path or remove it"), (notes, "notes.txt: exists and is not a directory")):
+        assert main(["convert", "--to-hf", str(tmp_path / "m"), str(dst)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert [p.name for p in user.iterdir()] == ["thesis.tex"] and notes.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "notes.txt", "userdir"]  # no temp or .old left
+    # its own previous output (and an empty directory) is replaced whole
+    (tmp_path / "hf").mkdir()
+    assert main(["convert", "--to-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 0
+    (tmp_path / "hf" / "stale.bin").write_text("from the last run")
+    assert main(["convert", "--to-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    load_model(tmp_path / "hf")

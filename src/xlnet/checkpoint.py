@@ -9,9 +9,11 @@ Weights are read with safetensors; legacy `pytorch_model.bin` only with `torch.l
 from __future__ import annotations
 
 import json
+import os
+import struct
 import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -20,13 +22,17 @@ from torch import Tensor, nn
 
 from xlnet.config import XLNetConfig, read_config_json
 from xlnet.errors import XLNetError
-from xlnet.fileio import atomic_dir
+from xlnet.fileio import DirKind, atomic_dir, follow_umask, sha256_file
 
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "pytorch_model.bin"
 BODY = "transformer."
 TIED = ("lm_loss.weight",)  # re-tied to the word embedding on load, never stored (as HF)
 SHARED_BIASES = ("r_w_bias", "r_r_bias", "r_s_bias")  # shared across layers when untie_r is False
+MODEL_DIR = DirKind("config.json", "a model directory")  # what save_pretrained may replace
+# Header metadata key: sha256 of the file's data section (everything after the header), checked on load.
+DIGEST_KEY = "xlnet_data_sha256"
+_PLACEHOLDER = "-" * 64  # same length as a hex sha256; '-' cannot occur in tensor names, dtypes or offsets
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -47,8 +53,8 @@ class PretrainedMixin:
         else:
             config = {"architecture": self.hf_architecture, **self.config.to_dict()}
         directory = Path(directory)
-        with atomic_dir(directory) as tmp:
-            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        with atomic_dir(directory, replaces=MODEL_DIR) as tmp:
+            write_weights(tensors, tmp / WEIGHTS)
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return directory
 
@@ -74,17 +80,59 @@ class PretrainedMixin:
         return model
 
 
+def write_weights(tensors: dict[str, Tensor], path: Path) -> None:
+    """save_file with the sha256 of the data section recorded in the header. The digest can only be known once
+    the data is laid out, so the header is written with a placeholder of the same length and patched in place:
+    one write and one read, no second copy of the tensors."""
+    save_file(tensors, str(path), metadata={"format": "pt", DIGEST_KEY: _PLACEHOLDER})
+    with open(path, "r+b") as f:
+        header_len, header = _read_header(f)
+        at = header.find(_PLACEHOLDER.encode())
+        if at < 0 or header.count(_PLACEHOLDER.encode()) != 1:
+            raise RuntimeError(f"{path}: digest placeholder not found once in the safetensors header")
+        digest = sha256_file(path, offset=8 + header_len)
+        f.seek(8 + at)
+        f.write(digest.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    follow_umask(path)  # safetensors creates the file 0600
+
+
+def _read_header(f: IO[bytes]) -> tuple[int, bytes]:
+    """(length, bytes) of a safetensors header: an 8-byte little-endian length, then that much JSON."""
+    (length,) = struct.unpack("<Q", f.read(8))
+    return length, f.read(length)
+
+
+def verify_weights(path: Path) -> None:
+    """Recompute the data section's sha256 when the header records one (ours do; HF's and older files load
+    unchecked): a flipped byte inside a tensor would otherwise load silently. Call after the header parsed."""
+    with open(path, "rb") as f:
+        header_len, header = _read_header(f)
+    recorded = (json.loads(header).get("__metadata__") or {}).get(DIGEST_KEY)
+    if recorded is not None and sha256_file(path, offset=8 + header_len) != recorded:
+        raise XLNetError(f"{path}: weights are corrupt (sha256 of the tensor data does not match the one "
+                         "recorded when it was written)")
+
+
+def load_verified(path: Path) -> dict[str, Tensor]:
+    tensors = load_file(str(path))  # parses and checks the header (a clear error for a truncated file)
+    verify_weights(path)
+    return tensors
+
+
 def read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
-    """All tensors of a directory (single file, HF sharded index, or legacy .bin), verified readable."""
+    """All tensors of a directory (single file, HF sharded index, or legacy .bin), verified readable and, where
+    the file records its sha256 (ours do), intact."""
     single, legacy, index = directory / WEIGHTS, directory / LEGACY_WEIGHTS, directory / f"{WEIGHTS}.index.json"
     try:
         if single.is_file():
-            return load_file(str(single)), single
+            return load_verified(single), single
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
             out: dict[str, Tensor] = {}
             for shard in shards:
-                out.update(load_file(str(directory / shard)))
+                out.update(load_verified(directory / shard))
             return out, index
         if legacy.is_file():
             state = torch.load(legacy, map_location="cpu", weights_only=True)
@@ -118,6 +166,11 @@ def load_into(model: nn.Module, weights: dict[str, Tensor], source: Path) -> lis
         if key in weights and tuple(weights[key].shape) != tuple(state[key].shape):
             raise XLNetError(f"{source}: tensor {key} has shape {tuple(weights[key].shape)} but the config "
                              f"expects {tuple(state[key].shape)}")
+        if key in weights and state[key].is_floating_point():  # else training reports a NaN loss, not the file
+            if not weights[key].is_floating_point():
+                raise XLNetError(f"{source}: tensor {key} is {weights[key].dtype}, not floating point")
+            if not torch.isfinite(weights[key]).all():
+                raise XLNetError(f"{source}: tensor {key} holds NaN or infinite values")
     for key in weights:
         if key not in state and is_body_key(key, has_body):
             raise XLNetError(f"{source}: tensor {key} is not part of a model with this config "

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -33,7 +34,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        follow_umask(tmp)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -41,31 +42,88 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory under a temp name and swap it in whole when the block succeeds."""
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file we wrote the usual permissions (some writers, e.g. safetensors, create 0600 files)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+@dataclass(frozen=True)
+class DirKind:
+    """What a directory output is: an existing destination is replaced only when it holds `marker` (a file,
+    or glob, that every previous output of this kind has), so a user's unrelated directory is never deleted."""
+
+    marker: str
+    what: str  # for the error message, e.g. "a model directory"
+
+
+def check_replaceable(path: str | os.PathLike, kind: DirKind | None) -> None:
+    """Fail with one line unless `path` is absent, an empty directory, or a previous output of `kind`
+    (None: nothing non-empty is replaced). Verbs call this before any work so a bad destination fails fast."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    advice = "choose another path or remove it"
+    if path.is_symlink():
+        raise XLNetError(f"{path}: exists and is a symbolic link; {advice}")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise XLNetError(f"{path}: exists and is not a directory; {advice}")
+    if kind is not None and any(path.glob(kind.marker)):
+        return
+    try:
+        empty = next(path.iterdir(), None) is None
+    except OSError as e:
+        raise XLNetError(f"{path}: cannot list ({e.strerror}); {advice}") from None
+    if not empty:
+        detail = f"{kind.what} (no {kind.marker})" if kind is not None else "empty"
+        raise XLNetError(f"{path}: exists and is not {detail}; {advice}")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, replaces: DirKind | None = None) -> Iterator[Path]:
+    """Build a directory under a temp name and swap it in whole when the block succeeds. An existing `path` is
+    replaced only when `check_replaceable` allows it (checked before and again after the block)."""
+    path = Path(path)
+    check_replaceable(path, replaces)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise XLNetError(f"{path.parent}: cannot create directory ({e.strerror or e})") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        check_replaceable(path, replaces)  # the block may have run for hours: look again
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`, moving a previous `path` aside first. The aside name is fresh each time, so a
+    stale one left by a crash never blocks a later swap (and is not ours to delete blindly)."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    try:
+        os.replace(path, old)  # a directory may be renamed over an empty one
+    except BaseException:
+        os.rmdir(old)
+        raise
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)  # put the previous output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, offset: int = 0) -> str:
+    """sha256 of the file's bytes from `offset` on, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        f.seek(offset)
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

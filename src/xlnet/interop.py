@@ -11,8 +11,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from xlnet.checkpoint import load_model, read_weights
+from xlnet.checkpoint import MODEL_DIR, load_model, read_weights
 from xlnet.errors import XLNetError
+from xlnet.fileio import check_replaceable
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -21,6 +22,7 @@ def convert(src: str | Path, dst: str | Path, to_hf: bool) -> Path:
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise XLNetError(f"{dst}: destination must differ from the source")
+    check_replaceable(dst, MODEL_DIR)  # before the load: never convert only to refuse the destination
     model = load_model(src, strict=True)
     model.to(source_dtype(src))
     model.save_pretrained(dst, hf=to_hf)  # type: ignore[operator]
@@ -45,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     direction.add_argument("--from-hf", action="store_true", help="SRC is a Hugging Face XLNet directory")
     direction.add_argument("--to-hf", action="store_true", help="write DST as a Hugging Face XLNet directory")
     parser.add_argument("src", help="source model directory")
-    parser.add_argument("dst", help="destination directory (replaced atomically)")
+    parser.add_argument("dst", help="destination directory (replaced atomically if it holds a model)")
 
 
 def run(args: argparse.Namespace) -> int:

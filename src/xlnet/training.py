@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from xlnet.errors import XLNetError
-from xlnet.fileio import atomic_dir, atomic_write
+from xlnet.fileio import DirKind, atomic_dir, atomic_write
 
 # ================================================================================================
 # Devices and torchrun
@@ -419,6 +419,7 @@ def set_fsdp_sync(model: nn.Module, sync: bool) -> None:
 CHECKPOINT_DIR = "checkpoints"
 TRAINING_STATE = "training_state.pt"
 TRAINER_STATE = "trainer_state.json"
+CHECKPOINT = DirKind(TRAINER_STATE, "a training checkpoint")  # what save_checkpoint may replace
 
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
@@ -466,7 +467,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     inner = unwrap(model)
     msd, osd = _full_state(inner, optimizer, with_model=is_fsdp(inner))  # FSDP: gather the weights too
     if is_main:
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, replaces=CHECKPOINT) as tmp:
             if msd is None:
                 inner.save_pretrained(tmp)
             else:  # FSDP: load the gathered weights into an unsharded CPU copy and let it write itself
