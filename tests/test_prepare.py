@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +184,106 @@ def test_cli_ok_and_help(tok_dir, corpus_txt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["prepare", "--help"])
     assert e.value.code == 0 and "--shard-tokens" in capsys.readouterr().out
+
+
+def _corpus_tree(root: Path, corpus_txt: Path) -> list[Path]:
+    """A directory of inputs plus files a directory input must skip; returns the inputs in sorted order."""
+    docs = _expected_docs(corpus_txt.read_text())
+    (root / "b").mkdir(parents=True)
+    (root / ".git").mkdir()
+    inputs = [root / "a.jsonl", root / "b" / "part1.txt", root / "b" / "part2.txt.gz", root / "c.txt"]
+    inputs[0].write_text("".join(json.dumps({"text": "\n".join(d)}) + "\n" for d in docs[:20]))
+    inputs[1].write_text("\n\n".join("\n".join(d) for d in docs[20:40]) + "\n")
+    inputs[2].write_bytes(gzip.compress(("\n\n".join("\n".join(d) for d in docs[40:50]) + "\n").encode()))
+    inputs[3].write_text("\n\n".join("\n".join(d) for d in docs[50:]) + "\n")
+    for skipped in (root / ".hidden.txt", root / ".git" / "x.txt", root / "b" / "notes.md"):
+        skipped.write_text("Skipped text that must not reach the shards.\n")
+    return inputs
+
+
+def test_directory_input(tok_dir, corpus_txt, tmp_path, capsys):
+    inputs = _corpus_tree(tmp_path / "corp", corpus_txt)
+    ref = load_corpus(prepare(tok_dir, inputs, tmp_path / "ref", valid_fraction=0, progress=False))
+    out = prepare(tok_dir, [tmp_path / "corp"], tmp_path / "fromdir", valid_fraction=0, progress=False)
+    c = load_corpus(out)
+    assert c.tokens.tolist() == ref.tokens.tolist() and c.sent_ids.tolist() == ref.sent_ids.tolist()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["path"] for i in manifest["inputs"]] == [str(p) for p in inputs]
+    # a directory mixes with files on the command line
+    assert cli.main(["prepare", "--tokenizer", str(tok_dir), "--input", str(tmp_path / "corp" / "b"),
+                     str(corpus_txt), "--out", str(tmp_path / "mixed"), "--valid-fraction", "0",
+                     "--no-progress"]) == 0
+    mixed = json.loads((tmp_path / "mixed" / "manifest.json").read_text())
+    assert [i["path"] for i in mixed["inputs"]] == [str(inputs[1]), str(inputs[2]), str(corpus_txt)]
+    # a directory holding no input file (only hidden or other files) is a one-line error naming it
+    capsys.readouterr()
+    bare = tmp_path / "bare"
+    (bare / ".hid").mkdir(parents=True)
+    (bare / ".hid" / "x.txt").write_text("hidden\n")
+    (bare / "readme.md").write_text("not an input\n")
+    code = cli.main(["prepare", "--tokenizer", str(tok_dir), "--input", str(bare), "--out", str(tmp_path / "o"),
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bare" in err and "no input file" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_valid_split_fails_with_a_hint(tok_dir, tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text(_text_corpus(3), encoding="utf-8")
+    out = tmp_path / "data"
+    code = cli.main(["prepare", "--tokenizer", str(tok_dir), "--input", str(small), "--out", str(out),
+                     "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "valid split is empty" in err and "3 documents" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".data")]
+    # the suggested fraction does hold a document out
+    hint = err.split("use --valid-fraction ")[1].split()[0]
+    assert cli.main(["prepare", "--tokenizer", str(tok_dir), "--input", str(small), "--out", str(out),
+                     "--valid-fraction", hint, "--no-progress"]) == 0
+    assert load_corpus(out, "valid").num_documents >= 1
+
+
+def test_workers_validated(tok_dir, corpus_txt, tmp_path, capsys):
+    code = cli.main(["prepare", "--tokenizer", str(tok_dir), "--input", str(corpus_txt), "--out",
+                     str(tmp_path / "neg"), "--workers", "-3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--workers" in err and "-3" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "neg").exists()
+    # 0 keeps meaning "tokenize in this process", as 1 does
+    assert cli.main(["prepare", "--tokenizer", str(tok_dir), "--input", str(corpus_txt), "--out",
+                     str(tmp_path / "zero"), "--workers", "0", "--valid-fraction", "0.2", "--no-progress"]) == 0
+
+
+def test_out_that_is_not_prepared_data_is_refused_before_any_work(tok_dir, corpus_txt, tmp_path, capsys,
+                                                                  monkeypatch):
+    user = tmp_path / "userdir"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    monkeypatch.setattr(Tokenizer, "load", lambda *a: pytest.fail("tokenizer loaded for a refused --out"))
+    for out, message in ((user, "userdir: exists and is not a prepared data directory (no manifest.json); choose "
+                                "another path or remove it"), (notes, "notes.txt: exists and is not a directory")):
+        code = cli.main(["prepare", "--tokenizer", str(tok_dir), "--input", str(corpus_txt), "--out", str(out),
+                         "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert [p.name for p in user.iterdir()] == ["thesis.tex"] and notes.read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_rerun_replaces_its_own_output_and_files_follow_the_umask(tok_dir, corpus_txt, tmp_path):
+    out = tmp_path / "data"
+    out.mkdir()  # an empty directory is fine too
+    prepare(tok_dir, [corpus_txt], out, valid_fraction=0, progress=False)
+    (out / "stale.npy").write_text("from the last run")
+    old = os.umask(0o022)
+    try:
+        prepare(tok_dir, [corpus_txt], out, valid_fraction=0, progress=False)
+    finally:
+        os.umask(old)
+    assert not (out / "stale.npy").exists() and load_corpus(out).num_documents > 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {oct(stat.S_IMODE(f.stat().st_mode)) for f in out.iterdir()} == {"0o644"}

@@ -219,3 +219,60 @@ def test_cli_help(capsys):
         cli.main(["tokenizer", "train", "--help"])
     assert e.value.code == 0
     assert "--vocab-size" in capsys.readouterr().out
+
+
+def test_cli_warns_when_the_vocab_comes_out_short(tmp_path, capsys):
+    small = tmp_path / "small.txt"
+    small.write_text(CORPUS, encoding="utf-8")
+    code = cli.main(["tokenizer", "train", "--input", str(small), "--vocab-size", "50000", "--out",
+                     str(tmp_path / "short")])
+    captured = capsys.readouterr()
+    got = Tokenizer.load(tmp_path / "short").vocab_size
+    assert code == 0 and got < 50000
+    assert captured.err.count("\n") == 1 and "warning" in captured.err, captured.err
+    assert f"{got} pieces" in captured.err and "50000" in captured.err and "--vocab-size" in captured.err
+    # a vocabulary of the asked size says nothing on stderr
+    code = cli.main(["tokenizer", "train", "--input", str(small), "--vocab-size", "100", "--out",
+                     str(tmp_path / "full")])
+    assert code == 0 and capsys.readouterr().err == "" and Tokenizer.load(tmp_path / "full").vocab_size == 100
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_cli_rejects_non_positive_sample_sentences(tmp_path, capsys, value):
+    code, err = _cli(["tokenizer", "train", "--input", str(_corpus_file(tmp_path)), "--sample-sentences", value,
+                      "--vocab-size", "150", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "--sample-sentences" in err and value in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field,value", [("lowercase", "yes"), ("strip_accents", 1), ("remove_space", None),
+                                         ("vocab_size", True), ("vocab_size", "200")])
+def test_settings_field_types_checked(tok_dirs, tmp_path, field, value):
+    d = tmp_path / "tok"
+    shutil.copytree(tok_dirs["cased"], d)
+    settings = json.loads((d / "tokenizer.json").read_text())
+    settings[field] = value
+    (d / "tokenizer.json").write_text(json.dumps(settings))
+    with pytest.raises(XLNetError, match=f'tokenizer.json: field "{field}" must be') as e:
+        Tokenizer.load(d)
+    assert json.dumps(value) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_train_on_a_directory(tmp_path, capsys):
+    tree = tmp_path / "corp"
+    (tree / "sub").mkdir(parents=True)
+    (tree / ".cache").mkdir()
+    lines = CORPUS.splitlines()
+    files = [tree / "a.txt", tree / "sub" / "b.jsonl.gz"]
+    files[0].write_text("\n".join(lines[:3] * 30) + "\n")
+    files[1].write_bytes(gzip.compress("".join(json.dumps({"text": l}) + "\n" for l in lines[3:] * 30).encode()))
+    for skipped in (tree / ".hidden.txt", tree / ".cache" / "c.txt", tree / "sub" / "notes.md"):
+        skipped.write_text("Skipped zebra xylophone quokka text.\n" * 50)
+    ref = train_tokenizer(files, tmp_path / "ref", vocab_size=120, seed=1)
+    code, err = _cli(["tokenizer", "train", "--input", str(tree), "--vocab-size", "120", "--seed", "1", "--out",
+                      str(tmp_path / "dir")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "dir" / "spiece.model").read_bytes() == (ref / "spiece.model").read_bytes()
+    (tmp_path / "bare").mkdir()
+    code, err = _cli(["tokenizer", "train", "--input", str(tmp_path / "bare"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "bare" in err and len(err.strip().splitlines()) == 1, err

@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import random
+import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,10 @@ SEG_A, SEG_B, SEG_CLS, SEG_PAD = 0, 1, 2, 3  # HF uses 3 as the pad token type i
 MODEL_FILE = "spiece.model"
 SETTINGS_FILE = "tokenizer.json"
 _SETTINGS_FORMAT = "xlnet-tokenizer/1"
+# tokenizer.json fields: exact JSON type (a bool is not an int here) and how the error message names it
+_SETTINGS_TYPES: dict[str, tuple[type, str]] = {
+    "lowercase": (bool, "true or false"), "strip_accents": (bool, "true or false"),
+    "remove_space": (bool, "true or false"), "vocab_size": (int, "an integer")}
 # Pieces the original data_utils treats as word starts besides "▁..." (punctuation and "<...>" symbols).
 _PUNCT_PIECES = frozenset('!"#$%&"()*+,-./:;?@[\\]^_`{|}~')
 
@@ -116,12 +121,18 @@ def _reservoir(lines: Iterable[str], k: int, seed: int) -> list[str]:
 def train_tokenizer(inputs: Sequence[Path], out_dir: Path, vocab_size: int = 32000, lowercase: bool = False,
                     strip_accents: bool = False, sample_sentences: int = 1_000_000, seed: int = 0,
                     character_coverage: float = 0.9995, num_threads: int = 4) -> Path:
-    """Train a unigram SentencePiece model whose ids 0..8 are XLNet's special pieces; returns out_dir."""
+    """Train a unigram SentencePiece model whose ids 0..8 are XLNet's special pieces; returns out_dir.
+
+    `inputs` are files or directories (their input files, recursively, as `xlnet prepare` reads them)."""
+    from xlnet.data.prepare import expand_inputs
+
     out_dir = Path(out_dir)
     if not inputs:
         raise XLNetError("tokenizer: no --input files given")
+    if sample_sentences < 1:
+        raise XLNetError(f"--sample-sentences must be positive (lines to train on), got {sample_sentences}")
     cleaned: list[str] = []
-    for path in map(Path, inputs):
+    for path in expand_inputs(inputs):
         lines = (preprocess_text(l, lowercase, strip_accents) for l in iter_training_lines(path))
         kept = [l for l in _reservoir((l for l in lines if l), sample_sentences, seed)]
         if not kept:
@@ -315,6 +326,13 @@ def _byte_to_char(s: str) -> list[int]:
     return table
 
 
+def _check_settings_types(path: Path, data: dict) -> None:
+    """A hand-edited "lowercase": "yes" would otherwise read as True (and "false" too): reject wrong types."""
+    for field, (want, described) in _SETTINGS_TYPES.items():
+        if field in data and type(data[field]) is not want:
+            raise XLNetError(f'{path}: field "{field}" must be {described}, got {json.dumps(data[field])}')
+
+
 def _read_dir_flags(path: Path) -> dict[str, bool]:
     """Flags from our tokenizer.json, else from an HF tokenizer_config.json, else XLNet's defaults."""
     ours = path / SETTINGS_FILE
@@ -324,9 +342,9 @@ def _read_dir_flags(path: Path) -> dict[str, bool]:
         except (ValueError, UnicodeDecodeError) as e:
             raise XLNetError(f"{ours}: not valid JSON ({e})") from None
         if isinstance(data, dict) and data.get("format") == _SETTINGS_FORMAT:
-            return {"lowercase": bool(data.get("lowercase", False)),
-                    "strip_accents": bool(data.get("strip_accents", False)),
-                    "remove_space": bool(data.get("remove_space", True))}
+            _check_settings_types(ours, data)
+            return {"lowercase": data.get("lowercase", False), "strip_accents": data.get("strip_accents", False),
+                    "remove_space": data.get("remove_space", True)}
         # otherwise it is HF's fast-tokenizer tokenizer.json: ignore it, spiece.model is authoritative
     hf = path / "tokenizer_config.json"
     if hf.is_file():
@@ -389,10 +407,12 @@ def batch_inputs(pairs: Sequence[tuple[Sequence[int], Sequence[int] | None]], ma
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = sub.add_parser("train", help="train a unigram SentencePiece model with XLNet's special ids")
-    t.add_argument("--input", nargs="+", required=True, type=Path, metavar="FILE",
-                   help="text files (.txt, .jsonl with a 'text' field, or .gz of either)")
+    t.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH",
+                   help="text files (.txt, .jsonl with a 'text' field, or .gz of either) or directories of them "
+                        "(recursively, in sorted order, hidden files skipped)")
     t.add_argument("--out", required=True, type=Path, help="output directory (spiece.model, tokenizer.json)")
-    t.add_argument("--vocab-size", type=int, default=32000)
+    t.add_argument("--vocab-size", type=int, default=32000,
+                   help="pieces to learn (fewer, with a warning, when the text is too small for that many)")
     t.add_argument("--lowercase", action="store_true", help="lowercase text (uncased model)")
     t.add_argument("--strip-accents", action="store_true", help="NFKD-decompose and drop combining accents")
     t.add_argument("--sample-sentences", type=int, default=1_000_000,
@@ -411,12 +431,20 @@ def run(args: argparse.Namespace) -> int:
                               args.sample_sentences, args.seed)
         tok = Tokenizer.load(out)
         print(f"wrote {out / MODEL_FILE} (vocab {tok.vocab_size}) and {out / SETTINGS_FILE}")
+        _warn_if_vocab_short(args.vocab_size, tok.vocab_size)
         return 0
     tok = Tokenizer.load(args.tokenizer)
     ids = tok.encode(args.text)
     print(" ".join(tok.id_to_piece(i) for i in ids))
     print(" ".join(map(str, ids)))
     return 0
+
+
+def _warn_if_vocab_short(asked: int, got: int) -> None:
+    """Training never fails for lack of text (hard_vocab_limit=False), so say it when the vocab came out short."""
+    if got < asked:
+        print(f"xlnet tokenizer: warning: the vocabulary has {got} pieces, not the {asked} asked by --vocab-size: "
+              f"too little text to learn more; train on more text or ask for fewer", file=sys.stderr)
 
 
 def default_tokenizer_dir() -> Path:

@@ -6,6 +6,7 @@ Layout of the output directory (built under a temp name, renamed into place whol
     {split}-{k:05d}.sent_ids.npy   bool, 1-D, flips at each new input line (original XLNet data_utils convention;
                                    <eod> keeps the id of its document's last line)
 Documents: a blank line ends one in .txt; a record is one in .jsonl ("text" field). Each gets <eod> at its end.
+A directory input stands for its .txt / .jsonl / .gz files, recursively, in sorted path order (hidden ones skipped).
 The validation split holds whole documents chosen by a seeded hash of their text (deterministic, and duplicates
 land in the same split).
 """
@@ -16,32 +17,65 @@ import argparse
 import collections
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from xlnet.errors import XLNetError
-from xlnet.fileio import atomic_dir, decoded_lines, open_binary, sha256_file
+from xlnet.fileio import DirKind, atomic_dir, check_replaceable, decoded_lines, open_binary, sha256_file
 
 MANIFEST = "manifest.json"
+PREPARED_DIR = DirKind(MANIFEST, "a prepared data directory")  # what --out may replace
 FORMAT = "xlnet-corpus/1"
 SPLITS = ("train", "valid")
 _CHUNK_CHARS = 1 << 18  # text per worker task: big enough to amortise IPC, small enough to keep memory flat
+_INPUT_TYPES = ".txt, .jsonl or .gz of either"
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def _kind(path: Path) -> str:
+def _input_kind(path: Path) -> str | None:
+    """".txt" or ".jsonl" (also under .gz) by the file name; None for any other name."""
     name = path.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
-    for ext in (".txt", ".jsonl"):
-        if name.endswith(ext):
-            return ext
-    raise XLNetError(f"{path}: unknown input type (expected .txt, .jsonl or .gz of either)")
+    return next((ext for ext in (".txt", ".jsonl") if name.endswith(ext)), None)
+
+
+def _kind(path: Path) -> str:
+    kind = _input_kind(path)
+    if kind is None:
+        raise XLNetError(f"{path}: unknown input type (expected {_INPUT_TYPES}, or a directory of them)")
+    return kind
+
+
+def _directory_inputs(root: Path) -> list[Path]:
+    """Input files under `root`, recursively; sorted so that the same tree always gives the same shards."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, editors' and our own temp dirs
+        found += [Path(dirpath, f) for f in filenames if not f.startswith(".") and _input_kind(Path(f))]
+    if not found:
+        raise XLNetError(f"{root}: directory holds no input file ({_INPUT_TYPES}; hidden files are skipped)")
+    return sorted(found)
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Input files, each directory replaced by its files; checked up front so no work starts on a bad path."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += _directory_inputs(path)
+            continue
+        _kind(path)
+        if not path.is_file():
+            raise XLNetError(f"{path}: no such file")
+        files.append(path)
+    return files
 
 
 def _jsonl_text(path: Path, lineno: int, line: str) -> str:
@@ -156,11 +190,10 @@ class _SplitWriter:
         self.buffered = len(toks) - n
 
 
-def _in_valid(doc: list[str], seed: int, fraction: float) -> bool:
-    if fraction <= 0:
-        return False
+def _valid_score(doc: list[str], seed: int) -> float:
+    """The document's seeded hash in [0, 1): it goes to the valid split when this is below the valid fraction."""
     h = hashlib.blake2b(f"{seed}\n".encode() + "\n".join(doc).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2.0 ** 64 < fraction
+    return int.from_bytes(h, "big") / 2.0 ** 64
 
 
 def _chunks(paths: Sequence[Path], progress) -> Iterator[list[list[str]]]:
@@ -209,40 +242,70 @@ def _encoded(chunks: Iterator[list[list[str]]], tokenizer_dir: Path, workers: in
             yield c, r.get()
 
 
+@dataclass
+class _Tally:
+    """What the split check needs to know about the documents read."""
+
+    documents: int = 0
+    lowest_score: float = 1.0  # the smallest _valid_score seen: tells which fraction would hold one out
+
+
+def _write_splits(inputs: Sequence[Path], tokenizer_dir: Path, workers: int, writers: dict[str, _SplitWriter],
+                  valid_fraction: float, seed: int, bar) -> _Tally:
+    from xlnet.tokenizer import EOD_ID
+
+    tally = _Tally()
+    for docs, encoded in _encoded(_chunks(inputs, bar), tokenizer_dir, workers):
+        for doc, enc in zip(docs, encoded):
+            score = _valid_score(doc, seed)
+            tally.documents += 1
+            tally.lowest_score = min(tally.lowest_score, score)
+            writers["valid" if score < valid_fraction else "train"].add_document(enc, EOD_ID)
+    return tally
+
+
+def _check_splits(writers: dict[str, _SplitWriter], tally: _Tally, inputs: Sequence[Path], valid_fraction: float,
+                  seed: int) -> None:
+    """Fail (before the output is swapped in) on a split that pretraining would find empty."""
+    if writers["train"].num_tokens == 0:
+        raise XLNetError(f"{inputs[0]}: no tokens for the train split")
+    if valid_fraction > 0 and writers["valid"].num_tokens == 0:
+        # the smallest hundredth above the lowest hash holds out at least that document with this seed
+        hint = (math.floor(tally.lowest_score * 100) + 1) / 100
+        advice = f"use --valid-fraction {hint:g} or more" if hint < 1 else "add documents"
+        raise XLNetError(f"valid split is empty: --valid-fraction {valid_fraction:g} held out none of the "
+                         f"{tally.documents} documents (seed {seed}); {advice}, or 0 for no valid split")
+
+
 def prepare(tokenizer_dir: Path, inputs: Sequence[Path], out_dir: Path, valid_fraction: float = 0.01,
             workers: int = 1, shard_tokens: int = 1 << 24, seed: int = 0, progress: bool = True) -> Path:
-    """Tokenize `inputs` into shards under `out_dir` (atomically); returns out_dir."""
+    """Tokenize `inputs` (files or directories) into shards under `out_dir` (atomically); returns out_dir."""
     from tqdm import tqdm
 
     from xlnet.tokenizer import EOD_ID, MODEL_FILE, Tokenizer
 
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
-    inputs = [Path(p) for p in inputs]
     if not inputs:
         raise XLNetError("prepare: no --input files given")
     if not 0 <= valid_fraction < 1:
         raise XLNetError(f"--valid-fraction must be in [0, 1), got {valid_fraction}")
     if shard_tokens < 1:
         raise XLNetError(f"--shard-tokens must be positive, got {shard_tokens}")
-    for p in inputs:  # fail before any work on a missing file or unknown extension
-        _kind(p)
-        if not p.is_file():
-            raise XLNetError(f"{p}: no such file")
+    if workers < 0:
+        raise XLNetError(f"--workers must be 0 or more (0 and 1 tokenize in this process), got {workers}")
+    inputs = expand_inputs(inputs)
+    check_replaceable(out_dir, PREPARED_DIR)
     tok = Tokenizer.load(tokenizer_dir)
     model_path = tok.model_path
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 65535 else np.int32)
     total = sum(p.stat().st_size for p in inputs)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replaces=PREPARED_DIR) as tmp:
         writers = {s: _SplitWriter(s, tmp, dtype, shard_tokens) for s in SPLITS}
         with tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not progress or None) as bar:
-            for docs, encoded in _encoded(_chunks(inputs, bar), tokenizer_dir, workers):
-                for doc, enc in zip(docs, encoded):
-                    split = "valid" if _in_valid(doc, seed, valid_fraction) else "train"
-                    writers[split].add_document(enc, EOD_ID)
+            tally = _write_splits(inputs, tokenizer_dir, workers, writers, valid_fraction, seed, bar)
+        _check_splits(writers, tally, inputs, valid_fraction, seed)
         for w in writers.values():
             w.finish()
-        if writers["train"].num_tokens == 0:
-            raise XLNetError(f"{inputs[0]}: no tokens for the train split")
         manifest = {
             "format": FORMAT,
             "vocab_size": tok.vocab_size,
@@ -324,7 +387,8 @@ def load_corpus(data_dir: str | Path, split: str = "train", expected_vocab_size:
                          f"the model expects {expected_vocab_size}")
     info = splits[split]
     if not info["shards"]:
-        raise XLNetError(f"{data_dir / MANIFEST}: split {split!r} is empty")
+        hint = " (prepared with --valid-fraction 0; pretraining evaluates on it)" if split == "valid" else ""
+        raise XLNetError(f"{data_dir / MANIFEST}: split {split!r} is empty{hint}")
     files = manifest.get("files", {})
     toks, sids = [], []
     for shard in info["shards"]:
@@ -345,18 +409,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, type=Path,
                         help="tokenizer directory (ours or HF-style with spiece.model) or a .model file")
     parser.add_argument("--input", nargs="+", required=True, type=Path, metavar="PATH",
-                        help=".txt (blank line between documents), .jsonl ('text' field), or .gz of either")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically)")
+                        help=".txt (blank line between documents), .jsonl ('text' field), .gz of either, or a "
+                             "directory: its such files, recursively, in sorted order (hidden ones skipped)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically if it holds prepared data)")
     parser.add_argument("--valid-fraction", type=float, default=0.01,
-                        help="fraction of documents held out for validation")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+                        help="fraction of documents held out for validation (0: no valid split)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (0 or 1: this process)")
     parser.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = prepare(args.tokenizer, args.input, args.out, args.valid_fraction, max(1, args.workers),
+    out = prepare(args.tokenizer, args.input, args.out, args.valid_fraction, args.workers,
                   args.shard_tokens, args.seed, progress=not args.no_progress)
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     for s, info in manifest["splits"].items():
