@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 
@@ -70,3 +71,71 @@ def test_defaults_then_yaml_then_flags(tmp_path):
     (tmp_path / "bad.yaml").write_text("stepz: 1\n")
     with pytest.raises(XLNetError, match="unknown option"):
         build_dataclass(Child, str(tmp_path / "bad.yaml"))
+
+
+@dataclass
+class Typed:
+    steps: int = 1
+    rate: float = 0.5
+    flag: bool = False
+    kind: Literal["a", "b"] = "a"
+    names: list[str] = dataclasses.field(default_factory=list)
+    limit: int | None = None
+
+
+def test_yaml_values_are_checked_against_the_field_types(tmp_path):
+    """YAML's slips are taken as meant (PyYAML reads 1e-3 as a string, a quoted "no" is a string); anything else
+    of the wrong type is a one-line error naming the file and the field, not a TypeError deep in training."""
+    def load(text: str) -> Typed:
+        (tmp_path / "c.yaml").write_text(text)
+        return build_dataclass(Typed, str(tmp_path / "c.yaml"))
+
+    cfg = load('steps: 1e3\nrate: 1e-3\nflag: "no"\nkind: b\nnames: [x, y]\nlimit: null\n')
+    assert (cfg.steps, cfg.rate, cfg.flag, cfg.kind, cfg.names, cfg.limit) == (1000, 1e-3, False, "b", ["x", "y"], None)
+    assert isinstance(cfg.steps, int) and load("steps: 4.0\n").steps == 4
+    for text, message in [("steps: three\n", "steps must be an integer, not 'three'"),
+                          ("steps: 2.7\n", "steps must be an integer, not 2.7"),
+                          ("steps: true\n", "steps must be an integer, not True"),
+                          ("rate: fast\n", "rate must be a number, not 'fast'"),
+                          ("flag: maybe\n", "flag must be true or false, not 'maybe'"),
+                          ("kind: c\n", "kind must be one of 'a', 'b', not 'c'"),
+                          ("kind: [a]\n", "kind must be one of 'a', 'b', not \\['a'\\]"),
+                          ("names: x\n", "names must be a list, not 'x'"),
+                          ("names: [1, 2]\n", "names must be a list, not \\[1, 2\\]")]:
+        with pytest.raises(XLNetError, match=r"c\.yaml: " + message):
+            load(text)
+
+
+def test_cli_gives_one_line_errors_for_os_errors_and_sigterm(tmp_path, capsys, monkeypatch):
+    """An output path that is a file (an OSError deep in a verb) is one line and exit 2, not a traceback; SIGTERM
+    becomes an exception, so temporary files are removed on the way out, and exit 143 with one line."""
+    import os
+    import signal
+
+    from xlnet import cli
+
+    (tmp_path / "taken").write_text("a file, not a directory")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text to train on.\n" * 50)
+    code = cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "40", "--out",
+                     str(tmp_path / "taken")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "taken" in err, err
+    assert (tmp_path / "taken").read_text() == "a file, not a directory"
+
+    scratch = tmp_path / "scratch"
+
+    def run(args):
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=tmp_path) as tmp:
+            scratch.write_text(tmp)
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr("xlnet.tokenizer.run", run)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["tokenizer", "train", "--input", str(corpus), "--out", str(tmp_path / "t")]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "terminated" in capsys.readouterr().err
+    assert not os.path.exists(scratch.read_text())  # the temporary directory was cleaned up

@@ -151,3 +151,13 @@ def test_bar_labels_never_overlap(labels: list[str]) -> None:
     assert tilted == (len(labels) == 10)  # five fit once wrapped; ten need the tilt as well
     assert tilted or not tick_labels_overlap(ax)
     plt.close(fig)
+
+
+def test_bad_finetuning_settings_fail_before_pretraining(tmp_path: Path, capsys) -> None:
+    """A fine-tuning setting that cannot train fails at once, not after minutes of pretraining."""
+    from xlnet.cli import main
+
+    code = main(["demo", "--quick", "true", "--finetune-lr", "-1", "--out-dir", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "lr must be positive" in err
+    assert not (tmp_path / "d").exists()

@@ -43,12 +43,17 @@ def test_jsonl_predictions_mrpc_numeric(tmp_path):
     assert r["metrics"]["accuracy"] == pytest.approx(1 / 3)
 
 
-def test_squad2_with_na_probs(tmp_path):
+def squad2_gold(tmp_path):
+    """Two questions: 'a' answerable (Paris), 'b' not."""
     ctx = "Paris is the capital of France."
     data = {"version": "v2.0", "data": [{"title": "t", "paragraphs": [{"context": ctx, "qas": [
         {"id": "a", "question": "Capital?", "answers": [{"text": "Paris", "answer_start": 0}], "is_impossible": False},
         {"id": "b", "question": "Moon?", "answers": [], "is_impossible": True}]}]}]}
-    gold = write(tmp_path / "dev-v2.0.json", json.dumps(data))
+    return write(tmp_path / "dev-v2.0.json", json.dumps(data))
+
+
+def test_squad2_with_na_probs(tmp_path):
+    gold = squad2_gold(tmp_path)
     pred = write(tmp_path / "pred.json", json.dumps({"a": "Paris", "b": "France"}))
     na = write(tmp_path / "na.json", json.dumps({"a": 0.2, "b": 0.7}))
     r = evaluate_predictions("squad2", gold, pred, na)
@@ -152,6 +157,9 @@ def test_cli_model_mode_on_a_head_directory(tmp_path, rte, capsys):
     assert "--na-probs goes with --predictions" in capsys.readouterr().err
     assert main(["evaluate", "--task", "rte", "--data", str(rte), "--model", str(tmp_path / "none")]) == 2
     assert "model directory not found" in capsys.readouterr().err
+    write(model_dir / "finetune.json", json.dumps({"task": "sst2"}))  # a model fine-tuned on another task
+    assert main(["evaluate", "--task", "rte", "--data", str(rte), "--model", str(model_dir)]) == 2
+    assert "was fine-tuned on sst2, not rte (its finetune.json)" in capsys.readouterr().err
 
 
 def test_cli_predictions_and_model_exclude_each_other(tmp_path, rte, capsys):
@@ -160,3 +168,20 @@ def test_cli_predictions_and_model_exclude_each_other(tmp_path, rte, capsys):
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["evaluate", "--task", "rte", "--data", str(rte)])  # one of the two is required
+
+
+def test_predicted_labels_outside_the_label_set_and_loose_na_probs(tmp_path, rte):
+    """A prediction that is not one of the task's labels, a SQuAD 2.0 no-answer file that misses a question or
+    holds NaN, and --na-probs for another task: each a one-line error, not a quiet score."""
+    pred = write(tmp_path / "p.tsv", "index\tprediction\n0\tmaybe\n1\tentailment\n")
+    with pytest.raises(XLNetError, match=r"p\.tsv:2: predicted label 'maybe' is not one of entailment, "
+                                         r"not_entailment"):
+        evaluate_predictions("rte", rte, pred)
+    with pytest.raises(XLNetError, match="--na-probs is for SQuAD 2.0"):
+        evaluate_predictions("rte", rte, pred, tmp_path / "na.json")
+    gold = squad2_gold(tmp_path)
+    preds = write(tmp_path / "pred.json", json.dumps({"a": "Paris", "b": ""}))
+    with pytest.raises(XLNetError, match="no no-answer probability for question 'b'"):
+        evaluate_predictions("squad2", gold, preds, write(tmp_path / "na.json", json.dumps({"a": 0.2})))
+    with pytest.raises(XLNetError, match="for 'b' is not a finite number"):
+        evaluate_predictions("squad2", gold, preds, write(tmp_path / "na.json", '{"a": 0.2, "b": NaN}'))

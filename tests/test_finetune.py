@@ -26,7 +26,7 @@ from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
 from xlnet.evaluate import evaluate_predictions
 from xlnet.finetune import (HEADS, FinetuneConfig, build_model, build_optimizer, evaluate_model, finetune,
-                             resolve_config)
+                             read_meta, resolve_config)
 from xlnet.model import XLNetLMHeadModel
 
 TINY = dict(vocab_size=8000, d_model=32, n_layer=2, n_head=2, d_head=16, d_inner=64)
@@ -420,7 +420,13 @@ def bad_squad(d: Path) -> str:
     return "train-v2.0.json:"  # ...:<line>: answer 'Prague' of question 'train-2-a' is not in the context
 
 
-BAD_INPUTS = {"corrupt_tsv": ("sst2", corrupt_tsv), "binary_train": ("sst2", binary_train), "unknown_label": ("sst2", unknown_label),
+def unlabeled_train(d: Path) -> str:
+    glue_sst2(d)
+    write(d / "train.tsv", "sentence\tlabl\na fine day\t1\n")  # a misspelled label column: no labels at all
+    return "train.tsv: the training split has no labels"
+
+
+BAD_INPUTS = {"unlabeled_train": ("sst2", unlabeled_train), "corrupt_tsv": ("sst2", corrupt_tsv), "binary_train": ("sst2", binary_train), "unknown_label": ("sst2", unknown_label),
               "missing_dev": ("sst2", missing_dev), "empty_train": ("sst2", empty_train),
               "bad_squad": ("squad2", bad_squad)}
 
@@ -438,6 +444,29 @@ def test_cli_bad_input_is_one_line(case, lm_dir, tmp_path, capsys):
     if case == "bad_squad":
         assert re.search(r"train-v2\.0\.json:\d+: answer 'Prague' of question 'train-2-a' is not in the context", err)
     assert not (out / "best").exists()
+
+
+@pytest.mark.parametrize("flags, message", [(["--dropout", "1.5"], "dropout must be in [0, 1)"),
+                                            (["--max-steps", "-3"], "max_steps, max_train_examples"),
+                                            (["--max-train-examples", "-5"], "max_train_examples and")])
+def test_cli_bad_settings_fail_before_any_work(flags, message, tmp_path, capsys):
+    glue_sst2(tmp_path / "data")
+    code = main(["finetune", "--task", "sst2", "--data", str(tmp_path / "data"), "--out-dir", str(tmp_path / "out"),
+                 "--quiet", "true", "--device", "cpu", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_json_fields_are_typed(tmp_path):
+    (tmp_path / "finetune.json").write_text(json.dumps({"task": "sst2", "max_seq_len": "long"}))
+    with pytest.raises(XLNetError, match=r"finetune\.json: max_seq_len must be an integer, not 'long'"):
+        read_meta(tmp_path)
+    (tmp_path / "finetune.json").write_text(json.dumps({"task": "nosuchtask"}))
+    with pytest.raises(XLNetError, match=r"finetune\.json: unknown task 'nosuchtask'"):
+        read_meta(tmp_path)
+    (tmp_path / "finetune.json").write_text(json.dumps({"task": "sst2", "max_seq_len": 64, "labels": ["0", "1"]}))
+    assert read_meta(tmp_path)["max_seq_len"] == 64
 
 
 def test_cli_missing_model_dir(tmp_path, capsys):

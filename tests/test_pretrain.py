@@ -331,6 +331,12 @@ def test_user_errors_are_one_line(corpus, tmp_path):
         pretrain(small(corpus, tmp_path / "x", grad_accum=3))
     with pytest.raises(XLNetError, match="compile must be auto, true or false"):
         pretrain(small(corpus, tmp_path / "z", compile="yes please"))
+    # settings that cannot train fail before the output directory (config.yaml) is written
+    for bad, message in [(dict(lr=-1.0), "lr must be positive"), (dict(lr=float("nan")), "lr must be positive"),
+                         (dict(dropout=1.5), "dropout and dropatt must be in"),
+                         (dict(num_predict=10_000), "num_predict=10000 does not fit")]:
+        with pytest.raises(XLNetError, match=message):
+            pretrain(small(corpus, tmp_path / "z", **bad))
     assert not (tmp_path / "z").exists()
     assert cli_main(["pretrain", "--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "y")]) == 2
 
@@ -397,3 +403,16 @@ def test_cuda_bf16_run_learns_and_resumes(corpus, tmp_path, objective):
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [r[:2] for r in a] == [r[:2] for r in b]
     assert [r[2] for r in a] == pytest.approx([r[2] for r in b], rel=2e-3)
+
+
+def test_finetuning_a_checkpoint_takes_its_runs_tokenizer(corpus, tmp_path):
+    """A pretraining checkpoint holds no spiece.model, but its trainer_state.json names the run's tokenizer and its
+    sha256: fine-tuning takes that tokenizer, and refuses another one (same piece count or not)."""
+    from xlnet.assets import default_tokenizer_dir
+    from xlnet.finetune import FinetuneConfig, load_tokenizer
+
+    run = pretrain(small(corpus, tmp_path / "p", max_steps=1, eval_every=0, save_every=0))
+    tok = load_tokenizer(FinetuneConfig(model=run["checkpoint"]))
+    assert tok.model_path.parent.resolve() == Path(corpus["tokenizer_dir"]).resolve()
+    with pytest.raises(XLNetError, match="was pretrained with another tokenizer"):
+        load_tokenizer(FinetuneConfig(model=run["checkpoint"], tokenizer=str(default_tokenizer_dir())))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from xlnet.allocator import tune_host_allocator
 from xlnet.errors import XLNetError
@@ -47,15 +49,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     tune_host_allocator()  # freed step temporaries stay mapped (xlnet/allocator.py); XLNET_TUNE_MALLOC=0: off
+    # SIGTERM as an exception (pretraining's StopSignal takes it over while it trains); signals are the main thread's
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         code = importlib.import_module(VERBS[args.verb][0]).run(args)
     except XLNetError as e:
         print(f"xlnet {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that is a file, a full disk, no permission: one line, not a traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"xlnet {args.verb}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print(f"xlnet {args.verb}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"xlnet {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(code or 0)
+
+
+class Terminated(Exception):
+    """SIGTERM as an exception, so `finally` blocks and context managers remove temporary files on the way out."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

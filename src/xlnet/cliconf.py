@@ -103,17 +103,72 @@ def build_dataclass(cls: type[T], config_path: str | None = None, args: argparse
     if args is not None:
         values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
     values.update(fixed)
-    hints = typing.get_type_hints(cls)
-    for k, v in list(values.items()):
-        tp = _base_type(hints[k])
-        if isinstance(v, list) and typing.get_origin(tp) is tuple:
-            values[k] = tuple(v)
-        elif tp is float and isinstance(v, int) and not isinstance(v, bool):
-            values[k] = float(v)
+    values = typed_values(cls, values, config_path or cls.__name__)
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
         raise XLNetError(f"invalid {cls.__name__}: {e}") from None
+
+
+def typed_values(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` for the dataclass `cls` as its fields' types, from what YAML or JSON gave: an XLNetError naming
+    `source` and the field for a value that is not of its type. YAML's own slips are taken: `1e-3` (a string to
+    PyYAML) as a float, `"no"` as a boolean, 1000.0 as an integer."""
+    hints = typing.get_type_hints(cls)
+    return {k: _typed(hints[k], v, f"{source}: {k}") if k in hints else v for k, v in values.items()}
+
+
+def _typed(tp: Any, value: Any, where: str) -> Any:
+    optional = type(None) in typing.get_args(tp)
+    if value is None and optional:
+        return None
+    base = _base_type(tp)
+    literal = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+    if base is bool:
+        out = _as_bool(value)
+    elif base is int:
+        out = _as_number(value, integral=True)
+    elif base is float:
+        out = _as_number(value, integral=False)
+    elif base is str:
+        out = value if isinstance(value, str) else None
+    elif typing.get_origin(base) in (list, tuple):
+        out = typing.get_origin(base)(value) if isinstance(value, (list, tuple)) else None
+        item = (typing.get_args(base) or (Any,))[0]
+        if out is not None and item in (str, int, float) and not all(isinstance(x, item) for x in out):
+            out = None
+    else:
+        return value
+    if out is None or (literal and out not in literal):
+        kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        kind = "one of " + ", ".join(map(repr, literal)) if literal else kinds.get(base, "a list")
+        raise XLNetError(f"{where} must be {kind}, not {value!r}")
+    return out
+
+
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return parse_bool(value)
+        except argparse.ArgumentTypeError:
+            return None
+    return None
+
+
+def _as_number(value: Any, integral: bool) -> int | float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value) if not isinstance(value, int) else value
+    except ValueError:
+        return None
+    if not integral:
+        return float(number)
+    if isinstance(number, float) and not number.is_integer():
+        return None
+    return int(number)
 
 
 def read_yaml(path: str | Path, allowed: set[str] | None = None) -> dict[str, Any]:

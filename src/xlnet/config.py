@@ -6,10 +6,14 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from xlnet.cliconf import typed_values
 from xlnet.errors import XLNetError
 from xlnet.fileio import atomic_write
+
+
+Activation = Literal["gelu", "relu", "gelu_new", "silu"]
 
 
 @dataclass
@@ -20,7 +24,7 @@ class XLNetConfig:
     n_head: int = 12
     d_head: int = 64
     d_inner: int = 3072
-    ff_activation: Literal["gelu", "relu", "gelu_new", "silu"] = "gelu"
+    ff_activation: Activation = "gelu"
     dropout: float = 0.1
     dropatt: float = 0.1  # dropout on attention probabilities (HF uses `dropout` for both)
     layer_norm_eps: float = 1e-12
@@ -48,6 +52,8 @@ class XLNetConfig:
             (self.d_model == self.n_head * self.d_head, f"d_model ({self.d_model}) must equal n_head * d_head "
                                                         f"({self.n_head} * {self.d_head})"),
             (self.attn_type in ("bi", "uni"), f"attn_type must be 'bi' or 'uni', not {self.attn_type!r}"),
+            (self.ff_activation in get_args(Activation),
+             f"ff_activation must be one of {', '.join(get_args(Activation))}, not {self.ff_activation!r}"),
             (self.attn_impl in ("reference", "fast"),
              f"attn_impl must be 'reference' or 'fast', not {self.attn_impl!r}"),
             (self.d_model % 2 == 0, "d_model must be even (sinusoid positions)"),
@@ -71,7 +77,7 @@ class XLNetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "XLNetConfig":
         if data.get("model_type") == "xlnet":
-            return cls.from_hf_dict(data)
+            return cls.from_hf_dict(data, source)
         if "model_type" in data:  # another Hugging Face architecture: say so rather than list its keys
             raise XLNetError(f"{source}: a {data['model_type']!r} model, not XLNet (model_type must be 'xlnet')")
         data = {k: v for k, v in data.items() if k != "architecture"}  # the head class, stored beside the config
@@ -79,7 +85,7 @@ class XLNetConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise XLNetError(f"{source}: unknown config key(s) {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**typed_values(cls, data, source))
 
     def save(self, path: str | Path) -> None:
         with atomic_write(path, "w") as f:
@@ -92,12 +98,16 @@ class XLNetConfig:
 
     # ---- Hugging Face config.json -------------------------------------------------------------
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any]) -> "XLNetConfig":
-        ours = {name: hf[name] for name in _SHARED_WITH_HF if hf.get(name) is not None}
-        ours["mem_len"] = hf.get("mem_len") or 0
-        ours["reuse_len"] = hf.get("reuse_len") or 0
-        ours["dropatt"] = hf.get("dropout", 0.1)
-        ours.setdefault("d_head", hf["d_model"] // hf["n_head"])
+    def from_hf_dict(cls, hf: dict[str, Any], source: str = "config") -> "XLNetConfig":
+        summary = hf.get("summary_type", "last")
+        if summary not in ("last", None):  # our heads read the last position (<cls>), as XLNet's own do
+            raise XLNetError(f"{source}: summary_type {summary!r} is not supported (the heads here summarize by "
+                             f"the last token, summary_type 'last')")
+        shared = {name: hf[name] for name in _SHARED_WITH_HF if hf.get(name) is not None}
+        shared.update(mem_len=hf.get("mem_len") or 0, reuse_len=hf.get("reuse_len") or 0,
+                      dropatt=hf.get("dropout", 0.1))
+        ours = typed_values(cls, shared, source)
+        ours.setdefault("d_head", ours.get("d_model", 0) // max(ours.get("n_head", 1), 1))
         labels = hf.get("id2label")
         if labels:
             ordered = [labels[k] for k in sorted(labels, key=int)]
@@ -106,7 +116,7 @@ class XLNetConfig:
                 ours["label_names"] = ordered
         elif hf.get("num_labels"):
             ours["num_labels"] = hf["num_labels"]
-        return cls(**ours)
+        return cls(**typed_values(cls, ours, source))
 
     def to_hf_dict(self, architectures: list[str] | None = None) -> dict[str, Any]:
         hf = {name: getattr(self, name) for name in _SHARED_WITH_HF}

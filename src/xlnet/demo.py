@@ -34,7 +34,7 @@ from xlnet.assets import supersense_path
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.errors import XLNetError
 from xlnet.fileio import atomic_write
-from xlnet.finetune import FinetuneConfig, finetune, subsample
+from xlnet.finetune import FinetuneConfig, finetune, resolve_config, subsample
 from xlnet.pretrain import PretrainConfig, format_summary, pretrain
 from xlnet.training import latest_checkpoint, read_metrics
 
@@ -102,6 +102,8 @@ def check_arms(cfg: DemoConfig) -> None:
             raise XLNetError(f"--{flag} takes distinct names among {', '.join(known)}, got {' '.join(names)}")
     if cfg.ablations and "plm" not in cfg.objectives:
         raise XLNetError("--ablations change the PLM run; keep plm in --objectives to compare against it")
+    # the fine-tuning settings too, before pretraining spends minutes
+    resolve_config(finetune_config(cfg, Path(cfg.out_dir), "", random_init=False), T.get_task("supersense"))
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:

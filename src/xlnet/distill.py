@@ -304,6 +304,7 @@ def distill(cfg: DistillConfig, info: TR.DistInfo | None = None) -> dict[str, An
     teacher, meta = load_teacher(cfg)
     cfg, spec = resolve_config(cfg, meta, teacher.config.n_layer)
     files = FT.data_files(spec, cfg.data)
+    FT.check_outputs(Path(cfg.out_dir))
     TR.set_seed(cfg.seed)
     device = info.device
     cfg = dataclasses.replace(cfg, precision=TR.resolve_precision(cfg.precision, device),

@@ -95,6 +95,8 @@ def evaluate_predictions(task: str, gold_path: str | os.PathLike, pred_path: str
     Raises XLNetError (file:line) for malformed gold or prediction files and for missing/unknown ids.
     """
     spec = T.get_task(task)
+    if na_probs_path is not None and spec.squad_version != 2:
+        raise XLNetError(f"--na-probs is for SQuAD 2.0 (--task squad2), not {spec.name}")
     keep = None if ids is None else {str(i) for i in ids}
     if spec.kind in ("classification", "regression"):
         n, scores = _eval_text(spec, Path(gold_path), Path(pred_path), labels, keep)
@@ -183,6 +185,7 @@ def _eval_text(spec: T.TaskSpec, gold: Path, pred: Path, labels: Sequence[str] |
     for key, (_, where) in preds.items():
         if key not in gold_ids:
             raise XLNetError(f"{where}: id {key!r} is not in {gold}")
+    known = {str(x) for x in (labels or spec.labels or ())}  # generic tasks without --labels: not checked
     y_true, y_pred = [], []
     for e in examples:
         if e.id not in preds:
@@ -198,7 +201,10 @@ def _eval_text(spec: T.TaskSpec, gold: Path, pred: Path, labels: Sequence[str] |
             y_pred.append(number)
             y_true.append(float(e.label))
         else:
-            y_pred.append(_as_label(value))
+            label = _as_label(value)
+            if known and label not in known:
+                raise XLNetError(f"{where}: predicted label {label!r} is not one of {', '.join(sorted(known))}")
+            y_pred.append(label)
             y_true.append(str(e.label))
     scores: dict[str, float] = {}
     for name in spec.metrics:
@@ -231,9 +237,12 @@ def _eval_squad(spec: T.TaskSpec, gold: Path, pred: Path, na_path: str | os.Path
     if na_path is not None:
         na = {}
         for qid, p in _read_json_object(Path(na_path)).items():
-            if not isinstance(p, (int, float)) or isinstance(p, bool):
-                raise XLNetError(f"{na_path}:1: no-answer probability for {qid!r} is not a number")
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not math.isfinite(p):
+                raise XLNetError(f"{na_path}:1: no-answer probability for {qid!r} is not a finite number")
             na[qid] = float(p)
+        missing = next((e.qid for e in examples if e.qid not in na), None)
+        if missing is not None:  # (the official script fails on it too)
+            raise XLNetError(f"{na_path}: no no-answer probability for question {missing!r}")
     if spec.squad_version == 1:
         no_answer = next((e for e in examples if not e.answers), None)
         if no_answer is not None:  # v1.1 has no "no answer"; the v1 formula is undefined there

@@ -32,12 +32,12 @@ from torch import Tensor, nn
 from xlnet import tasks as T
 from xlnet import training as TR
 from xlnet.assets import default_tokenizer_dir, supersense_path
-from xlnet.checkpoint import load_model
-from xlnet.cliconf import add_dataclass_arguments, build_dataclass
+from xlnet.checkpoint import MODEL_DIR, load_model
+from xlnet.cliconf import add_dataclass_arguments, build_dataclass, typed_values
 from xlnet.config import XLNetConfig, read_config_json
 from xlnet.errors import XLNetError
 from xlnet.evaluate import evaluate_predictions, format_table
-from xlnet.fileio import atomic_dir, atomic_write
+from xlnet.fileio import DirKind, atomic_dir, atomic_write, check_replaceable, sha256_file
 from xlnet.heads import (
     XLNetForMultipleChoice,
     XLNetForQuestionAnswering,
@@ -59,6 +59,7 @@ TASK_DEFAULTS: dict[str, dict[str, int]] = {
 NOT_INPUTS = ("window_index", "word_ids")
 # What a fine-tuned directory records beside the weights (read back by `xlnet evaluate --model`).
 META_FILE = "finetune.json"
+DEV_DIR = DirKind("predictions.*", "a predictions directory")  # what <out>/dev may replace
 META_FIELDS = ("task", "max_seq_len", "doc_stride", "max_query_len")
 # SQuAD's tensors that hold positions (shifted when a batch drops its leading padding): inputs, then outputs
 SQUAD_POSITIONS = ("cls_index", "start_positions", "end_positions")
@@ -123,6 +124,9 @@ def resolve_config(cfg: FinetuneConfig, spec: T.TaskSpec) -> FinetuneConfig:
               *((getattr(cfg, k) > 0, f"{k} must be positive, got {getattr(cfg, k)}")
                 for k in TASK_DEFAULTS[spec.kind]),
               (cfg.epochs > 0 or cfg.max_steps > 0, "needs epochs > 0 or max_steps > 0"),
+              (min(cfg.epochs, cfg.max_steps, cfg.max_train_examples, cfg.max_eval_examples) >= 0,
+               "epochs, max_steps, max_train_examples and max_eval_examples must be >= 0"),
+              (0 <= cfg.dropout < 1, f"dropout must be in [0, 1), got {cfg.dropout}"),
               (0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1], got {cfg.layer_decay}"),
               (0 <= cfg.warmup_frac < 1, f"warmup_frac must be in [0, 1), got {cfg.warmup_frac}"),
               (cfg.lr > 0, f"lr must be positive, got {cfg.lr}")]
@@ -327,11 +331,33 @@ def build_model(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None)
 
 
 def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
+    """--tokenizer, else the model directory's own, else (a pretraining checkpoint) the one its run recorded, else
+    the embedded one. A pretraining checkpoint also records its tokenizer's sha256: another tokenizer with as many
+    pieces would give the embeddings other meanings and train without a word."""
+    model_dir = Path(cfg.model) if cfg.model else None
+    recorded = pretraining_tokenizer(model_dir) if model_dir else None
     if cfg.tokenizer:
-        return Tokenizer.load(cfg.tokenizer)
-    if cfg.model and (Path(cfg.model) / MODEL_FILE).is_file():
-        return Tokenizer.load(cfg.model)
-    return Tokenizer.load(default_tokenizer_dir())
+        tok = Tokenizer.load(cfg.tokenizer)
+    elif model_dir and (model_dir / MODEL_FILE).is_file():
+        tok = Tokenizer.load(model_dir)
+    elif recorded and (Path(recorded[0]) / MODEL_FILE).is_file():
+        tok = Tokenizer.load(recorded[0])
+    else:
+        tok = Tokenizer.load(default_tokenizer_dir())
+    if recorded and sha256_file(tok.model_path) != recorded[1]:
+        raise XLNetError(f"{model_dir} was pretrained with another tokenizer than {tok.model_path} (sha256 "
+                         f"differs): pass the pretraining run's --tokenizer")
+    return tok
+
+
+def pretraining_tokenizer(model_dir: Path) -> tuple[str, str] | None:
+    """(tokenizer directory, sha256 of its spiece.model) recorded by the pretraining run that wrote `model_dir`;
+    None for other directories."""
+    if not (model_dir / TR.TRAINER_STATE).is_file():
+        return None
+    state = TR.read_trainer_state(model_dir)
+    where, sha = state.get("config", {}).get("tokenizer_dir"), state.get("identity", {}).get("tokenizer_dir")
+    return (where, sha) if isinstance(where, str) and isinstance(sha, str) else None
 
 
 def check_vocab(model: nn.Module, tok: Tokenizer, cfg: FinetuneConfig) -> None:
@@ -353,9 +379,17 @@ def model_meta(spec: T.TaskSpec, cfg: FinetuneConfig, labels: list[str] | None) 
     return {"task": spec.name, "labels": labels, **{k: getattr(cfg, k) for k in META_FIELDS}}
 
 
+def check_outputs(out_dir: Path) -> None:
+    """Fail before featurizing and training, not at the first dev epoch, if best/ or dev/ is not ours to replace."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise XLNetError(f"{out_dir}: exists and is not a directory; choose another --out-dir")
+    check_replaceable(out_dir / "best", MODEL_DIR)
+    check_replaceable(out_dir / "dev", DEV_DIR)
+
+
 def save_model_dir(model: nn.Module, directory: Path, tok: Tokenizer, meta: dict[str, Any]) -> Path:
     """Weights, tokenizer and finetune.json swapped in as one directory: a crash never leaves half of them."""
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, replaces=MODEL_DIR) as tmp:
         TR.unwrap(model).save_pretrained(tmp)  # replaces `tmp` itself, which is still our private temp name
         shutil.copyfile(tok.model_path, tmp / MODEL_FILE)
         for name in TOKENIZER_SETTINGS:  # the flags (lowercase, accents) the pieces were trained with
@@ -480,6 +514,7 @@ def finetune(cfg: FinetuneConfig, info: TR.DistInfo | None = None) -> dict[str, 
     spec = T.get_task(cfg.task)
     cfg = resolve_config(cfg, spec)
     files = data_files(spec, cfg.data)
+    check_outputs(Path(cfg.out_dir))
     TR.set_seed(cfg.seed)
     device = info.device
     cfg = dataclasses.replace(cfg, precision=TR.resolve_precision(cfg.precision, device))
@@ -504,6 +539,9 @@ def load_splits(spec: T.TaskSpec, files: dict[str, Path | None], tok: Tokenizer,
                 labels: list[str] | None) -> tuple[Split, Split, Split | None]:
     """train, dev (labeled: the best epoch is chosen by it) and test when there is one."""
     train = load_split(spec, files["train"], tok, cfg, labels, cfg.max_train_examples)  # type: ignore[arg-type]
+    if not train.labeled:
+        raise XLNetError(f"{train.path}: the training split has no labels (is its label column named as the task "
+                         f"expects?)")
     dev = load_split(spec, files["dev"], tok, cfg, labels, cfg.max_eval_examples)  # type: ignore[arg-type]
     if not dev.labeled:
         raise XLNetError(f"{dev.path}: the dev split has no labels, and the best epoch is chosen by its score")
@@ -627,7 +665,7 @@ def evaluate_epoch(model: nn.Module, dev: Split, spec: T.TaskSpec, cfg: Finetune
         if best is not None and not result["main"] > best["main"]:
             return best
         save_best(model)
-        with atomic_dir(out_dir / "dev") as final:
+        with atomic_dir(out_dir / "dev", replaces=DEV_DIR) as final:
             for f in Path(scratch).iterdir():
                 os.replace(f, final / f.name)
     return {**result, "step": step}
@@ -642,6 +680,8 @@ def finish(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None, test
     if best is not None and test is not None:
         model = HEADS[spec.kind].from_pretrained(out_dir / "best", verbose=False).to(device)
         summary["test"] = score(model, test, spec, cfg, labels, device, out_dir / "test")
+    else:  # an earlier run's test predictions would read as this run's
+        shutil.rmtree(out_dir / "test", ignore_errors=True)
     summary.update(extra or {})
     with atomic_write(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)
@@ -671,6 +711,8 @@ def evaluate_model(task: str, model_dir: str | os.PathLike, data: str | os.PathL
         raise XLNetError(f"{model_dir}: holds a {type(model).__name__}, task {spec.name!r} needs "
                          f"{HEADS[spec.kind].__name__}")
     meta = read_meta(model_dir)
+    if meta.get("task", spec.name) != spec.name:
+        raise XLNetError(f"{model_dir} was fine-tuned on {meta['task']}, not {spec.name} (its {META_FILE})")
     dev = TR.resolve_device(device)
     lengths = {k: meta[k] for k in META_FIELDS if k in meta and k != "task"}
     cfg = resolve_config(FinetuneConfig(task=spec.name, model=str(model_dir), eval_batch_size=batch_size,
@@ -688,7 +730,19 @@ def evaluate_model(task: str, model_dir: str | os.PathLike, data: str | os.PathL
 def read_meta(model_dir: Path) -> dict[str, Any]:
     """finetune.json of a directory written by `xlnet finetune` ({} for other directories, e.g. HF's)."""
     path = model_dir / META_FILE
-    return read_config_json(path)[0] if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    meta = read_config_json(path)[0]
+    fields = typed_values(FinetuneConfig, {k: meta[k] for k in META_FIELDS if k in meta}, str(path))
+    labels = meta.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise XLNetError(f"{path}: labels must be a list of strings, not {labels!r}")
+    if "task" in fields:
+        try:
+            T.get_task(fields["task"])
+        except XLNetError as e:
+            raise XLNetError(f"{path}: {e}") from None
+    return {**meta, **fields}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ def load_data(cfg: PretrainConfig, info: T.DistInfo) -> Data:
     if cfg.data_dir:
         data_dir = Path(cfg.data_dir)
         if not data_dir.is_dir():
-            raise XLNetError(f"data directory not found: {data_dir} (make one with `xlnet prepare`)")
+            what = "is a file, not a data directory" if data_dir.exists() else "data directory not found"
+            raise XLNetError(f"{data_dir}: {what} (make one with `xlnet prepare`)")
     else:
         data_dir = default_data_dir(tok_dir, cache_dir()) if info.is_main else None
         T.barrier()  # rank 0 prepares, the others find it ready
@@ -327,10 +328,15 @@ def check_config(cfg: PretrainConfig, info: T.DistInfo) -> None:
         (cfg.infoword_weight >= 0, "infoword_weight must be >= 0"),
         (cfg.prefetch is None or cfg.prefetch >= 0, "prefetch must be >= 0"),
         (cfg.profile_steps >= 0, "profile_steps must be >= 0"),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
+        (cfg.weight_decay >= 0 and cfg.adam_eps > 0, "weight_decay must be >= 0 and adam_eps > 0"),
+        (all(p is None or 0 <= p < 1 for p in (cfg.dropout, cfg.dropatt)), "dropout and dropatt must be in [0, 1)"),
     ]
     for ok, message in checks:
         if not ok:
             raise XLNetError(f"invalid pretrain config: {message}")
+    if cfg.batch_size % n == 0:  # the sampler's own checks (lengths, targets), before anything is written
+        cfg.plm_config(cfg.batch_size // n, cfg.seed).validate()
 
 
 def resolve_resume(cfg: PretrainConfig, resume: str | None) -> Path | None:
@@ -342,9 +348,14 @@ def resolve_resume(cfg: PretrainConfig, resume: str | None) -> Path | None:
     if resume in ("latest", "auto", ""):
         ckpt = T.latest_checkpoint(out)
         if ckpt is None:
-            raise XLNetError(f"--resume: no checkpoint under {out / T.CHECKPOINT_DIR}")
+            root = out / T.CHECKPOINT_DIR
+            partial = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
+            raise XLNetError(f"--resume: no checkpoint under {root}" + (
+                f" ({', '.join(partial)} without {T.TRAINER_STATE}: incomplete or damaged)" if partial else ""))
         return ckpt
     ckpt = Path(resume)
+    if not ckpt.is_dir():
+        raise XLNetError(f"--resume: no such checkpoint directory: {ckpt}")
     if not (ckpt / T.TRAINER_STATE).is_file():
         raise XLNetError(f"--resume: {ckpt} is not a training checkpoint (no {T.TRAINER_STATE})")
     return ckpt
