@@ -146,6 +146,9 @@ def test_config_that_does_not_match_weights_names_the_tensor(tmp_path: Path, cap
 def test_missing_and_corrupt_files_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(XLNetError, match="not found"):
         load_model(tmp_path / "nope")
+    (tmp_path / "file").write_text("not a model")
+    with pytest.raises(XLNetError, match="file: is a file, not a model directory"):
+        load_model(tmp_path / "file")
     XLNetLMHeadModel(small()).save_pretrained(tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

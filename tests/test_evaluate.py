@@ -162,6 +162,11 @@ def test_cli_model_mode_on_a_head_directory(tmp_path, rte, capsys):
     assert "was fine-tuned on sst2, not rte (its finetune.json)" in capsys.readouterr().err
 
 
+def test_a_directory_given_for_a_file_says_so(tmp_path, rte):
+    with pytest.raises(XLNetError, match="is a directory, not a file"):
+        evaluate_predictions("rte", rte, tmp_path)
+
+
 def test_cli_predictions_and_model_exclude_each_other(tmp_path, rte, capsys):
     with pytest.raises(SystemExit) as e:
         main(["evaluate", "--task", "rte", "--data", str(rte), "--predictions", "p.tsv", "--model", "m"])

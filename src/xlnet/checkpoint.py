@@ -65,7 +65,7 @@ class PretrainedMixin:
         dropout, mem_len). Head tensors the file lacks are freshly initialised and reported (strict: an error)."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise XLNetError(f"model directory not found: {directory}")
+            raise XLNetError(missing_dir(directory))
         config = XLNetConfig.load(directory)
         if overrides:
             config = XLNetConfig(**{**config.to_dict(), **overrides})
@@ -78,6 +78,13 @@ class PretrainedMixin:
             print(f"note: {len(fresh)} tensor(s) not in {source.name} were initialised fresh: "
                   f"{', '.join(sorted(fresh)[:6])}{' ...' if len(fresh) > 6 else ''}", file=sys.stderr)
         return model
+
+
+def missing_dir(directory: Path) -> str:
+    """The message for a --model path that is not a directory."""
+    if directory.exists():
+        return f"{directory}: is a file, not a model directory"
+    return f"model directory not found: {directory}"
 
 
 def write_weights(tensors: dict[str, Tensor], path: Path) -> None:
@@ -217,7 +224,7 @@ def load_model(directory: str | Path, architecture: str | None = None, **overrid
 
 def saved_architecture(directory: Path) -> str:
     if not directory.is_dir():
-        raise XLNetError(f"model directory not found: {directory}")
+        raise XLNetError(missing_dir(directory))
     data, _ = read_config_json(directory)
     if "architecture" in data:
         return str(data["architecture"])

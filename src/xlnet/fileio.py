@@ -132,7 +132,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, offset: int = 0) 
 def open_binary(path: Path) -> tuple[IO[bytes], IO[bytes]]:
     """(line source, raw file) for a plain or .gz file; the raw file's position tells progress through compressed input."""
     if not path.is_file():
-        raise XLNetError(f"{path}: no such file")
+        raise XLNetError(f"{path}: {'is a directory, not a file' if path.is_dir() else 'no such file'}")
     try:
         raw = open(path, "rb")
     except OSError as e:
