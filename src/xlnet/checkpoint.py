@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from xlnet.config import XLNetConfig, read_config_json
 from xlnet.errors import XLNetError
-from xlnet.fileio import DirKind, atomic_dir, follow_umask, sha256_file
+from xlnet.fileio import DirKind, atomic_dir, follow_umask, require_dir, sha256_file
 
 WEIGHTS = "model.safetensors"
 LEGACY_WEIGHTS = "pytorch_model.bin"
@@ -64,8 +64,7 @@ class PretrainedMixin:
         """Load our or HF's directory into this class; `overrides` change config fields (e.g. num_labels,
         dropout, mem_len). Head tensors the file lacks are freshly initialised and reported (strict: an error)."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise XLNetError(missing_dir(directory))
+        require_dir(directory, "model directory")
         config = XLNetConfig.load(directory)
         if overrides:
             config = XLNetConfig(**{**config.to_dict(), **overrides})
@@ -78,13 +77,6 @@ class PretrainedMixin:
             print(f"note: {len(fresh)} tensor(s) not in {source.name} were initialised fresh: "
                   f"{', '.join(sorted(fresh)[:6])}{' ...' if len(fresh) > 6 else ''}", file=sys.stderr)
         return model
-
-
-def missing_dir(directory: Path) -> str:
-    """The message for a --model path that is not a directory."""
-    if directory.exists():
-        return f"{directory}: is a file, not a model directory"
-    return f"model directory not found: {directory}"
 
 
 def write_weights(tensors: dict[str, Tensor], path: Path) -> None:
@@ -223,8 +215,7 @@ def load_model(directory: str | Path, architecture: str | None = None, **overrid
 
 
 def saved_architecture(directory: Path) -> str:
-    if not directory.is_dir():
-        raise XLNetError(missing_dir(directory))
+    require_dir(directory, "model directory")
     data, _ = read_config_json(directory)
     if "architecture" in data:
         return str(data["architecture"])

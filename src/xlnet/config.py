@@ -103,11 +103,8 @@ class XLNetConfig:
         if summary not in ("last", None):  # our heads read the last position (<cls>), as XLNet's own do
             raise XLNetError(f"{source}: summary_type {summary!r} is not supported (the heads here summarize by "
                              f"the last token, summary_type 'last')")
-        shared = {name: hf[name] for name in _SHARED_WITH_HF if hf.get(name) is not None}
-        shared.update(mem_len=hf.get("mem_len") or 0, reuse_len=hf.get("reuse_len") or 0,
-                      dropatt=hf.get("dropout", 0.1))
-        ours = typed_values(cls, shared, source)
-        ours.setdefault("d_head", ours.get("d_model", 0) // max(ours.get("n_head", 1), 1))
+        ours = {name: hf[name] for name in _SHARED_WITH_HF if hf.get(name) is not None}
+        ours.update(mem_len=hf.get("mem_len") or 0, reuse_len=hf.get("reuse_len") or 0, dropatt=hf.get("dropout", 0.1))
         labels = hf.get("id2label")
         if labels:
             ordered = [labels[k] for k in sorted(labels, key=int)]
@@ -116,7 +113,9 @@ class XLNetConfig:
                 ours["label_names"] = ordered
         elif hf.get("num_labels"):
             ours["num_labels"] = hf["num_labels"]
-        return cls(**typed_values(cls, ours, source))
+        ours = typed_values(cls, ours, source)
+        ours.setdefault("d_head", ours.get("d_model", 0) // max(ours.get("n_head", 1), 1))
+        return cls(**ours)
 
     def to_hf_dict(self, architectures: list[str] | None = None) -> dict[str, Any]:
         hf = {name: getattr(self, name) for name in _SHARED_WITH_HF}

@@ -119,6 +119,12 @@ def _swap_in(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def require_dir(path: Path, what: str, hint: str = "") -> None:
+    """A one-line XLNetError unless `path` is a directory, saying whether it is missing or a file."""
+    if not path.is_dir():
+        raise XLNetError((f"{path}: is a file, not a {what}" if path.exists() else f"{what} not found: {path}") + hint)
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, offset: int = 0) -> str:
     """sha256 of the file's bytes from `offset` on, read in chunks."""
     h = hashlib.sha256()

@@ -39,7 +39,7 @@ from xlnet import training as T
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
-from xlnet.fileio import atomic_write
+from xlnet.fileio import atomic_write, require_dir
 
 if TYPE_CHECKING:  # annotations only; the functions import them where they are used
     from xlnet.data.plm import PLMConfig, PLMSampler, Prefetcher
@@ -197,9 +197,7 @@ def load_data(cfg: PretrainConfig, info: T.DistInfo) -> Data:
     tok = Tokenizer.load(tok_dir)
     if cfg.data_dir:
         data_dir = Path(cfg.data_dir)
-        if not data_dir.is_dir():
-            what = "is a file, not a data directory" if data_dir.exists() else "data directory not found"
-            raise XLNetError(f"{data_dir}: {what} (make one with `xlnet prepare`)")
+        require_dir(data_dir, "data directory", " (make one with `xlnet prepare`)")
     else:
         data_dir = default_data_dir(tok_dir, cache_dir()) if info.is_main else None
         T.barrier()  # rank 0 prepares, the others find it ready

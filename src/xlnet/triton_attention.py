@@ -320,7 +320,7 @@ def _launch_args(qc: Tensor, klen: int, table: Tensor, strides: tuple[int, int],
                  seg_q: Tensor | None, seg_k: Tensor | None, mask: Tensor | None, seed: Tensor, p: float,
                  scale: float) -> dict:
     """What every kernel takes after q, k, v: tensors (absent ones as a placeholder pointer), sizes, strides,
-    and the compile-time flags."""
+    and the compile-time flags; and by name what _window_grad takes of them (stride_cb, the segment ids)."""
     _, n_head, qlen, d_head = qc.shape
     has_seg, has_mask = coef is not None, mask is not None
     if has_mask:
@@ -333,9 +333,9 @@ def _launch_args(qc: Tensor, klen: int, table: Tensor, strides: tuple[int, int],
                stride_mb, stride_mi)
     flags = dict(HAS_SEG=has_seg, HAS_MASK=has_mask, DROPOUT=p > 0, IEEE=qc.dtype == torch.float32,
                  BLOCK_D=max(16, triton.next_power_of_2(d_head)))
-    tensors = (table, c0, coef if has_seg else qc, seg_q if has_seg else c0, seg_k if has_seg else c0,
-               mask if has_mask else qc)
-    return dict(tensors=tensors, scalars=scalars, flags=flags, stride_cb=stride_cb)
+    seg_ids = (seg_q, seg_k) if has_seg else (c0, c0)
+    tensors = (table, c0, coef if has_seg else qc, *seg_ids, mask if has_mask else qc)
+    return dict(tensors=tensors, scalars=scalars, flags=flags, stride_cb=stride_cb, seg_ids=seg_ids)
 
 
 def _grid(rows: int, block: str, programs: int):
@@ -391,9 +391,8 @@ def rel_attention_backward(grad_out: Tensor, out: Tensor, stats: Tensor, qc: Ten
     dq = torch.baddbmm(d_s.new_zeros(()), d_s.flatten(0, 1), k.flatten(0, 1).to(d_s.dtype), beta=0,
                        alpha=scale).view(qc.shape).to(qc.dtype)
     rlen = table.shape[-1]
-    seg_q, seg_k = args["tensors"][3:5]
-    _window_grad[(qlen, bsz * n_head)](d_s, c0, d_table, seg_q, seg_k, d_coef if coef is not None else d_s, qlen,
-                                       klen, rlen, n_head, sb, sn, args["stride_cb"], HAS_SEG=coef is not None,
+    _window_grad[(qlen, bsz * n_head)](d_s, c0, d_table, *args["seg_ids"], d_coef if coef is not None else d_s,
+                                       qlen, klen, rlen, n_head, sb, sn, args["stride_cb"], HAS_SEG=coef is not None,
                                        BLOCK=min(WINDOW_BLOCK, triton.next_power_of_2(rlen)))
     return dq, dk, dv, d_table, d_coef
 
