@@ -341,6 +341,20 @@ def test_user_errors_are_one_line(corpus, tmp_path):
     assert cli_main(["pretrain", "--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "y")]) == 2
 
 
+def test_data_without_a_valid_split_pretrains_when_nothing_is_evaluated(corpus, tmp_path):
+    from xlnet.data.prepare import prepare
+
+    text = next(Path(corpus["data_dir"]).parent.glob("text.txt"))
+    data = prepare(Path(corpus["tokenizer_dir"]), [text], tmp_path / "all", valid_fraction=0, progress=False)
+    with pytest.raises(XLNetError, match=r"no valid split \(prepared with --valid-fraction 0\): pretrain with "
+                                         r"--eval-every 0"):
+        pretrain(small(corpus, tmp_path / "a", data_dir=str(data)))
+    assert not (tmp_path / "a").exists()
+    run = pretrain(small(corpus, tmp_path / "b", data_dir=str(data), eval_every=0, max_steps=2, save_every=0))
+    assert run["valid_loss"] is None and math.isfinite(run["train_loss"])
+    assert [split for split, _, _ in losses(tmp_path / "b")] == ["train", "train"]
+
+
 def test_sigterm_checkpoints_then_exits(corpus, tmp_path):
     out = tmp_path / "term"
 

@@ -76,6 +76,9 @@ def test_cola_malformed(tmp_path):
     f = write(tmp_path / "dev.tsv", "gj04\t1\t\tFine.\ngj04\t1\tmissing\n")
     with pytest.raises(XLNetError, match=r"dev\.tsv:2: expected 4 columns, got 3"):
         T.read_glue(T.get_task("cola"), f)
+    f = write(tmp_path / "dev.tsv", "gj04\t1\t\tFine.\ngj04\t1\t\tA tab\tinside.\n")  # would cut the text
+    with pytest.raises(XLNetError, match=r"dev\.tsv:2: expected 4 columns, got 5"):
+        T.read_glue(T.get_task("cola"), f)
     f = write(tmp_path / "dev.tsv", "gj04\t1\t\tFine.\ngj04\t7\t\tBad label.\n")
     with pytest.raises(XLNetError, match=r"dev\.tsv:2: unknown label '7'"):
         T.read_glue(T.get_task("cola"), f)

@@ -43,6 +43,7 @@ from xlnet.fileio import atomic_write, require_dir
 
 if TYPE_CHECKING:  # annotations only; the functions import them where they are used
     from xlnet.data.plm import PLMConfig, PLMSampler, Prefetcher
+    from xlnet.data.prepare import Corpus
 
 
 @dataclass
@@ -204,21 +205,34 @@ def load_data(cfg: PretrainConfig, info: T.DistInfo) -> Data:
         if data_dir is None:
             data_dir = default_data_dir(tok_dir, cache_dir())
     train = load_corpus(data_dir, "train", verify=info.is_main)
-    valid = load_corpus(data_dir, "valid", verify=info.is_main)
+    manifest = _read_manifest(data_dir)
+    valid = _load_valid(data_dir, manifest, cfg.eval_every, info)
     model_vocab = cfg.vocab_size or tok.vocab_size
     if not (tok.vocab_size == train.vocab_size == model_vocab):
         raise XLNetError(f"vocab sizes disagree: tokenizer {tok_dir} has {tok.vocab_size}, data {data_dir} has "
                          f"{train.vocab_size}, model has {model_vocab} (leave --vocab-size out or use matching "
                          f"files)")
-    want = _read_manifest(data_dir).get("tokenizer", {}).get("sha256")
+    want = manifest.get("tokenizer", {}).get("sha256")
     tok_sha = sha256_file(tok.model_path)
     if want and want != tok_sha:
         raise XLNetError(f"{data_dir} was prepared with another tokenizer than {tok.model_path} (sha256 differs)")
-    if len(valid) == 0:
-        raise XLNetError(f"{data_dir}: the valid split is empty")
     identity = {"data_dir": sha256_file(data_dir / MANIFEST), "tokenizer_dir": tok_sha}
-    return Data(train.tokens, train.sent_ids, valid.tokens, valid.sent_ids, tok.word_start_table(),
-                tok.vocab_size, data_dir, tok_dir, identity)
+    return Data(train.tokens, train.sent_ids, valid.tokens if valid else None, valid.sent_ids if valid else None,
+                tok.word_start_table(), tok.vocab_size, data_dir, tok_dir, identity)
+
+
+def _load_valid(data_dir: Path, manifest: dict[str, Any], eval_every: int, info: T.DistInfo) -> Corpus | None:
+    """The valid split; None for data prepared with --valid-fraction 0 when the run never evaluates."""
+    from xlnet.data.prepare import load_corpus
+
+    if manifest.get("splits", {}).get("valid", {}).get("shards", True):
+        valid = load_corpus(data_dir, "valid", verify=info.is_main)
+        if len(valid) > 0:
+            return valid
+    if eval_every > 0:
+        raise XLNetError(f"{data_dir} has no valid split (prepared with --valid-fraction 0): pretrain with "
+                         f"--eval-every 0, or prepare it again with --valid-fraction 0.01")
+    return None
 
 
 def make_sampler(cfg: PretrainConfig, data: Data, info: T.DistInfo, split: str) -> "PLMSampler":

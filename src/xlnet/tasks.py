@@ -223,7 +223,7 @@ def read_glue(spec: TaskSpec, path: str | os.PathLike) -> list[TextExample]:
             continue
         fields = line.split("\t")
         where = f"{path}:{n}"
-        if len(fields) < width:
+        if len(fields) != width:  # more: a tab inside a text field would shift or cut the fields after it
             raise XLNetError(f"{where}: expected {width} columns, got {len(fields)}")
         label = None if il is None else _parse_label(spec, fields[il], where, None)
         examples.append(TextExample(str(len(examples)), fields[ia], None if ib is None else fields[ib], label, where))

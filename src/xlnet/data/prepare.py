@@ -387,7 +387,7 @@ def load_corpus(data_dir: str | Path, split: str = "train", expected_vocab_size:
                          f"the model expects {expected_vocab_size}")
     info = splits[split]
     if not info["shards"]:
-        hint = " (prepared with --valid-fraction 0; pretraining evaluates on it)" if split == "valid" else ""
+        hint = " (prepared with --valid-fraction 0; pretrain with --eval-every 0)" if split == "valid" else ""
         raise XLNetError(f"{data_dir / MANIFEST}: split {split!r} is empty{hint}")
     files = manifest.get("files", {})
     toks, sids = [], []
@@ -413,7 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "directory: its such files, recursively, in sorted order (hidden ones skipped)")
     parser.add_argument("--out", required=True, type=Path, help="output directory (replaced atomically if it holds prepared data)")
     parser.add_argument("--valid-fraction", type=float, default=0.01,
-                        help="fraction of documents held out for validation (0: no valid split)")
+                        help="fraction of documents held out for validation (0: no valid split; pretrain it with --eval-every 0)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (0 or 1: this process)")
     parser.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split")
