@@ -125,6 +125,47 @@ def test_lm_checkpoint_into_classifier_initialises_only_the_head(tmp_path: Path,
         XLNetForSequenceClassification.from_pretrained(tmp_path / "lm", strict=True)
 
 
+@pytest.mark.parametrize("source,target,labels,says", [
+    ("XLNetForSequenceClassification", "XLNetForSequenceClassification", 2,
+     "logits_proj.weight is (3, 16) in the file but (2, 16) here; logits_proj.bias is (3,) in the file but (2,)"),
+    ("XLNetForSequenceClassification", "XLNetForMultipleChoice", 1, "logits_proj.weight is (3, 16) in the file"),
+    ("XLNetForSequenceClassification", "XLNetForTokenClassification", 5,
+     "classifier not in the file; the file's logits_proj, sequence_summary (another head) not used"),
+    ("XLNetForQuestionAnswering", "XLNetForSequenceClassification", 1,
+     "logits_proj, sequence_summary not in the file; the file's answer_class, end_logits, start_logits (another "
+     "head) not used"),
+    ("XLNetForSequenceClassification", "XLNetForSequenceClassification", 3, None),  # fits: loaded whole, no note
+])
+def test_reinit_head_keeps_the_body_and_says_which_head_tensors_start_fresh(source: str, target: str, labels: int,
+                                                                           says: str | None, tmp_path: Path,
+                                                                           capsys) -> None:
+    """Fine-tuning a fine-tuned model for another task (reinit_head): the body loads, head tensors that fit load,
+    the rest start fresh, and one line says which and why, even when not verbose."""
+    torch.manual_seed(0)
+    src = ARCHITECTURES[source](small(num_labels=3))
+    src.save_pretrained(tmp_path / "m")
+    model = ARCHITECTURES[target].from_pretrained(tmp_path / "m", verbose=False, reinit_head=True, num_labels=labels)
+    err = capsys.readouterr().err.strip()
+    if says is None:
+        assert err == "" and all(torch.equal(v, model.state_dict()[k]) for k, v in src.state_dict().items())
+        return
+    assert len(err.splitlines()) == 1 and err.startswith("note: ") and says in err, err
+    state = model.state_dict()
+    for key, value in src.state_dict().items():
+        if key.startswith("transformer.") or (key in state and state[key].shape == value.shape):
+            assert torch.equal(state[key], value), key  # the body, and the head tensors that fit
+    # without reinit_head (evaluate, convert, distill's teacher) a head that does not fit stays an error
+    if "here" in says:
+        with pytest.raises(XLNetError, match="has shape"):
+            ARCHITECTURES[target].from_pretrained(tmp_path / "m", num_labels=labels)
+
+
+def test_reinit_head_still_refuses_a_body_that_does_not_fit(tmp_path: Path) -> None:
+    XLNetForSequenceClassification(small(num_labels=3)).save_pretrained(tmp_path / "m")
+    with pytest.raises(XLNetError, match=r"transformer\.layer\.0\.ff\.layer_1\.weight has shape"):
+        XLNetForSequenceClassification.from_pretrained(tmp_path / "m", reinit_head=True, num_labels=2, d_inner=48)
+
+
 def test_config_that_does_not_match_weights_names_the_tensor(tmp_path: Path, capsys) -> None:
     XLNetLMHeadModel(small()).save_pretrained(tmp_path / "m")
     cfg_path = tmp_path / "m" / "config.json"

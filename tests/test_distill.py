@@ -238,6 +238,34 @@ def test_transfer_rows_are_appended_unlabeled_without_training_duplicates(teache
     assert n == 7
 
 
+@pytest.mark.parametrize("task", ["sst2", "classification", "regression"])
+def test_transfer_file_labels_are_not_read(task, teacher, keyword_data, tmp_path):
+    """The transfer file gives inputs only: a label the task does not know, an empty one or (regression) a
+    non-number is not an error, and every transfer row is unlabeled."""
+    from xlnet.finetune import load_split, load_tokenizer
+    from xlnet.tasks import get_task
+
+    spec = get_task(task)
+    cfg = distill_cfg(teacher, keyword_data, tmp_path, max_seq_len=16, tokenizer=str(teacher))
+    tok = load_tokenizer(cfg)
+    if task == "sst2":
+        labels: list[str] | None = ["0", "1"]
+        train_file = write(tmp_path / "train.tsv", "sentence\tlabel\nsome words\t1\nother words\t0\n")
+        transfer = write(tmp_path / "transfer_foo.tsv", "sentence\tlabel\nnew words\tfoo\nfresh words\t\n")
+    else:
+        labels = ["no", "yes"] if task == "classification" else None
+        gold = ["yes", "no"] if task == "classification" else [1.5, 0.5]
+        train_file = write(tmp_path / "train.jsonl", "".join(
+            json.dumps({"text": t, "label": g}) + "\n" for t, g in zip(["some words", "other words"], gold)))
+        transfer = write(tmp_path / "transfer.jsonl", json.dumps({"text": "new words", "label": "unknownlabel"})
+                         + "\n" + json.dumps({"text": "fresh words", "label": True}) + "\n")
+    train = load_split(spec, train_file, tok, cfg, labels, 0)
+    merged, n = add_transfer(train, spec, dataclasses.replace(cfg, transfer=str(transfer)), tok, labels)
+    assert n == 2 and merged.rows == train.rows + 2
+    added = merged.tensors["labels"][train.rows:]
+    assert (added.isnan() if task == "regression" else added == IGNORE).all()
+
+
 def test_transfer_examples_teach_the_student(teacher, keyword_data, tmp_path):
     """Two labeled training rows and 120 unlabeled ones: at alpha 1 the student learns the task from what the
     teacher says about the unlabeled ones."""
@@ -389,6 +417,43 @@ def test_cli_bad_input_is_one_line(case, teacher, keyword_data, tmp_path, capsys
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("xlnet distill: error: "), err
     assert expected in err
     assert not (tmp_path / "out" / "best").exists()
+
+
+def test_interrupted_rerun_leaves_nothing_of_the_earlier_run(teacher, keyword_data, tmp_path, monkeypatch, capsys):
+    """Before training, a run deletes what an earlier run wrote into --out-dir (its teacher's predictions
+    included) and nothing else; Ctrl-C then leaves this run's best/ and dev/ alone, and says so."""
+    import xlnet.finetune as FT
+
+    out = tmp_path / "out"
+    earlier = ["best/config.json", "dev/predictions.jsonl", "test/predictions.jsonl", "summary.json", "metrics.jsonl",
+               "tensorboard/events", "loss.png", "dev.png", "teacher/dev/predictions.jsonl",
+               "teacher/test/predictions.jsonl", "notes.txt"]
+    for name in earlier:
+        write(out / name, "earlier run\n")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FT, "finish", interrupt)
+    code = main(["distill", "--teacher", str(teacher), "--data", str(keyword_data), "--out-dir", str(out),
+                 "--epochs", "1", "--batch-size", "16", "--quiet", "true", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 130
+    assert err == f"xlnet distill: interrupted; {out / 'best'} holds this run's best model so far; no summary.json"
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "tensorboard" not in p.parts)
+    assert [p for p in left if not p.startswith("best/")] == ["dev/predictions.jsonl", "metrics.jsonl", "notes.txt",
+                                                              "teacher/dev/predictions.jsonl"]
+    assert "earlier run" not in (out / "dev" / "predictions.jsonl").read_text()
+    assert (out / "notes.txt").read_text() == "earlier run\n"  # not an output of ours: kept
+    assert not (out / "tensorboard" / "events").exists() and (out / "best" / "model.safetensors").is_file()
+
+
+def test_teacher_inside_the_outputs_is_refused(teacher, keyword_data, tmp_path):
+    """--teacher out/best --out-dir out: the run would delete its teacher before training."""
+    shutil.copytree(teacher, tmp_path / "out" / "best")
+    with pytest.raises(XLNetError, match=r"--teacher .*best is inside .*best, which this run replaces"):
+        distill(distill_cfg(tmp_path / "out" / "best", keyword_data, tmp_path / "out"))
+    assert (tmp_path / "out" / "best" / "model.safetensors").is_file()
 
 
 def test_teacher_without_finetune_json_takes_the_task_flag(teacher, keyword_data, tmp_path):

@@ -43,6 +43,17 @@ def test_jsonl_predictions_mrpc_numeric(tmp_path):
     assert r["metrics"]["accuracy"] == pytest.approx(1 / 3)
 
 
+def test_json_valued_labels_match_json_valued_predictions(tmp_path):
+    """JSONL gold labels true / 2 / 1.0 are the classes "true" / "2" / "1.0" (their JSON text); a prediction
+    given as the same JSON value, or as that text, is that class."""
+    gold = write(tmp_path / "dev.jsonl", "".join(json.dumps({"id": str(i), "text": "t", "label": v}) + "\n"
+                                                 for i, v in enumerate([True, False, 2, 1.0])))
+    pred = write(tmp_path / "p.jsonl", '{"id": "0", "prediction": true}\n{"id": "1", "prediction": "false"}\n'
+                                       '{"id": "2", "prediction": 2}\n{"id": "3", "prediction": 1.0}\n')
+    assert evaluate_predictions("classification", gold, pred)["metrics"]["accuracy"] == 1.0
+    assert evaluate_predictions("classification", gold, pred, labels=["true", "false", "2", "1.0"])["main"] == 1.0
+
+
 def squad2_gold(tmp_path):
     """Two questions: 'a' answerable (Paris), 'b' not."""
     ctx = "Paris is the capital of France."

@@ -148,3 +148,12 @@ def test_sha256_file_from_an_offset(tmp_path: Path) -> None:
     f.write_bytes(b"header" + b"payload" * 1000)
     assert sha256_file(f, chunk=7, offset=6) == hashlib.sha256(b"payload" * 1000).hexdigest()
     assert sha256_file(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_dir_lock_is_exclusive_until_released(tmp_path):
+    first = fileio.DirLock(tmp_path)
+    with pytest.raises(XLNetError, match="is in use by another xlnet run"):
+        fileio.DirLock(tmp_path)
+    first.release()
+    fileio.DirLock(tmp_path).release()  # free again
+    assert list(tmp_path.iterdir()) == []  # no lock file left behind

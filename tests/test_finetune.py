@@ -107,6 +107,10 @@ def glue_mnli(d: Path) -> Path:
         rows = [f"{i}\t{i}\t{i}e\tfiction\t{parses}\t{sentence(rng)}\t{sentence(rng)}\t"
                 + "\t".join([labels[i % 3]] * 6) for i in range(12)]
         write(d / f"{name}.tsv", dev_head + "\n".join(rows) + "\n")
+    test_head = "\t".join(train_head.split("\t")[:10]) + "\n"  # GLUE's test files: no label columns
+    for name, n in (("test_matched", 5), ("test_mismatched", 7)):
+        rows = [f"{i}\t{i}\t{i}e\tfiction\t{parses}\t{sentence(rng)}\t{sentence(rng)}" for i in range(n)]
+        write(d / f"{name}.tsv", test_head + "\n".join(rows) + "\n")
     return d
 
 
@@ -142,7 +146,8 @@ def jsonl_data(d: Path, keyword: str | None = None, n_train: int = 30, n_dev: in
     return d
 
 
-def squad2(d: Path, bad_answer: bool = False) -> Path:
+def squad2(d: Path, bad_answer: bool = False, version: int = 2) -> Path:
+    """SQuAD JSON; version 1: the answerable questions only, as v1.1 files."""
     for split, n in (("train", 12), ("dev", 8)):
         paragraphs = []
         for i in range(n):
@@ -153,9 +158,14 @@ def squad2(d: Path, bad_answer: bool = False) -> Path:
                     "answers": [{"text": city, "answer_start": start}]},
                    {"id": f"{split}-{i}-b", "question": f"When did {name} die?", "is_impossible": True,
                     "answers": [], "plausible_answers": [{"text": city, "answer_start": context.index(city)}]}]
+            if version == 1:
+                for qa in qas[:1]:
+                    del qa["is_impossible"]
+                qas = qas[:1]
             paragraphs.append({"context": context, "qas": qas})
-        data = {"version": "v2.0", "data": [{"title": "People", "paragraphs": paragraphs}]}
-        write(d / f"{split}-v2.0.json", json.dumps(data, indent=1))
+        tag = "v2.0" if version == 2 else "v1.1"
+        data = {"version": tag, "data": [{"title": "People", "paragraphs": paragraphs}]}
+        write(d / f"{split}-{tag}.json", json.dumps(data, indent=1))
     return d
 
 
@@ -199,6 +209,8 @@ CASES = {  # task -> (fixture writer, predictions file, extra config)
     "classification-jsonl": (jsonl_data, "predictions.jsonl", {}),
     "squad2": (squad2, "predictions.json", dict(max_seq_len=48, max_query_len=12, doc_stride=8,
                                                 max_eval_examples=5)),
+    "squad1": (lambda d: squad2(d, version=1), "predictions.json", dict(max_seq_len=48, max_query_len=12,
+                                                                        doc_stride=8)),
     "race": (race, "predictions.json", dict(max_seq_len=40, max_query_len=12)),
     "conll": (conll, "predictions.conll", {}),
 }
@@ -221,7 +233,8 @@ def test_every_task_end_to_end(case, lm_dir, tmp_path):
     assert {"spiece.model", "tokenizer.json", "finetune.json"} <= {p.name for p in (out / "best").iterdir()}
     # the kept predictions are the best epoch's and rescore to the summary through the official scorer
     pred = out / "dev" / pred_name
-    na = out / "dev" / "na_probs.json" if spec.kind == "squad" else None
+    na = out / "dev" / "na_probs.json" if spec.squad_version == 2 else None
+    assert (out / "dev" / "na_probs.json").exists() == (spec.squad_version == 2)  # v1.1: no unanswerable ones
     ids = None
     if extra.get("max_eval_examples"):
         ids = json.loads(pred.read_text()).keys()
@@ -238,6 +251,9 @@ def test_every_task_end_to_end(case, lm_dir, tmp_path):
         assert summary["test"] is None
         lines = (out / "test" / "predictions.tsv").read_text().splitlines()
         assert lines[0] == "index\tprediction" and len(lines) == 7 and lines[1].split("\t")[1] in ("0", "1")
+    if spec.name.startswith("mnli"):  # GLUE's test_matched.tsv / test_mismatched.tsv: predicted, not scored
+        lines = (out / "test" / "predictions.tsv").read_text().splitlines()
+        assert summary["test"] is None and len(lines) == 1 + (5 if task == "mnli" else 7)
 
     # `xlnet evaluate --model best/` featurizes and predicts through the same code: same scores on dev
     gold = Path(summary["config"]["data"]) / dev_name(spec, data)
@@ -271,7 +287,8 @@ def test_two_processes_train_as_one(lm_dir, tmp_path, n_train, compiled):
 def dev_name(spec: T.TaskSpec, data: Path) -> str:
     if spec.fmt == "glue":
         return next(p.name for n in spec.dev_names for p in sorted(data.glob(f"{n}.tsv")))
-    return {"squad": "dev-v2.0.json", "race": "dev", "conll": "dev.txt"}.get(spec.fmt) or next(
+    return {"squad": f"dev-v{spec.squad_version}.{1 if spec.squad_version == 1 else 0}.json", "race": "dev",
+            "conll": "dev.txt"}.get(spec.fmt) or next(
         p.name for p in data.glob("dev.*"))
 
 
@@ -281,6 +298,28 @@ def test_model_learns_keyword_classification(lm_dir, tmp_path):
                                dropout=0.0, max_seq_len=16))
     # balanced dev set: the majority baseline is 0.5
     assert summary["dev"]["metrics"]["accuracy"] >= 0.85, summary["dev"]
+
+
+def test_fine_tuned_classifier_transfers_to_a_task_with_fewer_labels(lm_dir, tmp_path, capsys):
+    """MNLI (3 labels) -> SST-2 (2), the usual MNLI -> RTE transfer: the body and the head's summary layer come
+    from the fine-tuned model, its 3-row logits_proj starts fresh, and one line says so, under --quiet too
+    (before: 'tensor logits_proj.weight has shape (3, 32) but the config expects (2, 32)')."""
+    finetune(cfg_for(lm_dir, tmp_path / "mnli", "mnli", glue_mnli(tmp_path / "mnli-data")))
+    source_dir = tmp_path / "mnli" / "out" / "best"
+    source = load_model(source_dir, verbose=False).state_dict()
+    capsys.readouterr()
+    cfg = cfg_for(source_dir, tmp_path / "sst2", "sst2", glue_sst2(tmp_path / "sst2-data"))
+    model = build_model(cfg, T.get_task("sst2"), ["0", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "initialised fresh" in err[0], err
+    assert "logits_proj.weight is (3, 32) in the file but (2, 32) here" in err[0], err
+    state = model.state_dict()
+    kept = [k for k in source if not k.startswith("logits_proj.")]
+    assert kept and all(torch.equal(state[k], source[k]) for k in kept)
+    assert state["logits_proj.weight"].shape == (2, 32)
+    assert not torch.equal(state["logits_proj.weight"], source["logits_proj.weight"][:2])
+    summary = finetune(cfg)  # and it trains
+    assert summary["steps"] >= 1 and load_model(tmp_path / "sst2" / "out" / "best").config.num_labels == 2
 
 
 # ------------------------------------------------------------------------------------------ config and optimizer
@@ -375,6 +414,9 @@ def test_cli_finetune_then_evaluate_model(lm_dir, tmp_path, capsys):
                  "--device", "cpu"]) == 0
     assert "nothing to score" in capsys.readouterr().out
     assert (out / "best-eval-test" / "predictions.tsv").is_file()
+    assert main(["evaluate", "--task", "sst2", "--model", str(out / "best"), "--data", str(data / "test.tsv"),
+                 "--device", "cpu", "--json"]) == 0  # stdout stays JSON
+    assert json.loads(capsys.readouterr().out)["scores"] is None
     # a classification model cannot answer SQuAD; --model and --predictions exclude each other
     squad_dev = squad2(tmp_path / "squad") / "dev-v2.0.json"
     assert main(["evaluate", "--task", "squad2", "--model", str(out / "best"), "--data", str(squad_dev)]) == 2
@@ -487,6 +529,87 @@ def test_nan_loss_is_one_line(lm_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "loss became nan at step" in err
     assert not (tmp_path / "out" / "best").exists()
+
+
+@pytest.mark.parametrize("where", ["after_dev", "before_dev"])
+def test_interrupted_rerun_leaves_nothing_of_the_earlier_run(where, lm_dir, tmp_path, monkeypatch, capsys):
+    """A run into an earlier run's directory deletes that run's outputs before training: Ctrl-C (after the first
+    dev evaluation, or before any) leaves this run's best/ and dev/ so far or nothing, never the earlier
+    summary.json, test/ or curves beside them, and the message says what the directory holds."""
+    import xlnet.finetune as FT
+
+    data = glue_sst2(tmp_path / "data", n_train=16, n_dev=8)
+    out = tmp_path / "out"
+    args = ["finetune", "--task", "sst2", "--data", str(data), "--model", str(lm_dir), "--out-dir", str(out),
+            "--max-seq-len", "32", "--epochs", "1", "--batch-size", "16", "--quiet", "true", "--device", "cpu"]
+    assert main(args) == 0
+    earlier = {p.name for p in out.iterdir()}
+    assert {"best", "dev", "test", "summary.json", "metrics.jsonl", "loss.png", "dev.png"} <= earlier
+    old_weights = (out / "best" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FT, "finish" if where == "after_dev" else "evaluate_epoch", interrupt)
+    assert main(args + ["--seed", "7"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    left = {p.name for p in out.iterdir()}
+    if where == "after_dev":
+        assert err == f"xlnet finetune: interrupted; {out / 'best'} holds this run's best model so far; no summary.json"
+        assert left == {"best", "dev", "metrics.jsonl", "tensorboard"}
+        assert (out / "best" / "model.safetensors").read_bytes() != old_weights  # this run's (another seed)
+    else:
+        assert err == (f"xlnet finetune: interrupted; {out} holds no model yet (no dev evaluation finished); "
+                       "no summary.json")
+        assert left == {"metrics.jsonl", "tensorboard"}
+    # a run writing into a directory another run holds is refused before it deletes anything
+    from xlnet.fileio import DirLock
+
+    with DirLock(out):
+        assert main(args) == 2
+    assert "is in use by another xlnet run" in capsys.readouterr().err
+    assert left == {p.name for p in out.iterdir()}
+
+
+def test_model_without_a_tokenizer_needs_one_of_its_vocabulary(tmp_path):
+    """A model directory with no spiece.model falls back to the embedded tokenizer only when the vocabularies agree
+    (a 32k Hugging Face model would otherwise train on the embedded 8,000 pieces without a word)."""
+    data = glue_sst2(tmp_path / "data", n_train=16, n_dev=8)
+    bare = tmp_path / "bare"
+    XLNetLMHeadModel(XLNetConfig(**{**TINY, "vocab_size": 9000})).save_pretrained(bare)
+    with pytest.raises(XLNetError, match=r"bare holds no tokenizer \(spiece.model\) and its vocabulary \(9000 "
+                                         r"pieces\) is not the embedded tokenizer's \(8000\)"):
+        finetune(cfg_for(bare, tmp_path, "sst2", data))
+    # --tokenizer given: the larger vocabulary is the user's choice
+    assert finetune(cfg_for(bare, tmp_path, "sst2", data, tokenizer=str(default_tokenizer_dir())))["steps"] >= 1
+
+
+def test_inputs_inside_the_outputs_a_run_replaces_are_refused(lm_dir, tmp_path):
+    """A run deletes its outputs before training: --model out/best --out-dir out would delete the model it reads."""
+    data = glue_sst2(tmp_path / "data", n_train=16, n_dev=8)
+    shutil.copytree(lm_dir, tmp_path / "out" / "best")
+    with pytest.raises(XLNetError, match=r"--model .*best is inside .*best, which this run replaces"):
+        finetune(cfg_for(lm_dir, tmp_path, "sst2", data, model=str(tmp_path / "out" / "best")))
+    assert (tmp_path / "out" / "best" / "config.json").is_file()
+
+
+def test_jsonl_boolean_labels_are_predicted_as_written(lm_dir, tmp_path):
+    """JSON true/false labels are the classes "true"/"false" (not Python's "True"): the predictions say true and
+    false as the file does, and rescore through the official scorer, also from JSON booleans."""
+    rng = random.Random(5)
+    for split, n in (("train", 16), ("dev", 8)):
+        write(tmp_path / "data" / f"{split}.jsonl",
+              "".join(json.dumps({"id": str(i), "text": sentence(rng), "label": i % 2 == 0}) + "\n" for i in range(n)))
+    summary = finetune(cfg_for(lm_dir, tmp_path, "classification", tmp_path / "data"))
+    assert json.loads((tmp_path / "out" / "best" / "finetune.json").read_text())["labels"] == ["false", "true"]
+    preds = [json.loads(line) for line in (tmp_path / "out" / "dev" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 8 and {p["prediction"] for p in preds} <= {"true", "false"}
+    as_json = write(tmp_path / "booleans.jsonl", "".join(
+        json.dumps({"id": p["id"], "prediction": p["prediction"] == "true"}) + "\n" for p in preds))
+    rescored = evaluate_predictions("classification", tmp_path / "data" / "dev.jsonl", as_json)
+    assert rescored["metrics"] == summary["dev"]["metrics"]
 
 
 def test_steps_are_read_one_behind_and_epoch_ends_before_dev(lm_dir, tmp_path, monkeypatch):

@@ -140,6 +140,18 @@ def test_straight_run_equals_run_plus_resume(corpus, tmp_path, capsys):
     wa, wb = weights(ckpt), weights(b / "checkpoints" / "step_00000006")
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
+    # a second run writing the same directory is refused (it would delete the first one's checkpoints)
+    from xlnet.fileio import DirLock
+
+    held = DirLock(b)
+    with pytest.raises(XLNetError, match="in use by another xlnet run"):
+        pretrain(small(corpus, b, max_steps=7), resume="latest")
+    held.release()
+    # a longer run from the finished one is allowed, and says that the schedule is stretched from here
+    capsys.readouterr()
+    longer = pretrain(small(corpus, b, max_steps=7), resume="latest")
+    assert longer["steps"] == 7 and longer["run_steps"] == 1
+    assert "note: --max-steps 7, the checkpoint's run had 6" in capsys.readouterr().err
 
 
 def test_profile_steps_write_an_op_table_and_a_trace(corpus, tmp_path):
@@ -166,12 +178,14 @@ def test_profile_steps_write_an_op_table_and_a_trace(corpus, tmp_path):
 def test_summary_gives_the_steady_rate_beside_the_whole_run() -> None:
     """A short GPU run is mostly compiling: the whole run's tokens/s and the last steps' (with their MFU) are
     both printed, each labelled (MFU used to be the last steps' next to the whole run's rate)."""
-    s = dict(stopped=None, steps=60, tokens=491_520, wall_s=81.0, train_s=63.6, tokens_per_s=7734.2,
+    s = dict(stopped=None, steps=60, run_steps=60, tokens=491_520, wall_s=81.0, train_s=63.6, tokens_per_s=7734.2,
              recent_tokens_per_s=87974.0, recent_steps=20, mfu=0.0737, objective="plm", train_loss=6.7219,
              valid_loss_start=None, valid_loss=None, checkpoint=None, plot=None)
     assert ("60 steps, 491,520 tokens in 81s this run (7,734 tokens/s while training; the last 20 steps "
             "87,974 tokens/s, MFU 7.4%)") in format_summary(s)
     assert "(7,734 tokens/s while training)" in format_summary({**s, "mfu": None})  # CPU: no peak, no MFU
+    # resumed: the totals, then how many of the steps this run took and in how long
+    assert "60 steps, 491,520 tokens; 20 of the steps in 81s this run" in format_summary({**s, "run_steps": 20})
 
 
 @pytest.mark.parametrize("objective", ["mlm", "clm", "infoword"])
@@ -368,6 +382,27 @@ def test_sigterm_checkpoints_then_exits(corpus, tmp_path):
     assert summary["stopped"] == "SIGTERM" and 1 <= summary["steps"] < 1000
     assert T.latest_checkpoint(out).name == f"step_{summary['steps']:08d}"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_start_and_resume_remove_checkpoint_debris(corpus, tmp_path, capsys):
+    """A killed run's half-written and half-pruned checkpoints (made here by hand) go when a run starts or
+    resumes in the directory, with one line on stderr; the checkpoints, and what is not ours, stay."""
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    for debris in ("step_00000002", ".step_00000005.abcd1234.tmp"):
+        (root / debris).mkdir(parents=True)
+    (root / "step_00000001").mkdir()
+    (root / "step_00000001" / "notes.txt").write_text("not a checkpoint's")
+    capsys.readouterr()
+    pretrain(small(corpus, out, max_steps=6), stop_after_steps=3)
+    err = capsys.readouterr().err
+    assert "removed leftovers" in err and "step_00000002 (incomplete)" in err
+    assert {p.name for p in root.iterdir()} == {"step_00000001", "step_00000003"}
+    (root / "step_00000004").mkdir()
+    (root / ".step_00000006.abcd1234.tmp").mkdir()
+    assert pretrain(small(corpus, out, max_steps=6), resume="latest")["steps"] == 6
+    assert ".step_00000006.abcd1234.tmp (half-written), step_00000004 (incomplete)" in capsys.readouterr().err
+    assert {p.name for p in root.iterdir()} == {"step_00000001", "step_00000003", "step_00000006"}
 
 
 def test_compiled_run_with_checkpointing_matches_eager(corpus, tmp_path):

@@ -57,6 +57,9 @@ def write(path, text):
 def test_registry():
     assert T.get_task("SST-2").name == "sst2"
     assert T.get_task("MNLI-MM").dev_names == ("dev_mismatched",)
+    # GLUE's MNLI folder has no test.tsv: test_matched.tsv / test_mismatched.tsv (finetune.split_file tries these)
+    assert T.get_task("mnli").test_names == ("test", "test_matched")
+    assert T.get_task("mnli-mm").test_names == ("test_mismatched",) and T.get_task("sst2").test_names == ("test",)
     with pytest.raises(XLNetError, match="unknown task"):
         T.get_task("nope")
 
@@ -171,6 +174,39 @@ def test_supersense_gz_with_labels_txt(tmp_path):
         f.write(json.dumps(rows[0]) + "\n" + json.dumps({**rows[1], "label": "noun.food"}) + "\n")
     with pytest.raises(XLNetError, match=r"bad\.jsonl\.gz:2: unknown label 'noun.food'"):
         T.read_text_examples(spec, d / "bad.jsonl.gz")
+
+
+def test_jsonl_numbers_and_booleans_are_labels_as_written(tmp_path):
+    """Non-string JSON labels are their JSON text (true -> "true", not Python's "True"), so predictions written
+    with these names carry the file's values; a regression label must still be a number."""
+    spec = T.get_task("classification")
+    values = [2, 10, True, False, 1.0]
+    f = write(tmp_path / "d.jsonl", "".join(json.dumps({"text": "t", "label": v}) + "\n" for v in values))
+    assert [e.label for e in T.read_table(spec, f)] == ["2", "10", "true", "false", "1.0"]
+    assert T.labels_from_examples(T.read_table(spec, f)) == ["1.0", "10", "2", "false", "true"]
+    assert [e.label for e in T.read_text_examples(spec, f, labels=["true", "false", "2", "10", "1.0"])][2] == "true"
+    with pytest.raises(XLNetError, match=r"d\.jsonl:3: unknown label 'true' \(expected one of 2, 10\)"):
+        T.read_text_examples(spec, f, labels=["2", "10"])
+    reg = T.get_task("regression")
+    nums = write(tmp_path / "r.jsonl", '{"text": "a", "label": 2}\n{"text": "b", "label": 2.5}\n')
+    assert [e.label for e in T.read_table(reg, nums)] == [2.0, 2.5]
+    boolean = write(tmp_path / "b.jsonl", '{"text": "a", "label": true}\n')
+    with pytest.raises(XLNetError, match=r"b\.jsonl:1: label 'true' is not a number"):
+        T.read_table(reg, boolean)
+
+
+@pytest.mark.parametrize("task, name, text", [
+    ("sst2", "t.tsv", "sentence\tlabel\nfine words\tfoo\nmore words\t\n"),  # unknown and empty labels
+    ("classification", "t.jsonl", '{"text": "a", "label": "unknownlabel"}\n{"text": "b", "label": 3}\n'),
+    ("regression", "t.jsonl", '{"text": "a", "label": "unknownlabel"}\n{"text": "b", "label": ""}\n'),
+    ("regression", "t.csv", "text,label\na,unknownlabel\nb,nan\n")], ids=["tsv", "jsonl", "jsonl-reg", "csv-reg"])
+def test_read_labels_false_neither_parses_nor_checks_labels(tmp_path, task, name, text):
+    """A distillation transfer file is read for its inputs: whatever its label column holds is not read."""
+    spec, f = T.get_task(task), write(tmp_path / name, text)
+    with pytest.raises(XLNetError, match=rf"{re.escape(name)}:\d: (unknown label|label .* is not)"):
+        T.read_text_examples(spec, f, labels=["x", "y"] if task == "classification" else None)
+    ex = T.read_text_examples(spec, f, labels=["x", "y"] if task == "classification" else None, read_labels=False)
+    assert [e.label for e in ex] == [None, None] and [e.text_a for e in ex][1] in ("more words", "b")
 
 
 def _bytes(path, data: bytes):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import types
 
 import pytest
 import torch
@@ -147,6 +148,58 @@ def test_checkpoint_listing_and_keep_last(tmp_path):
     assert T.latest_checkpoint(tmp_path).name == "step_00000003"
     with pytest.raises(XLNetError, match="not a training checkpoint"):
         T.read_trainer_state(tmp_path)
+
+
+def test_checkpoint_debris_is_removed_and_nothing_else(tmp_path, capsys):
+    """What a kill -9 leaves while a checkpoint is written (its temp directories) or pruned (a step_* directory
+    without trainer_state.json) goes; complete checkpoints, the aside copy of one and what a checkpoint never
+    holds stay."""
+    model = tiny_model()
+    T.save_checkpoint(T.checkpoint_path(tmp_path, 10), model, T.build_optimizer(T.decay_groups(model, 0.0), lr=1e-3),
+                      None, {"step": 10})
+    root = tmp_path / "checkpoints"
+    (root / "step_00000007").mkdir()  # a prune cut short after its last file
+    (root / "step_00000008").mkdir()  # ... or before it
+    for name in ("model.safetensors", "config.json"):
+        (root / "step_00000008" / name).write_bytes(b"x")
+    (root / ".step_00000057.k2j4h5g6.tmp").mkdir()  # a checkpoint half-written
+    (root / ".step_00000057.k2j4h5g6.tmp" / "training_state.pt").write_bytes(b"x")
+    (root / "..step_00000057.k2j4h5g6.tmp.a1b2c3d4.tmp").mkdir()  # its weights' own temp dir, and aside dir
+    (root / "..step_00000057.k2j4h5g6.tmp.a1b2c3d4.old").mkdir()
+    (root / ".step_00000009.a1b2c3d4.old").mkdir()  # a swap cut short: maybe the only copy of a checkpoint
+    (root / "step_00000011").mkdir()
+    (root / "step_00000011" / "notes.txt").write_text("mine")
+    (root / "notes").mkdir()
+    (root / "step_00000012").write_text("a file")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / ".step_00000013.a1b2c3d4.tmp").symlink_to(elsewhere)
+    kept = {"step_00000010", ".step_00000009.a1b2c3d4.old", "step_00000011", "notes", "step_00000012",
+            ".step_00000013.a1b2c3d4.tmp"}
+    capsys.readouterr()
+    removed = T.remove_checkpoint_debris(tmp_path)
+    assert {p.name for p in root.iterdir()} == kept and elsewhere.is_dir() and len(removed) == 5
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(root) in err
+    assert "step_00000007 (incomplete)" in err and ".step_00000057.k2j4h5g6.tmp (half-written)" in err
+    assert T.latest_checkpoint(tmp_path).name == "step_00000010"
+    assert T.remove_checkpoint_debris(tmp_path) == [] and capsys.readouterr().err == ""
+    assert T.remove_checkpoint_debris(tmp_path / "nothing") == []
+
+
+def test_prune_cut_short_leaves_only_debris(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint to a temp name before deleting it: a kill in between (here: a delete that
+    never happens) leaves debris, not a step_* that still looks complete or has lost some of its files."""
+    model = tiny_model()
+    opt = T.build_optimizer(T.decay_groups(model, 0.0), lr=1e-3)
+    T.save_checkpoint(T.checkpoint_path(tmp_path, 1), model, opt, None, {"step": 1})
+    monkeypatch.setattr(T, "shutil", types.SimpleNamespace(rmtree=lambda *a, **k: None))  # training.py's only
+    T.save_checkpoint(T.checkpoint_path(tmp_path, 2), model, opt, None, {"step": 2}, keep_last=1)
+    monkeypatch.undo()
+    assert [p.name for p in T.list_checkpoints(tmp_path)] == ["step_00000002"]
+    (left,) = [p for p in (tmp_path / "checkpoints").iterdir() if p.name != "step_00000002"]
+    assert left.name.startswith(".step_00000001.") and left.name.endswith(".tmp")
+    assert T.remove_checkpoint_debris(tmp_path) == [f"{left.name} (half-written)"]
 
 
 def test_metrics_logger_jsonl_tensorboard_and_resume(tmp_path):

@@ -33,6 +33,7 @@ MODEL_DIR = DirKind("config.json", "a model directory")  # what save_pretrained 
 # Header metadata key: sha256 of the file's data section (everything after the header), checked on load.
 DIGEST_KEY = "xlnet_data_sha256"
 _PLACEHOLDER = "-" * 64  # same length as a hex sha256; '-' cannot occur in tensor names, dtypes or offsets
+Unfit = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # head tensor -> (shape in the file, shape in the model)
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -60,9 +61,11 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls: type[M], directory: str | Path, strict: bool = False, verbose: bool = True,
-                        **overrides: Any) -> M:
+                        reinit_head: bool = False, **overrides: Any) -> M:
         """Load our or HF's directory into this class; `overrides` change config fields (e.g. num_labels,
-        dropout, mem_len). Head tensors the file lacks are freshly initialised and reported (strict: an error)."""
+        dropout, mem_len). Head tensors the file lacks are freshly initialised and reported (strict: an error).
+        `reinit_head` (fine-tuning for a new task): so are head tensors whose shape does not fit the config (else an
+        error); when the file's head does not fit, one line on stderr, whatever `verbose`, says which and why."""
         directory = Path(directory)
         require_dir(directory, "model directory")
         config = XLNetConfig.load(directory)
@@ -70,10 +73,16 @@ class PretrainedMixin:
             config = XLNetConfig(**{**config.to_dict(), **overrides})
         model = cls(config)  # type: ignore[call-arg]
         weights, source = read_weights(directory)
+        unfit: Unfit = {}
+        if reinit_head:
+            weights, unfit = drop_unfit_head(model, weights)  # type: ignore[arg-type]
         fresh = load_into(model, weights, source)  # type: ignore[arg-type]
         if fresh and strict:
             raise XLNetError(f"{source}: tensor {fresh[0]} is missing for {cls.__name__}")
-        if fresh and verbose:
+        note = head_note(model, weights, unfit, fresh, source) if reinit_head else ""  # type: ignore[arg-type]
+        if note:  # not the usual fresh head on a pretrained body: the file's own head is (partly) thrown away
+            print(note, file=sys.stderr)
+        elif fresh and verbose:
             print(f"note: {len(fresh)} tensor(s) not in {source.name} were initialised fresh: "
                   f"{', '.join(sorted(fresh)[:6])}{' ...' if len(fresh) > 6 else ''}", file=sys.stderr)
         return model
@@ -184,6 +193,36 @@ def load_into(model: nn.Module, weights: dict[str, Tensor], source: Path) -> lis
             if key in state:
                 state[key].copy_(tensor.to(state[key].dtype))
     return missing
+
+
+def drop_unfit_head(model: nn.Module, weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], Unfit]:
+    """`weights` without the head tensors whose shape does not fit `model` (a 3-class classifier's logits_proj
+    under a 2-class task), and those tensors' (file shape, model shape). Body tensors are left for load_into to
+    refuse: a body that does not fit is another model, not another task."""
+    weights = normalize_keys(weights, model)
+    has_body = hasattr(model, "transformer")
+    unfit = {k: (tuple(weights[k].shape), tuple(v.shape)) for k, v in model.state_dict().items()
+             if k in weights and tuple(weights[k].shape) != tuple(v.shape) and not is_body_key(k, has_body)}
+    return {k: v for k, v in weights.items() if k not in unfit}, unfit
+
+
+def head_note(model: nn.Module, weights: dict[str, Tensor], unfit: Unfit, fresh: list[str], source: Path) -> str:
+    """One line on which head tensors start fresh and why, when the file holds a head that does not fit (its
+    shape, or another kind of head); '' for a file whose head fits, or that holds only the pretraining LM head."""
+    weights = normalize_keys(weights, model)
+    has_body = hasattr(model, "transformer")
+    state = model.state_dict()
+    unused = sorted({k.split(".")[0] for k in weights if k not in state and not is_body_key(k, has_body)
+                     and k not in TIED and k.split(".")[0] != "lm_loss"})  # lm_loss: pretraining's, never kept
+    if not unfit and not unused:
+        return ""
+    reasons = [f"{k} is {was} in the file but {want} here" for k, (was, want) in unfit.items()]
+    absent = sorted({k.split(".")[0] for k in fresh if k not in unfit})
+    if absent:
+        reasons.append(f"{', '.join(absent)} not in the file")
+    if unused:
+        reasons.append(f"the file's {', '.join(unused)} (another head) not used")
+    return f"note: {source}: task head initialised fresh where the file's does not fit: {'; '.join(reasons)}"
 
 
 def is_body_key(key: str, has_body: bool) -> bool:

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"xlnet {args.verb}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print(f"xlnet {args.verb}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a verb may say what its output directory now holds (finetune.noting_interrupt)
+        print(f"xlnet {args.verb}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     finally:
         if previous is not None:

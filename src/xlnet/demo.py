@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import textwrap
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,26 +30,28 @@ from typing import Any
 from xlnet import metrics as M
 from xlnet import tasks as T
 from xlnet.assets import supersense_path
+from xlnet.cli import Terminated
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.errors import XLNetError
 from xlnet.fileio import atomic_write
 from xlnet.finetune import FinetuneConfig, finetune, resolve_config, subsample
 from xlnet.pretrain import PretrainConfig, format_summary, pretrain
-from xlnet.training import latest_checkpoint, read_metrics
+from xlnet.training import latest_checkpoint, read_metrics, read_trainer_state
 
 
 @dataclass
 class DemoConfig:
     out_dir: str = "runs/demo"
-    pretrain_steps: int = 0  # 0 = the pretraining default (configs/pretrain-mini.yaml values)
-    finetune_epochs: int = 3
-    train_examples: int = 4000  # supersense training synsets used for fine-tuning
-    eval_examples: int = 2000  # dev and test synsets scored
+    # the step and example counts left unset take the demo's values, or --quick's smaller ones; set, they win
+    pretrain_steps: int = 0  # 0 = the pretraining default (configs/pretrain-mini.yaml values; 4 with --quick)
+    finetune_epochs: int | None = None  # unset: 3 (1 with --quick)
+    train_examples: int | None = None  # supersense training synsets used for fine-tuning; unset: 4000 (64 with --quick)
+    eval_examples: int | None = None  # dev and test synsets scored; unset: 2000 (64 with --quick)
     max_seq_len: int = 64
     finetune_lr: float = 5e-4
     seed: int = 0
     seeds: int = 1  # repeat everything (pretraining too) with seeds seed .. seed + seeds - 1; report mean and spread
-    quick: bool = False  # a one-minute smoke version (a handful of steps; scores are meaningless)
+    quick: bool = False  # a one-minute smoke version (few steps; scores meaningless); counts set explicitly win
     objectives: tuple[str, ...] = ("plm",)  # pretraining objectives to compare: plm, mlm, clm, clm-targets, infoword
     ablations: tuple[str, ...] = ()  # PLM ablations to add: no-memory, no-span, bi-data, ltr-order
 
@@ -86,13 +87,26 @@ def pretraining_arms(cfg: DemoConfig) -> list[Arm]:
     return arms + [Arm(f"plm-{a}", *ABLATIONS[a]) for a in cfg.ablations]
 
 
+# the counts a DemoConfig leaves unset: (the full demo's, --quick's)
+COUNTS: dict[str, tuple[int, int]] = {"pretrain_steps": (PretrainConfig.max_steps, 4), "finetune_epochs": (3, 1),
+                                      "train_examples": (4000, 64), "eval_examples": (2000, 64)}
+
+
+def resolve_counts(cfg: DemoConfig) -> DemoConfig:
+    """cfg with its unset counts (None, pretrain_steps 0) filled in, --quick's where it is on: a count that was
+    set (flag or YAML) wins over --quick's. (0 examples is a setting: all of them.)"""
+    unset = {k: full_quick[cfg.quick] for k, full_quick in COUNTS.items()
+             if getattr(cfg, k) is None or (k == "pretrain_steps" and cfg.pretrain_steps == 0)}
+    return replace(cfg, **unset)
+
+
 def pretrain_config(cfg: DemoConfig, arm: Arm) -> PretrainConfig:
+    """The arm's pretraining settings (cfg: resolved by resolve_counts)."""
     name = "pretrain" if arm.key == "plm" else f"pretrain-{arm.key}"
-    pre = PretrainConfig(out_dir=str(Path(cfg.out_dir) / name), seed=cfg.seed, **arm.settings)
-    if cfg.pretrain_steps:
-        pre.max_steps = cfg.pretrain_steps
+    pre = PretrainConfig(out_dir=str(Path(cfg.out_dir) / name), seed=cfg.seed, max_steps=cfg.pretrain_steps,
+                         **arm.settings)
     if cfg.quick:
-        pre.max_steps, pre.eval_every, pre.eval_batches, pre.warmup_steps = 4, 2, 1, 1
+        pre.eval_every, pre.eval_batches, pre.warmup_steps = 2, 1, 1
     return pre
 
 
@@ -107,19 +121,53 @@ def check_arms(cfg: DemoConfig) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    cfg = resolve_counts(cfg)
     check_arms(cfg)
     if cfg.seeds < 1:
         raise XLNetError(f"--seeds takes a count of at least 1, got {cfg.seeds}")
+    per_seed_cfgs = seed_configs(cfg)
+    for seed_cfg in per_seed_cfgs:  # every seed's folders, before minutes go into the first one
+        check_reuse(seed_cfg)
     if cfg.seeds == 1:
         return run_seed(cfg)
     per_seed = []
-    for i in range(cfg.seeds):
-        seed = cfg.seed + i
-        print(f"==== seed {seed} ({i + 1} of {cfg.seeds})")
-        # the first seed's runs are the plain demo's folders, so a one-seed demo already run is reused
-        folder = Path(cfg.out_dir) if i == 0 else Path(cfg.out_dir) / f"seed{seed}"
-        per_seed.append(run_seed(replace(cfg, seed=seed, seeds=1, out_dir=str(folder))))
+    for i, seed_cfg in enumerate(per_seed_cfgs):
+        print(f"==== seed {seed_cfg.seed} ({i + 1} of {cfg.seeds})")
+        per_seed.append(run_seed(seed_cfg))
     return summarize_seeds(cfg, per_seed)
+
+
+def seed_configs(cfg: DemoConfig) -> list[DemoConfig]:
+    """One single-seed config per seed; the first seed's runs are the plain demo's folders (so a one-seed demo
+    already run is reused), the others go to seed<N>/."""
+    if cfg.seeds == 1:
+        return [cfg]
+    out = Path(cfg.out_dir)
+    return [replace(cfg, seed=cfg.seed + i, seeds=1, out_dir=str(out / f"seed{cfg.seed + i}" if i else out))
+            for i in range(cfg.seeds)]
+
+
+# the pretraining settings the demo chooses, and the demo flag behind each (for the error message)
+DEMO_PRETRAIN_SETTINGS = {"max_steps": "--pretrain-steps", "seed": "--seed", "warmup_steps": "--quick",
+                          "eval_every": "--quick", "eval_batches": "--quick"}
+
+
+def check_reuse(cfg: DemoConfig) -> None:
+    """A rerun continues (or reuses) the pretraining run it finds in each arm's folder. A run made with other
+    settings would be cut short or stretched past the length its schedule was built for, and reported as this
+    demo's, so it is refused, as pretraining itself refuses another seed."""
+    for arm in pretraining_arms(cfg):
+        pre = pretrain_config(cfg, arm)
+        ckpt = latest_checkpoint(pre.out_dir)
+        if ckpt is None:
+            continue
+        saved = {**asdict(PretrainConfig()), **read_trainer_state(ckpt).get("config", {})}
+        for k in (*DEMO_PRETRAIN_SETTINGS, *arm.settings):
+            if saved[k] != getattr(pre, k):
+                flag = DEMO_PRETRAIN_SETTINGS.get(k, f"the {arm.key} arm")
+                raise XLNetError(f"{cfg.out_dir} holds a pretraining run ({pre.out_dir}) with {k} {saved[k]!r}, "
+                                 f"this demo asks for {getattr(pre, k)!r} ({flag}); choose another --out-dir, or "
+                                 "rerun with that run's settings")
 
 
 def run_seed(cfg: DemoConfig) -> dict[str, Any]:
@@ -133,11 +181,13 @@ def run_seed(cfg: DemoConfig) -> dict[str, Any]:
         stage += 1
         print(f"== {stage}/{stages} pretraining, {arm.name.replace(' pretrained', '')} ({pre_cfg.max_steps} steps "
               f"of {pre_cfg.batch_size} x {pre_cfg.seq_len} tokens)")
-        # A second `xlnet demo` into the same directory reuses (or finishes) the pretraining run it finds there.
-        pre[arm.key] = pretrain(pre_cfg, resume="latest" if latest_checkpoint(pre_cfg.out_dir) else None)
+        # A second `xlnet demo` into the same directory reuses (or finishes) the pretraining run it finds there
+        # (check_reuse: one made with the same settings).
+        pre[arm.key] = pretrain(pre_cfg, resume="latest" if latest_checkpoint(pre_cfg.out_dir) else None,
+                                resume_hint="rerun the same `xlnet demo` command to continue from it")
         print(format_summary(pre[arm.key]))
-        if pre[arm.key]["stopped"]:  # SIGTERM / Ctrl-C: the checkpoint is saved; a rerun continues from it
-            raise KeyboardInterrupt
+        if pre[arm.key]["stopped"]:  # the checkpoint is saved; end as the CLI ends any verb on that signal
+            raise Terminated if pre[arm.key]["stopped"] == "SIGTERM" else KeyboardInterrupt
 
     runs = {}
     starts = [(arm.name, f"finetune-{arm.key}", pre[arm.key]["checkpoint"]) for arm in arms]
@@ -159,22 +209,18 @@ def run_seed(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def finetune_config(cfg: DemoConfig, out_dir: Path, model: str, random_init: bool) -> FinetuneConfig:
-    ft = FinetuneConfig(task="supersense", model=model, random_init=random_init, out_dir=str(out_dir), seed=cfg.seed,
-                        max_seq_len=cfg.max_seq_len, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
-                        max_train_examples=cfg.train_examples, max_eval_examples=cfg.eval_examples, quiet=False)
-    if cfg.quick:
-        ft.max_train_examples, ft.max_eval_examples, ft.epochs = 64, 64, 1
-    return ft
+    """cfg: resolved by resolve_counts."""
+    return FinetuneConfig(task="supersense", model=model, random_init=random_init, out_dir=str(out_dir),
+                          seed=cfg.seed, max_seq_len=cfg.max_seq_len, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
+                          max_train_examples=cfg.train_examples, max_eval_examples=cfg.eval_examples, quiet=False)
 
 
 def majority_baseline(cfg: DemoConfig) -> dict[str, float]:
     """Predict the most frequent training label for every test synset."""
     spec = T.get_task("supersense")
     train = T.read_text_examples(spec, supersense_path("train"))
-    n_train = cfg.train_examples if not cfg.quick else 64
-    majority = Counter(e.label for e in subsample(train, n_train, cfg.seed)).most_common(1)[0][0]
-    test = subsample(T.read_text_examples(spec, supersense_path("test")),
-                     cfg.eval_examples if not cfg.quick else 64, cfg.seed)
+    majority = Counter(e.label for e in subsample(train, cfg.train_examples, cfg.seed)).most_common(1)[0][0]
+    test = subsample(T.read_text_examples(spec, supersense_path("test")), cfg.eval_examples, cfg.seed)
     gold = [e.label for e in test]
     preds = [majority] * len(gold)
     return {"accuracy": M.accuracy(preds, gold), "f1_macro": M.f1_macro(preds, gold)}
@@ -297,40 +343,10 @@ ARM_COLORS = {"PLM pretrained": "tab:green", "MLM pretrained": "tab:blue", "CLM 
 
 def write_plots(out: Path, arms: list[Arm], pre: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]],
                 table: list[dict[str, Any]]) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """out/demo.png (demo_figure's plot), and the pretraining runs' own loss plots: their paths."""
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_dev, ax_bar) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
-    for arm in arms:
-        rows = read_metrics(Path(pre[arm.key]["out_dir"]) / "metrics.jsonl")
-        short = arm.name.replace(" pretrained", "")
-        for split in ("train", "valid"):
-            pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
-            if pts:
-                ax_loss.plot(*zip(*pts), color=ARM_COLORS[arm.name], marker="o" if split == "valid" else None,
-                             markersize=3, alpha=0.35 if split == "train" else 1.0, label=f"{short} {split}")
-    ax_loss.set(title="pretraining loss" + (" (PLM)" if len(pre) == 1 else " (each run's own targets)"),
-                xlabel="step", ylabel="loss")
-    for name, summary in runs.items():
-        rows = read_metrics(Path(summary["config"]["out_dir"]) / "metrics.jsonl")
-        pts = [(r["step"], r["accuracy"]) for r in rows if r.get("split") == "valid" and "accuracy" in r]
-        if pts:
-            ax_dev.plot(*zip(*pts), color=ARM_COLORS[name], marker="o", label=name)
-    ax_dev.set(title="fine-tuning: dev accuracy", xlabel="step", ylabel="accuracy")
-    names = [r["model"].replace("mini XLNet, ", "") for r in table]
-    values = [r.get("test_accuracy") or 0.0 for r in table]
-    short = [n.replace(" pretrained", "").replace(" class", "") for n in names]  # bar labels side by side
-    ax_bar.bar(range(len(short)), values, color=[ARM_COLORS[n] for n in names])
-    bar_labels(ax_bar, short)
-    for i, v in enumerate(values):
-        ax_bar.text(i, v, f"{100 * v:.1f}%", ha="center", va="bottom")
-    ax_bar.set(title="test accuracy (held-out synsets)", ylabel="accuracy")
-    for ax in (ax_loss, ax_dev):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig = demo_figure(arms, pre, runs, table)
     path = out / "demo.png"
     with atomic_write(path) as f:
         fig.savefig(f, format="png")
@@ -338,33 +354,85 @@ def write_plots(out: Path, arms: list[Arm], pre: dict[str, dict[str, Any]], runs
     return [path, *(Path(s["plot"]) for s in pre.values() if s.get("plot"))]
 
 
-def bar_labels(ax: Any, labels: list[str]) -> None:
-    """Name the bars at 0, 1, ...: as they are where they fit side by side, else wrapped onto two lines, else
-    wrapped and tilted (right-aligned under their bars)."""
-    wrapped = [textwrap.fill(label, 12, break_long_words=False, break_on_hyphens=False) for label in labels]
-    for names in (labels, wrapped):
-        ax.set_xticks(range(len(labels)), names)
-        if not tick_labels_overlap(ax):
-            return
-    ax.set_xticks(range(len(labels)), wrapped, rotation=30, ha="right", rotation_mode="anchor")
-
-
-def tick_labels_overlap(ax: Any) -> bool:
-    """Whether neighbouring x tick labels touch, measured as drawn after the figure's layout."""
-    ax.figure.tight_layout()
-    renderer = ax.figure.canvas.get_renderer()
-    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
-    return any(left.x1 + 2 > right.x0 for left, right in zip(boxes, boxes[1:]))
-
-
-def write_seed_plot(out: Path, arms: list[Arm], per_seed: list[dict[str, Any]], table: list[dict[str, Any]]) -> Path:
-    """Validation loss of every pretraining run (one line per seed) and test accuracy: mean, sd and each seed."""
+def demo_figure(arms: list[Arm], pre: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]],
+                table: list[dict[str, Any]]) -> Any:
+    """Pretraining loss, fine-tuning dev accuracy and test accuracy, side by side. A model has one colour in all
+    three, so one legend beside them names them all (two legends inside the panels covered the curves)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    fig, (ax_loss, ax_dev, ax_bar) = plt.subplots(1, 3, figsize=(16, max(4.2, 1.5 + 0.32 * len(table))), dpi=110,
+                                                  layout="constrained")
+    for arm in arms:
+        rows = read_metrics(Path(pre[arm.key]["out_dir"]) / "metrics.jsonl")
+        for split in ("train", "valid"):
+            pts = [(r["step"], r["loss"]) for r in rows if r.get("split") == split and "loss" in r]
+            if pts:
+                ax_loss.plot(*zip(*pts), color=ARM_COLORS[arm.name], marker="o" if split == "valid" else None,
+                             markersize=3, alpha=0.35 if split == "train" else 1.0)
+    ax_loss.set(title="pretraining loss" + (" (PLM)" if len(pre) == 1 else " (each run's own targets)")
+                + "\nfaint: train, dots: valid", xlabel="step", ylabel="loss")
+    for name, summary in runs.items():
+        rows = read_metrics(Path(summary["config"]["out_dir"]) / "metrics.jsonl")
+        pts = [(r["step"], r["accuracy"]) for r in rows if r.get("split") == "valid" and "accuracy" in r]
+        if pts:
+            ax_dev.plot(*zip(*pts), color=ARM_COLORS[name], marker="o", label=name)
+    ax_dev.set(title="fine-tuning: dev accuracy", xlabel="step", ylabel="accuracy")
+    for ax in (ax_loss, ax_dev):
+        ax.grid(alpha=0.3)
+    if ax_dev.get_legend_handles_labels()[0]:
+        fig.legend(*ax_dev.get_legend_handles_labels(), loc="outside right upper", fontsize=8)
+    accuracy_bars(ax_bar, table, [[100 * (r.get("test_accuracy") or 0.0)] for r in table])
+    ax_bar.set_title("test accuracy (held-out synsets)")
+    return fig
+
+
+def accuracy_bars(ax: Any, table: list[dict[str, Any]], per_row: list[list[float]]) -> None:
+    """Test accuracy (%) as horizontal bars, one per table row, top down: the mean, and for several seeds their sd
+    as an error bar and each seed as a dot; the mean's value right of the bar. Named on the y axis, a dozen long
+    names never collide (as tick labels under upright bars did), nor does a value run into the title (as one
+    above the top bar did)."""
+    names = [r["model"].replace("mini XLNet, ", "") for r in table]
+    ends = []
+    for i, (name, values) in enumerate(zip(names, per_row)):
+        mean, sd = mean_sd(values) or (0.0, 0.0)
+        several = len(values) > 1
+        ax.barh(i, mean, xerr=sd if several else None, capsize=3, color=ARM_COLORS[name], alpha=0.6)
+        if several:
+            ax.scatter(values, [i] * len(values), color="black", s=10, zorder=3)
+        ends.append(max(mean + sd, *values))
+        ax.annotate(f"{mean:.1f}", (ends[-1], i), xytext=(4, 0), textcoords="offset points", va="center")
+    ax.set_yticks(range(len(names)), [n.replace(" pretrained", "").replace(" class", "") for n in names])
+    ax.invert_yaxis()  # the table's order
+    ax.set_xlim(0, 1.15 * max(ends, default=0.0) or 1.0)  # room for the values
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("accuracy (%)")
+
+
+def write_seed_plot(out: Path, arms: list[Arm], per_seed: list[dict[str, Any]], table: list[dict[str, Any]]) -> Path:
+    """out/demo-seeds.png: seed_figure's plot."""
+    import matplotlib.pyplot as plt
+
+    fig = seed_figure(arms, per_seed, table)
+    path = out / "demo-seeds.png"
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return path
+
+
+def seed_figure(arms: list[Arm], per_seed: list[dict[str, Any]], table: list[dict[str, Any]]) -> Any:
+    """Validation loss of every pretraining run (one line per seed) and test accuracy: mean, sd and each seed
+    (accuracy_bars). The legend sits beside the curves, not over them; the figure grows with the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(13, max(4.2, 1.5 + 0.32 * len(table))), dpi=110,
+                                          layout="constrained", gridspec_kw={"width_ratios": [1.15, 1]})
     for arm in arms:
         for i, results in enumerate(per_seed):
             rows = read_metrics(Path(results["pretrain"][arm.key]["out_dir"]) / "metrics.jsonl")
@@ -372,26 +440,14 @@ def write_seed_plot(out: Path, arms: list[Arm], per_seed: list[dict[str, Any]], 
             if pts:
                 ax_loss.plot(*zip(*pts), color=ARM_COLORS[arm.name], alpha=0.7, marker="o", markersize=2,
                              label=arm.name.replace(" pretrained", "") if i == 0 else None)
-    ax_loss.set(title="pretraining: valid loss (each run's own targets), one line per seed", xlabel="step",
+    ax_loss.set(title="pretraining: valid loss (each run's own targets),\none line per seed", xlabel="step",
                 ylabel="loss")
     ax_loss.grid(alpha=0.3)
-    ax_loss.legend(fontsize=8)
-    names = [r["model"].replace("mini XLNet, ", "") for r in table]
-    for i, (name, row) in enumerate(zip(names, table)):
-        values = [100 * v for v in row["test_accuracy"]]
-        mean, sd = mean_sd(values) or (0.0, 0.0)
-        ax_bar.bar(i, mean, yerr=sd, capsize=4, color=ARM_COLORS[name], alpha=0.6)
-        ax_bar.scatter([i] * len(values), values, color="black", s=10, zorder=3)
-        ax_bar.text(i, mean + sd, f"{mean:.1f}", ha="center", va="bottom")
-    short = [n.replace(" pretrained", "").replace(" class", "") for n in names]
-    bar_labels(ax_bar, short)
-    ax_bar.set(title=f"test accuracy over {len(per_seed)} seeds (bar: mean ± sd, dots: seeds)", ylabel="accuracy (%)")
-    fig.tight_layout()
-    path = out / "demo-seeds.png"
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    if ax_loss.get_legend_handles_labels()[0]:
+        ax_loss.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    accuracy_bars(ax_bar, table, [[100 * v for v in row["test_accuracy"]] for row in table])
+    ax_bar.set_title(f"test accuracy over {len(per_seed)} seeds\n(bar: mean ± sd, dots: seeds)")
+    return fig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -47,11 +47,15 @@ from xlnet.checkpoint import BODY, load_into, load_model, normalize_keys, read_w
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
+from xlnet.fileio import DirLock
 from xlnet.model import XLNetOutput
 
 KINDS = ("classification", "regression", "race", "tokens", "squad")
 IGNORE = T.IGNORE_INDEX  # tagging labels of positions that are not a word's first piece; transfer rows' labels
 TRANSFER_KINDS = ("classification", "regression")  # heads whose examples are single rows read without labels
+# what a run writes into --out-dir, deleted before training (finetune.clear_outputs): fine-tuning's and the teacher's
+# predictions
+OUTPUTS = (*FT.RUN_OUTPUTS, "teacher/dev", "teacher/test")
 
 
 @dataclass
@@ -264,7 +268,8 @@ def add_transfer(train: FT.Split, spec: T.TaskSpec, cfg: DistillConfig, tok: Any
     """The training split with the transfer file's inputs appended as unlabeled rows; returns it and how many
     rows were added (inputs that tokenize to a training row's are dropped, then the rest subsampled)."""
     path = Path(cfg.transfer)
-    examples = [dataclasses.replace(e, label=None) for e in T.read_text_examples(spec, path, labels)]
+    # inputs only: any labels in the file are neither parsed nor checked
+    examples = T.read_text_examples(spec, path, labels, read_labels=False)
     seen = {tuple(row) for row in train.tensors["input_ids"].tolist()}
     features = T.featurize_text(examples, tok, spec, cfg.max_seq_len, labels)
     fresh = [i for i, row in enumerate(features["input_ids"].tolist()) if tuple(row) not in seen]
@@ -304,7 +309,10 @@ def distill(cfg: DistillConfig, info: TR.DistInfo | None = None) -> dict[str, An
     teacher, meta = load_teacher(cfg)
     cfg, spec = resolve_config(cfg, meta, teacher.config.n_layer)
     files = FT.data_files(spec, cfg.data)
-    FT.check_outputs(Path(cfg.out_dir))
+    init_dir = cfg.student_init if cfg.student_init not in ("teacher", "random") else ""
+    FT.check_outputs(Path(cfg.out_dir), {"--teacher": cfg.teacher, "--student-init": init_dir,
+                                         "--tokenizer": cfg.tokenizer, "--data": cfg.data,
+                                         "--transfer": cfg.transfer}, OUTPUTS)
     TR.set_seed(cfg.seed)
     device = info.device
     cfg = dataclasses.replace(cfg, precision=TR.resolve_precision(cfg.precision, device),
@@ -329,21 +337,26 @@ def distill(cfg: DistillConfig, info: TR.DistInfo | None = None) -> dict[str, An
     pairs = layer_pairs(teacher.config.n_layer, cfg.student_layers, cfg.pkd)
     step_loss = Distiller(teacher, spec.kind, pairs, cfg.alpha, cfg.temperature, cfg.beta)
     start = time.time()
-    best, steps = FT.train_loop(student, train, dev, spec, cfg, labels, device, out_dir,
-                                lambda m: FT.save_model_dir(m, out_dir / "best", tok, student_meta),
-                                step_loss, "distill", info)
-    if not info.is_main:
-        return {"rank": info.rank, "steps": steps}
-    seconds = time.time() - start
-    report = {"teacher": str(cfg.teacher), "layer_pairs": pairs, "transfer_examples": n_transfer,
-              "teacher_dev": FT.score(teacher, dev, spec, cfg, labels, device, out_dir / "teacher" / "dev"),
-              "teacher_test": test and FT.score(teacher, test, spec, cfg, labels, device, out_dir / "teacher" / "test"),
-              "layers": {"teacher": teacher.config.n_layer, "student": cfg.student_layers},
-              "parameters": {"teacher": count_parameters(teacher), "student": count_parameters(student)},
-              "dev_inference_seconds": {"teacher": inference_seconds(teacher, dev, cfg, device),
-                                        "student": inference_seconds(student, dev, cfg, device)}}
-    return FT.finish(cfg, spec, labels, test, device, out_dir, best, steps, seconds, what="distillation",
-                     extra={"distill": report})
+    # rank 0 alone writes; the lock keeps a second run from deleting this one's outputs
+    with DirLock(out_dir, enabled=info.is_main), FT.noting_interrupt(out_dir):
+        if info.is_main:
+            FT.clear_outputs(out_dir, OUTPUTS)
+        best, steps = FT.train_loop(student, train, dev, spec, cfg, labels, device, out_dir,
+                                    lambda m: FT.save_model_dir(m, out_dir / "best", tok, student_meta),
+                                    step_loss, "distill", info)
+        if not info.is_main:
+            return {"rank": info.rank, "steps": steps}
+        seconds = time.time() - start
+        report = {"teacher": str(cfg.teacher), "layer_pairs": pairs, "transfer_examples": n_transfer,
+                  "teacher_dev": FT.score(teacher, dev, spec, cfg, labels, device, out_dir / "teacher" / "dev"),
+                  "teacher_test": test and FT.score(teacher, test, spec, cfg, labels, device,
+                                                    out_dir / "teacher" / "test"),
+                  "layers": {"teacher": teacher.config.n_layer, "student": cfg.student_layers},
+                  "parameters": {"teacher": count_parameters(teacher), "student": count_parameters(student)},
+                  "dev_inference_seconds": {"teacher": inference_seconds(teacher, dev, cfg, device),
+                                            "student": inference_seconds(student, dev, cfg, device)}}
+        return FT.finish(cfg, spec, labels, test, device, out_dir, best, steps, seconds, what="distillation",
+                         extra={"distill": report})
 
 
 def comparison_table(summary: dict[str, Any]) -> str:

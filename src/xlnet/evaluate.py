@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size)
         print(f"predictions: {out}", file=sys.stderr)
         if result is None:
-            print(f"{args.data} has no labels: predictions written to {out}, nothing to score")
+            note = f"{args.data} has no labels: predictions written to {out}, nothing to score"
+            print(json.dumps({"predictions": str(out), "scores": None, "note": note}) if args.json else note)
             return 0
     if args.json:
         print(json.dumps(result, indent=2))
@@ -158,8 +159,12 @@ def _put(out: dict[str, tuple[Any, str]], key: str, value: Any, where: str) -> N
     out[key] = (value, where)
 
 
-def _as_label(value: Any) -> str:
-    """1, 1.0 and "1" are the same class: prediction files written by different tools disagree on types."""
+def _as_label(value: Any, names: Collection[str] = ()) -> str:
+    """1, 1.0 and "1" are the same class: prediction files written by different tools disagree on types. A JSON
+    number or boolean whose JSON text is one of `names` is that label (JSONL gold labels are read as their JSON
+    text: true -> "true", 1.0 -> "1.0")."""
+    if not isinstance(value, str) and json.dumps(value) in names:
+        return json.dumps(value)
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, float) and value.is_integer():
@@ -186,6 +191,7 @@ def _eval_text(spec: T.TaskSpec, gold: Path, pred: Path, labels: Sequence[str] |
         if key not in gold_ids:
             raise XLNetError(f"{where}: id {key!r} is not in {gold}")
     known = {str(x) for x in (labels or spec.labels or ())}  # generic tasks without --labels: not checked
+    names = known or {str(e.label) for e in examples}
     y_true, y_pred = [], []
     for e in examples:
         if e.id not in preds:
@@ -201,7 +207,7 @@ def _eval_text(spec: T.TaskSpec, gold: Path, pred: Path, labels: Sequence[str] |
             y_pred.append(number)
             y_true.append(float(e.label))
         else:
-            label = _as_label(value)
+            label = _as_label(value, names)
             if known and label not in known:
                 raise XLNetError(f"{where}: predicted label {label!r} is not one of {', '.join(sorted(known))}")
             y_pred.append(label)

@@ -119,6 +119,42 @@ def _swap_in(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+class DirLock:
+    """An exclusive flock on a directory itself (no lock file left behind), held until `release` or the end of the
+    process (kill -9 included): two runs writing one output directory would delete each other's checkpoints."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.fd: int | None = None
+        if not enabled:  # (ranks other than 0, which write nothing there)
+            return
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock, no lock
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise XLNetError(f"{path} is in use by another xlnet run (it holds the directory's lock); wait for it "
+                             f"to end, or choose another output directory") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "DirLock":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
 def require_dir(path: Path, what: str, hint: str = "") -> None:
     """A one-line XLNetError unless `path` is a directory, saying whether it is missing or a file."""
     if not path.is_dir():

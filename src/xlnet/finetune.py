@@ -9,11 +9,14 @@ Output directory:
                  (task, labels, lengths), so `xlnet evaluate --model best/` featurizes exactly as training did
   dev/, test/    predictions of the best model in the official formats (+ SQuAD na_probs.json)
   summary.json, metrics.jsonl, tensorboard/, loss.png, dev.png
+A new run deletes an earlier run's outputs (RUN_OUTPUTS) once its data is read, before training: an interrupted run
+leaves its own best/ and dev/ so far, nothing of the earlier run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +40,7 @@ from xlnet.cliconf import add_dataclass_arguments, build_dataclass, typed_values
 from xlnet.config import XLNetConfig, read_config_json
 from xlnet.errors import XLNetError
 from xlnet.evaluate import evaluate_predictions, format_table
-from xlnet.fileio import DirKind, atomic_dir, atomic_write, check_replaceable, sha256_file
+from xlnet.fileio import DirKind, DirLock, atomic_dir, atomic_write, check_replaceable, sha256_file
 from xlnet.heads import (
     XLNetForMultipleChoice,
     XLNetForQuestionAnswering,
@@ -60,6 +63,8 @@ NOT_INPUTS = ("window_index", "word_ids")
 # What a fine-tuned directory records beside the weights (read back by `xlnet evaluate --model`).
 META_FILE = "finetune.json"
 DEV_DIR = DirKind("predictions.*", "a predictions directory")  # what <out>/dev may replace
+# Everything a run writes into its output directory (`xlnet distill` adds its teacher's predictions)
+RUN_OUTPUTS = ("best", "dev", "test", "summary.json", "metrics.jsonl", "tensorboard", "loss.png", "dev.png")
 META_FIELDS = ("task", "max_seq_len", "doc_stride", "max_query_len")
 # SQuAD's tensors that hold positions (shifted when a batch drops its leading padding): inputs, then outputs
 SQUAD_POSITIONS = ("cls_index", "start_positions", "end_positions")
@@ -143,7 +148,7 @@ def resolve_config(cfg: FinetuneConfig, spec: T.TaskSpec) -> FinetuneConfig:
 
 def split_file(spec: T.TaskSpec, data_dir: Path, split: str) -> Path | None:
     """The file (or RACE folder) for a split, by the names the public releases use."""
-    names = {"train": ("train",), "dev": spec.dev_names, "test": ("test",)}[split]
+    names = {"train": ("train",), "dev": spec.dev_names, "test": spec.test_names}[split]
     for name in names:
         if spec.fmt == "race":
             candidates = [data_dir / name]
@@ -238,7 +243,7 @@ def load_split(spec: T.TaskSpec, path: Path, tok: Tokenizer, cfg: FinetuneConfig
         feats = T.featurize_squad(examples, tok, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
         tensors = feats.tensors
         ids = [e.qid for e in examples]
-        writer = lambda out, d: write_squad(feats, out, d)
+        writer = lambda out, d: write_squad(feats, out, d, no_answers=spec.squad_version == 2)
     labeled = is_labeled(spec, examples, tensors)
     return Split(path, ids, len(examples) < len(everything), tensors, labeled, writer, trimmable=True,
                  **TRIM_SPECS.get(spec.kind, {}))
@@ -293,11 +298,15 @@ def write_conll(examples: list[T.TokenExample], labels: list[str], tensors: dict
     return {"predictions": path}
 
 
-def write_squad(feats: T.SquadFeatures, out: dict[str, Tensor], directory: Path) -> dict[str, Path]:
+def write_squad(feats: T.SquadFeatures, out: dict[str, Tensor], directory: Path,
+                no_answers: bool) -> dict[str, Path]:
+    """predictions.json, and na_probs.json for SQuAD 2.0 (no_answers; v1.1 has no unanswerable questions)."""
     preds, na = T.squad_predictions(feats, out["start_top_log_probs"], out["start_top_index"],
                                     out["end_top_log_probs"], out["end_top_index"], out["cls_logits"])
-    paths = {"predictions": directory / "predictions.json", "na_probs": directory / "na_probs.json"}
-    T.write_squad_predictions(preds, na, paths["predictions"], paths["na_probs"])
+    paths = {"predictions": directory / "predictions.json"}
+    if no_answers:
+        paths["na_probs"] = directory / "na_probs.json"
+    T.write_squad_predictions(preds, na, paths["predictions"], paths.get("na_probs"))
     return paths
 
 
@@ -325,8 +334,8 @@ def build_model(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None)
         overrides["attn_impl"] = cfg.attn_impl
     if cfg.model and cfg.random_init:  # the checkpoint's architecture, fresh weights: what pretraining buys
         return head(XLNetConfig(**{**XLNetConfig.load(cfg.model).to_dict(), **overrides}))
-    if cfg.model:
-        return head.from_pretrained(cfg.model, verbose=not cfg.quiet, **overrides)
+    if cfg.model:  # a fine-tuned --model's head that does not fit this task (MNLI's 3 labels for RTE) starts fresh
+        return head.from_pretrained(cfg.model, verbose=not cfg.quiet, reinit_head=True, **overrides)
     return head(XLNetConfig.from_preset(cfg.preset, **overrides))
 
 
@@ -361,6 +370,13 @@ def pretraining_tokenizer(model_dir: Path) -> tuple[str, str] | None:
 
 
 def check_vocab(model: nn.Module, tok: Tokenizer, cfg: FinetuneConfig) -> None:
+    model_dir = Path(cfg.model) if cfg.model else None
+    if (model_dir and not cfg.tokenizer and not (model_dir / MODEL_FILE).is_file()
+            and pretraining_tokenizer(model_dir) is None and model.config.vocab_size != tok.vocab_size):
+        # load_tokenizer fell back to the embedded tokenizer: a model with another vocabulary was not trained on it
+        raise XLNetError(f"{model_dir} holds no tokenizer (spiece.model) and its vocabulary ({model.config.vocab_size}"
+                         f" pieces) is not the embedded tokenizer's ({tok.vocab_size}): pass the tokenizer it was "
+                         f"trained with as --tokenizer")
     if model.config.vocab_size < tok.vocab_size:
         raise XLNetError(f"{tok.model_path}: tokenizer has {tok.vocab_size} pieces but the model "
                          f"({cfg.model or 'preset ' + cfg.preset}) only {model.config.vocab_size}")
@@ -379,12 +395,50 @@ def model_meta(spec: T.TaskSpec, cfg: FinetuneConfig, labels: list[str] | None) 
     return {"task": spec.name, "labels": labels, **{k: getattr(cfg, k) for k in META_FIELDS}}
 
 
-def check_outputs(out_dir: Path) -> None:
-    """Fail before featurizing and training, not at the first dev epoch, if best/ or dev/ is not ours to replace."""
+def check_outputs(out_dir: Path, inputs: Mapping[str, str] | None = None,
+                  outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
+    """Fail before featurizing and training, not at the first dev epoch, if best/ or dev/ is not ours to replace,
+    or if one of `inputs` ({flag: path}) lies in `outputs`, which `clear_outputs` deletes before training."""
     if out_dir.exists() and not out_dir.is_dir():
         raise XLNetError(f"{out_dir}: exists and is not a directory; choose another --out-dir")
     check_replaceable(out_dir / "best", MODEL_DIR)
     check_replaceable(out_dir / "dev", DEV_DIR)
+    for flag, given in (inputs or {}).items():
+        if not given:
+            continue
+        path = Path(given).resolve()
+        for name in outputs:
+            output = (out_dir / name).resolve()
+            if path == output or output in path.parents:
+                raise XLNetError(f"{flag} {given} is inside {out_dir / name}, which this run replaces; "
+                                 "choose another --out-dir")
+
+
+def clear_outputs(out_dir: Path, outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
+    """Delete an earlier run's outputs before this run writes its own (`check_outputs` has allowed replacing
+    them): an interrupted run must not leave its best/ beside another run's summary.json, test/ or curves."""
+    for name in outputs:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def interrupted_note(out_dir: Path) -> str:
+    """What an interrupted run leaves in out_dir (nothing of an earlier run: `clear_outputs`)."""
+    held = (f"{out_dir / 'best'} holds this run's best model so far" if (out_dir / "best").is_dir()
+            else f"{out_dir} holds no model yet (no dev evaluation finished)")
+    return held + ("" if (out_dir / "summary.json").is_file() else "; no summary.json")
+
+
+@contextlib.contextmanager
+def noting_interrupt(out_dir: Path) -> Iterator[None]:
+    """Ctrl-C inside: the interrupt carries `interrupted_note`, which the CLI prints after "interrupted"."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_note(out_dir)) from None
 
 
 def save_model_dir(model: nn.Module, directory: Path, tok: Tokenizer, meta: dict[str, Any]) -> Path:
@@ -514,7 +568,7 @@ def finetune(cfg: FinetuneConfig, info: TR.DistInfo | None = None) -> dict[str, 
     spec = T.get_task(cfg.task)
     cfg = resolve_config(cfg, spec)
     files = data_files(spec, cfg.data)
-    check_outputs(Path(cfg.out_dir))
+    check_outputs(Path(cfg.out_dir), {"--model": cfg.model, "--tokenizer": cfg.tokenizer, "--data": cfg.data})
     TR.set_seed(cfg.seed)
     device = info.device
     cfg = dataclasses.replace(cfg, precision=TR.resolve_precision(cfg.precision, device))
@@ -526,13 +580,17 @@ def finetune(cfg: FinetuneConfig, info: TR.DistInfo | None = None) -> dict[str, 
     train, dev, test = load_splits(spec, files, tok, cfg, labels)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = model_meta(spec, cfg, labels)
-    start = time.time()
-    best, steps = train_loop(model, train, dev, spec, cfg, labels, device, out_dir,
-                             lambda m: save_model_dir(m, out_dir / "best", tok, meta), info=info)
-    if not info.is_main:
-        return {"rank": info.rank, "steps": steps}
-    return finish(cfg, spec, labels, test, device, out_dir, best, steps, time.time() - start)
+    # rank 0 alone writes; the lock keeps a second run from deleting this one's outputs
+    with DirLock(out_dir, enabled=info.is_main), noting_interrupt(out_dir):
+        if info.is_main:
+            clear_outputs(out_dir)
+        meta = model_meta(spec, cfg, labels)
+        start = time.time()
+        best, steps = train_loop(model, train, dev, spec, cfg, labels, device, out_dir,
+                                 lambda m: save_model_dir(m, out_dir / "best", tok, meta), info=info)
+        if not info.is_main:
+            return {"rank": info.rank, "steps": steps}
+        return finish(cfg, spec, labels, test, device, out_dir, best, steps, time.time() - start)
 
 
 def load_splits(spec: T.TaskSpec, files: dict[str, Path | None], tok: Tokenizer, cfg: FinetuneConfig,

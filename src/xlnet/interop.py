@@ -2,20 +2,32 @@
 
 Tensor names are shared, so conversion validates the weights against the config by loading them into the
 head class the config names, then writes them back out in the source's dtype: HF -> ours -> HF is bit-identical.
+
+The tokenizer travels in the destination's own format: `spiece.model` beside our `tokenizer.json` (xlnet) or HF's
+`tokenizer_config.json` (HF). The two `tokenizer.json` files share a name but not a format, so neither is copied
+across. A pretraining checkpoint holds no tokenizer: its run's, recorded in trainer_state.json, is exported.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from xlnet.checkpoint import MODEL_DIR, load_model, read_weights
 from xlnet.errors import XLNetError
-from xlnet.fileio import check_replaceable
+from xlnet.fileio import atomic_dir, check_replaceable, sha256_file
+from xlnet.tokenizer import MODEL_FILE, SPECIAL_PIECES, Tokenizer, write_settings
 
-TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_TOKENIZER_CLASS = "XLNetTokenizer"
+# HF's attribute for each special piece (ids 0..8 of every XLNet spiece.model); <eod> and <eop> are HF's
+# default additional special tokens
+HF_SPECIAL_NAMES = ("unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "pad_token", "mask_token")
 
 
 def convert(src: str | Path, dst: str | Path, to_hf: bool) -> Path:
@@ -25,11 +37,70 @@ def convert(src: str | Path, dst: str | Path, to_hf: bool) -> Path:
     check_replaceable(dst, MODEL_DIR)  # before the load: never convert only to refuse the destination
     model = load_model(src, strict=True)
     model.to(source_dtype(src))
-    model.save_pretrained(dst, hf=to_hf)  # type: ignore[operator]
-    for name in TOKENIZER_FILES:  # keep the tokenizer beside the weights when there is one
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    tok = source_tokenizer(src)
+    with atomic_dir(dst, replaces=MODEL_DIR) as tmp:  # weights and tokenizer appear together or not at all
+        model.save_pretrained(tmp, hf=to_hf)  # type: ignore[operator]  # replaces `tmp`, still our temp name
+        if tok is not None:
+            write_tokenizer(tok, tmp, to_hf)
     return dst
+
+
+def source_tokenizer(src: Path) -> Tokenizer | None:
+    """The tokenizer that goes with `src`'s weights: its own spiece.model, else (a pretraining checkpoint) the one
+    its run recorded, when that file still has the recorded sha256; a warning says why none is exported."""
+    from xlnet.finetune import pretraining_tokenizer  # finetune imports most of the package
+
+    recorded = pretraining_tokenizer(src)
+    where = src if (src / MODEL_FILE).is_file() else Path(recorded[0]) if recorded else None
+    if where is None:
+        if any((src / name).is_file() for name in (HF_TOKENIZER_CONFIG, "tokenizer.json")):
+            # e.g. saved by transformers 5, which writes only its own tokenizer.json
+            print(f"xlnet convert: warning: the tokenizer was not exported: {src} has no {MODEL_FILE} (xlnet reads "
+                  "SentencePiece models only)", file=sys.stderr)
+        return None  # a bare model directory: there is no tokenizer to carry
+    if recorded is not None:
+        # checked before loading: another tokenizer with as many pieces would read the embeddings wrongly
+        model_file = where / MODEL_FILE
+        why = ("it is not found" if not model_file.is_file() else
+               "its sha256 differs from the one the run recorded" if sha256_file(model_file) != recorded[1] else "")
+        if why:
+            print(f"xlnet convert: warning: the tokenizer was not exported: {src} was pretrained with "
+                  f"{model_file}, and {why}; pass the right one to `xlnet finetune --tokenizer`", file=sys.stderr)
+            return None
+    return Tokenizer.load(where)
+
+
+def write_tokenizer(tok: Tokenizer, directory: Path, to_hf: bool) -> None:
+    """spiece.model plus the settings file the destination's format reads its cleanup flags from."""
+    shutil.copyfile(tok.model_path, directory / MODEL_FILE)
+    if to_hf:
+        text = json.dumps(hf_tokenizer_config(tok), indent=2) + "\n"
+        (directory / HF_TOKENIZER_CONFIG).write_text(text, encoding="utf-8")
+    else:
+        write_settings(directory, tok.lowercase, tok.strip_accents, tok.remove_space, tok.vocab_size)
+
+
+def hf_tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
+    """HF XLNetTokenizer settings that clean text as `tok` does: transformers 4's runs our steps in our order
+    (collapse spaces, `` and '' to ", NFKD accent stripping, lowercasing, the "9," re-split). Known gaps, HF's:
+    transformers 5's strips accents whatever keep_accents says and does not re-split "9,"; both split special
+    pieces such as "<eop>" out of the text, where SentencePiece reads them as pieces."""
+    special = dict(zip(HF_SPECIAL_NAMES, SPECIAL_PIECES))
+    return {
+        "tokenizer_class": HF_TOKENIZER_CLASS,
+        "do_lower_case": tok.lowercase,
+        "remove_space": tok.remove_space,
+        "keep_accents": not tok.strip_accents,
+        "padding_side": "left",  # XLNet's, as ours: the <cls> summary reads the last position
+        # XLNet reads segment ids (<cls> 2, padding 3); transformers 5 returns them only when named here
+        "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+        **special,
+        "additional_special_tokens": ["<eop>", "<eod>"],
+        # pinned to our ids, so no version of transformers appends them to the vocabulary instead
+        "added_tokens_decoder": {str(i): {"content": piece, "lstrip": piece == "<mask>", "normalized": False,
+                                          "rstrip": False, "single_word": False, "special": True}
+                                 for i, piece in enumerate(SPECIAL_PIECES)},
+    }
 
 
 def source_dtype(src: Path) -> torch.dtype:

@@ -39,7 +39,7 @@ from xlnet import training as T
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
-from xlnet.fileio import atomic_write, require_dir
+from xlnet.fileio import DirLock, atomic_write, require_dir
 
 if TYPE_CHECKING:  # annotations only; the functions import them where they are used
     from xlnet.data.plm import PLMConfig, PLMSampler, Prefetcher
@@ -495,11 +495,12 @@ def evaluate(model: torch.nn.Module, cfg: PretrainConfig, data: Data, info: T.Di
 
 
 def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | None = None,
-             stop_after_steps: int | None = None) -> dict[str, Any]:
+             stop_after_steps: int | None = None, resume_hint: str = "continue with --resume") -> dict[str, Any]:
     """Run (or continue) pretraining; returns the summary printed at the end. Call once per process.
 
     `stop_after_steps` ends this run after that many steps as a signal would (checkpoint, then `--resume`):
-    time-sliced jobs on preemptible machines, and the resume tests.
+    time-sliced jobs on preemptible machines, and the resume tests. `resume_hint` ends the line printed when a
+    signal stops the run (a caller such as `xlnet demo` continues another way).
     """
     wall_start = time.perf_counter()
     info = info or T.init_distributed(cfg.device)
@@ -515,8 +516,16 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     resolved = dataclasses.replace(cfg, data_dir=str(data.data_dir), tokenizer_dir=str(data.tokenizer_dir))
     if saved is not None:
         check_resume_config(saved, resolved, data.identity, ckpt)
+        before = saved["config"].get("max_steps")
+        if info.is_main and before is not None and before != cfg.max_steps:
+            print(f"note: --max-steps {cfg.max_steps}, the checkpoint's run had {before}: the learning rate decays "
+                  f"to step {cfg.max_steps} from here (a jump at step {saved['step'] + 1}; not the trajectory of a "
+                  f"run started with {cfg.max_steps})", file=sys.stderr)
+    lock = None
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock = DirLock(out_dir)  # held until this function returns; before the debris, which may be a live run's
+        T.remove_checkpoint_debris(out_dir)  # a killed run's half-written or half-pruned checkpoints
         with atomic_write(out_dir / "config.yaml", "w") as f:
             yaml.safe_dump(dataclasses.asdict(resolved), f, sort_keys=False)
 
@@ -643,7 +652,7 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
                 if saved_at != step:
                     last_ckpt = save(step)
                 stopped = stop.requested or "signal"
-                bar.write(f"{stopped}: saved {last_ckpt}; continue with --resume")
+                bar.write(f"{stopped}: saved {last_ckpt}; {resume_hint}")
     finally:
         profiler.close()
         batches.close()
@@ -656,8 +665,11 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
 
         plot = plot_loss_curves(T.read_metrics(logger.path), out_dir / "loss.png",
                                 title=f"pretraining ({cfg.objective.upper()} loss)")
+    if lock is not None:
+        lock.release()
     return {
-        "steps": step, "tokens": tokens_seen, "tokens_per_s": throughput.total_tokens / max(throughput.total_time, 1e-9),
+        "steps": step, "run_steps": step - start_step, "tokens": tokens_seen,
+        "tokens_per_s": throughput.total_tokens / max(throughput.total_time, 1e-9),
         "recent_tokens_per_s": throughput.tokens_per_s, "recent_steps": throughput.recent_steps,
         "mfu": throughput.mfu, "train_loss": train_loss, "valid_loss_start": first_valid, "valid_loss": last_valid,
         "checkpoint": str(last_ckpt) if last_ckpt else None, "plot": str(plot) if plot else None,
@@ -676,9 +688,12 @@ def format_summary(s: dict[str, Any]) -> str:
               if s["mfu"] is not None else "")
     speed = (f"{s['tokens_per_s']:,.0f} tokens/s while training{recent}" if s["train_s"] > 0 else
              "the checkpoint had finished: nothing to train")
+    # steps and tokens are the whole run's, resumed or not; the time is this process's
+    run_steps = s.get("run_steps", s["steps"])
+    resumed = f"; {run_steps} of the steps" if 0 < run_steps < s["steps"] else ""
     lines = [
-        f"{'stopped by ' + s['stopped'] if s['stopped'] else 'done'}: {s['steps']} steps, {s['tokens']:,} tokens "
-        f"in {s['wall_s']:.0f}s this run ({speed})",
+        f"{'stopped by ' + s['stopped'] if s['stopped'] else 'done'}: {s['steps']} steps, {s['tokens']:,} tokens"
+        f"{resumed} in {s['wall_s']:.0f}s this run ({speed})",
         f"{s['objective'].upper()} train loss {f(s['train_loss'])}   valid loss {f(s['valid_loss_start'])} -> "
         f"{f(s['valid_loss'])}",
         f"checkpoint {s['checkpoint'] or '-'}",

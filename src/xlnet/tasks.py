@@ -62,6 +62,7 @@ class TaskSpec:
     squad_version: int | None = None
     description: str = ""
     dev_names: tuple[str, ...] = ("dev", "valid", "validation", "dev_matched")  # file stems tried for dev
+    test_names: tuple[str, ...] = ("test",)  # file stems tried for test
 
 
 _BIN = ("0", "1")
@@ -81,11 +82,11 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("qqp", "classification", _BIN, ("accuracy", "f1"), "accuracy", "glue",
                  GlueLayout("question1", "is_duplicate", "question2"), description="GLUE QQP"),
         TaskSpec("mnli", "classification", ("contradiction", "entailment", "neutral"), ("accuracy",), "accuracy",
-                 "glue", GlueLayout("sentence1", "gold_label", "sentence2"),
+                 "glue", GlueLayout("sentence1", "gold_label", "sentence2"), test_names=("test", "test_matched"),
                  description="GLUE MNLI, evaluated on dev_matched.tsv"),
         TaskSpec("mnli-mm", "classification", ("contradiction", "entailment", "neutral"), ("accuracy",), "accuracy",
                  "glue", GlueLayout("sentence1", "gold_label", "sentence2"), dev_names=("dev_mismatched",),
-                 description="GLUE MNLI, evaluated on dev_mismatched.tsv"),
+                 test_names=("test_mismatched",), description="GLUE MNLI, evaluated on dev_mismatched.tsv"),
         TaskSpec("qnli", "classification", _NLI2, ("accuracy",), "accuracy", "glue",
                  GlueLayout("question", "label", "sentence"), description="GLUE QNLI"),
         TaskSpec("rte", "classification", _NLI2, ("accuracy",), "accuracy", "glue",
@@ -186,9 +187,10 @@ def _parse_label(spec: TaskSpec, raw: str, where: str, labels: Sequence[str] | N
     return raw
 
 
-def read_glue(spec: TaskSpec, path: str | os.PathLike) -> list[TextExample]:
-    """A GLUE train/dev/test TSV. Test files (no label column) give label=None. Ids are 0-based row
-    numbers, which is what GLUE's `index` column is and what submission files use."""
+def read_glue(spec: TaskSpec, path: str | os.PathLike, read_labels: bool = True) -> list[TextExample]:
+    """A GLUE train/dev/test TSV. Test files (no label column) give label=None, as does every row when not
+    `read_labels` (a distillation transfer file). Ids are 0-based row numbers, which is what GLUE's `index`
+    column is and what submission files use."""
     path = Path(path)
     layout = spec.glue
     assert layout is not None
@@ -225,7 +227,7 @@ def read_glue(spec: TaskSpec, path: str | os.PathLike) -> list[TextExample]:
         where = f"{path}:{n}"
         if len(fields) != width:  # more: a tab inside a text field would shift or cut the fields after it
             raise XLNetError(f"{where}: expected {width} columns, got {len(fields)}")
-        label = None if il is None else _parse_label(spec, fields[il], where, None)
+        label = None if il is None or not read_labels else _parse_label(spec, fields[il], where, None)
         examples.append(TextExample(str(len(examples)), fields[ia], None if ib is None else fields[ib], label, where))
     if not examples:
         raise XLNetError(f"{path}:1: no examples")
@@ -233,21 +235,27 @@ def read_glue(spec: TaskSpec, path: str | os.PathLike) -> list[TextExample]:
 
 
 def _table_example(spec: TaskSpec, row: Mapping[str, Any], where: str, index: int,
-                   labels: Sequence[str] | None) -> TextExample:
+                   labels: Sequence[str] | None, read_labels: bool = True) -> TextExample:
     text = row.get("text")
     if not isinstance(text, str):
         raise XLNetError(f"{where}: missing or non-string field 'text'")
     text_b = row.get("text_b")
     if text_b is not None and not isinstance(text_b, str):
         raise XLNetError(f"{where}: field 'text_b' must be a string")
-    raw = row.get("label")
+    raw = row.get("label") if read_labels else None
+    if raw is not None and not isinstance(raw, str):
+        # a JSON number or boolean as its JSON text (true -> "true", not Python's "True"): predictions written
+        # back then carry the file's own values
+        raw = json.dumps(raw, ensure_ascii=False)
     label = None if raw is None or raw == "" else _parse_label(spec, raw, where, labels)
     rid = row.get("id")
     return TextExample(str(rid) if rid not in (None, "") else str(index), text, text_b or None, label, where)
 
 
-def read_table(spec: TaskSpec, path: str | os.PathLike, labels: Sequence[str] | None = None) -> list[TextExample]:
+def read_table(spec: TaskSpec, path: str | os.PathLike, labels: Sequence[str] | None = None,
+               read_labels: bool = True) -> list[TextExample]:
     """Generic CSV (header with text[,text_b][,label][,id]) or JSONL objects with the same keys; .gz allowed.
+    Not `read_labels`: every label is None, whatever the file holds (a distillation transfer file).
 
     Ids come from an `id` field when there is one, otherwise they are 0-based row numbers.
     """
@@ -269,7 +277,8 @@ def read_table(spec: TaskSpec, path: str | os.PathLike, labels: Sequence[str] | 
                     continue
                 if len(fields) != len(header):
                     raise XLNetError(f"{where}: expected {len(header)} columns, got {len(fields)}")
-                examples.append(_table_example(spec, dict(zip(header, fields)), where, len(examples), labels))
+                examples.append(_table_example(spec, dict(zip(header, fields)), where, len(examples), labels,
+                                               read_labels))
     else:
         for n, line in _lines(path):
             if not line.strip():
@@ -277,7 +286,7 @@ def read_table(spec: TaskSpec, path: str | os.PathLike, labels: Sequence[str] | 
             row = json_line(path, n, line)
             if not isinstance(row, dict):
                 raise XLNetError(f"{path}:{n}: expected a JSON object per line")
-            examples.append(_table_example(spec, row, f"{path}:{n}", len(examples), labels))
+            examples.append(_table_example(spec, row, f"{path}:{n}", len(examples), labels, read_labels))
     if not examples:
         raise XLNetError(f"{path}:1: empty file")
     return examples
@@ -316,12 +325,14 @@ def labels_from_examples(examples: Sequence[TextExample]) -> list[str]:
     return sorted({str(e.label) for e in examples if e.label is not None})
 
 
-def read_text_examples(spec: TaskSpec, path: str | os.PathLike,
-                       labels: Sequence[str] | None = None) -> list[TextExample]:
+def read_text_examples(spec: TaskSpec, path: str | os.PathLike, labels: Sequence[str] | None = None,
+                       read_labels: bool = True) -> list[TextExample]:
+    """A GLUE TSV or a generic CSV/JSONL file; not `read_labels`: the inputs alone, labels neither parsed nor
+    checked (every label None)."""
     if spec.fmt == "glue":
-        return read_glue(spec, path)
+        return read_glue(spec, path, read_labels)
     if spec.fmt == "table":
-        return read_table(spec, path, resolve_labels(spec, path, labels))
+        return read_table(spec, path, resolve_labels(spec, path, labels) if read_labels else None, read_labels)
     raise XLNetError(f"task {spec.name!r} is not a text classification/regression task")
 
 

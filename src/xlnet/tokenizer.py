@@ -157,12 +157,19 @@ def train_tokenizer(inputs: Sequence[Path], out_dir: Path, vocab_size: int = 320
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / MODEL_FILE, "wb") as f:
         f.write(model.getvalue())
+    write_settings(out_dir, lowercase, strip_accents, True, proc.get_piece_size())
+    return out_dir
+
+
+def write_settings(directory: Path, lowercase: bool, strip_accents: bool, remove_space: bool,
+                   vocab_size: int) -> Path:
+    """Our tokenizer.json: the cleanup flags the pieces were trained with, read back by `Tokenizer.load`."""
     settings = {"format": _SETTINGS_FORMAT, "lowercase": lowercase, "strip_accents": strip_accents,
-                "remove_space": True, "vocab_size": proc.get_piece_size()}
-    with atomic_write(out_dir / SETTINGS_FILE, "w") as f:
+                "remove_space": remove_space, "vocab_size": vocab_size}
+    with atomic_write(Path(directory) / SETTINGS_FILE, "w") as f:
         json.dump(settings, f, indent=2)
         f.write("\n")
-    return out_dir
+    return Path(directory) / SETTINGS_FILE
 
 
 def _check_special_ids(proc: spm.SentencePieceProcessor, path: Path) -> None:

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xlnet.checkpoint import WEIGHTS
 from xlnet.errors import XLNetError
 from xlnet.fileio import DirKind, atomic_dir, atomic_write
 
@@ -441,6 +443,43 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+# atomic_dir's temp name for a checkpoint (mkdtemp: `.step_N.` + 8 of [a-z0-9_] + `.tmp`), and those that
+# save_pretrained's own atomic_dir makes beside it for the weights (its name again, prefixed by `.`)
+_CHECKPOINT_TMP_RE = re.compile(r"\.?\.step_\d+\.[a-z0-9_]{8}\.tmp(?:\.[a-z0-9_]{8}\.(?:tmp|old))?")
+_CHECKPOINT_FILES = frozenset({WEIGHTS, "config.json", TRAINING_STATE, TRAINER_STATE})
+
+
+def remove_checkpoint_debris(out_dir: str | Path) -> list[str]:
+    """Remove what a killed process left in out_dir/checkpoints and nothing else: half-written checkpoints under
+    their temp names, and step_* directories without trainer_state.json (a prune cut short) that hold nothing
+    but checkpoint files. Neither is ever listed, so nothing else would remove them. Call on the main rank, holding
+    the run directory's lock (the temp directories of a live run look the same), before training; says on stderr
+    what it removed. `.step_*.old` directories stay: a crash inside atomic_dir's
+    swap can leave the only copy of a complete checkpoint there."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    if not root.is_dir() or root.is_symlink():
+        return []
+    removed = []
+    for p in sorted(root.iterdir()):
+        if p.is_symlink() or not p.is_dir():
+            continue
+        if _CHECKPOINT_TMP_RE.fullmatch(p.name):
+            what = "half-written"
+        elif re.fullmatch(r"step_\d+", p.name) and not (p / TRAINER_STATE).exists():
+            if any(c.name not in _CHECKPOINT_FILES or not c.is_file() or c.is_symlink() for c in p.iterdir()):
+                continue  # something a checkpoint never holds: not ours to delete
+            what = "incomplete"
+        else:
+            continue
+        shutil.rmtree(p, ignore_errors=True)  # debris that will not go must not stop the run
+        if not p.exists():
+            removed.append(f"{p.name} ({what})")
+    if removed:
+        print(f"note: removed leftovers of an interrupted checkpoint save or prune in {root}: {', '.join(removed)}",
+              file=sys.stderr)
+    return removed
+
+
 def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                 with_model: bool) -> tuple[dict | None, dict | None]:
     """Whole (unsharded, CPU) model and optimizer state keyed by parameter names; collective under FSDP."""
@@ -483,6 +522,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         if keep_last > 0:
             older = [p for p in list_checkpoints(path.parent.parent) if p != path]
             for stale in older[:max(0, len(older) - (keep_last - 1))]:
+                # renamed to a temp name first (atomic), so a prune cut short leaves debris that
+                # remove_checkpoint_debris recognises, never a step_* that lost some of its files
+                with contextlib.suppress(OSError):
+                    stale = stale.rename(stale.with_name(f".{stale.name}.{secrets.token_hex(4)}.tmp"))
                 shutil.rmtree(stale, ignore_errors=True)
     barrier()
     return path
