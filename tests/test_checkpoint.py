@@ -123,6 +123,10 @@ def test_lm_checkpoint_into_classifier_initialises_only_the_head(tmp_path: Path,
     assert "initialised fresh" in capsys.readouterr().err
     with pytest.raises(XLNetError, match="missing"):
         XLNetForSequenceClassification.from_pretrained(tmp_path / "lm", strict=True)
+    with pytest.MonkeyPatch.context() as mp:  # under torchrun only rank 0 says it
+        mp.setenv("RANK", "1")
+        XLNetForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=5)
+        assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("source,target,labels,says", [

@@ -80,7 +80,9 @@ class PretrainedMixin:
         if fresh and strict:
             raise XLNetError(f"{source}: tensor {fresh[0]} is missing for {cls.__name__}")
         note = head_note(model, weights, unfit, fresh, source) if reinit_head else ""  # type: ignore[arg-type]
-        if note:  # not the usual fresh head on a pretrained body: the file's own head is (partly) thrown away
+        if os.environ.get("RANK", "0") != "0":  # under torchrun every process loads; one says so
+            pass
+        elif note:  # not the usual fresh head on a pretrained body: the file's own head is (partly) thrown away
             print(note, file=sys.stderr)
         elif fresh and verbose:
             print(f"note: {len(fresh)} tensor(s) not in {source.name} were initialised fresh: "
