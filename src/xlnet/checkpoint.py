@@ -79,14 +79,13 @@ class PretrainedMixin:
         fresh = load_into(model, weights, source)  # type: ignore[arg-type]
         if fresh and strict:
             raise XLNetError(f"{source}: tensor {fresh[0]} is missing for {cls.__name__}")
+        # not the usual fresh head on a pretrained body: the file's own head is (partly) thrown away
         note = head_note(model, weights, unfit, fresh, source) if reinit_head else ""  # type: ignore[arg-type]
-        if os.environ.get("RANK", "0") != "0":  # under torchrun every process loads; one says so
-            pass
-        elif note:  # not the usual fresh head on a pretrained body: the file's own head is (partly) thrown away
+        if fresh and verbose and not note:
+            note = (f"note: {len(fresh)} tensor(s) not in {source.name} were initialised fresh: "
+                    f"{', '.join(sorted(fresh)[:6])}{' ...' if len(fresh) > 6 else ''}")
+        if note and os.environ.get("RANK", "0") == "0":  # under torchrun every process loads; one says so
             print(note, file=sys.stderr)
-        elif fresh and verbose:
-            print(f"note: {len(fresh)} tensor(s) not in {source.name} were initialised fresh: "
-                  f"{', '.join(sorted(fresh)[:6])}{' ...' if len(fresh) > 6 else ''}", file=sys.stderr)
         return model
 
 
@@ -210,8 +209,8 @@ def drop_unfit_head(model: nn.Module, weights: dict[str, Tensor]) -> tuple[dict[
 
 def head_note(model: nn.Module, weights: dict[str, Tensor], unfit: Unfit, fresh: list[str], source: Path) -> str:
     """One line on which head tensors start fresh and why, when the file holds a head that does not fit (its
-    shape, or another kind of head); '' for a file whose head fits, or that holds only the pretraining LM head."""
-    weights = normalize_keys(weights, model)
+    shape, or another kind of head); '' for a file whose head fits, or that holds only the pretraining LM head.
+    `weights` as drop_unfit_head returns them (keys normalized)."""
     has_body = hasattr(model, "transformer")
     state = model.state_dict()
     unused = sorted({k.split(".")[0] for k in weights if k not in state and not is_body_key(k, has_body)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"xlnet {args.verb}: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except KeyboardInterrupt as e:  # a verb may say what its output directory now holds (finetune.noting_interrupt)
+    except KeyboardInterrupt as e:  # a verb may say what its output directory now holds (finetune.run_in)
         print(f"xlnet {args.verb}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
     finally:

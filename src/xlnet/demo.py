@@ -35,7 +35,8 @@ from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.errors import XLNetError
 from xlnet.fileio import atomic_write
 from xlnet.finetune import FinetuneConfig, finetune, resolve_config, subsample
-from xlnet.pretrain import PretrainConfig, format_summary, pretrain
+from xlnet.plots import pyplot, save_png
+from xlnet.pretrain import PretrainConfig, format_summary, pretrain, saved_config
 from xlnet.training import latest_checkpoint, read_metrics, read_trainer_state
 
 
@@ -161,7 +162,7 @@ def check_reuse(cfg: DemoConfig) -> None:
         ckpt = latest_checkpoint(pre.out_dir)
         if ckpt is None:
             continue
-        saved = {**asdict(PretrainConfig()), **read_trainer_state(ckpt).get("config", {})}
+        saved = saved_config(read_trainer_state(ckpt))
         for k in (*DEMO_PRETRAIN_SETTINGS, *arm.settings):
             if saved[k] != getattr(pre, k):
                 flag = DEMO_PRETRAIN_SETTINGS.get(k, f"the {arm.key} arm")
@@ -344,13 +345,7 @@ ARM_COLORS = {"PLM pretrained": "tab:green", "MLM pretrained": "tab:blue", "CLM 
 def write_plots(out: Path, arms: list[Arm], pre: dict[str, dict[str, Any]], runs: dict[str, dict[str, Any]],
                 table: list[dict[str, Any]]) -> list[Path]:
     """out/demo.png (demo_figure's plot), and the pretraining runs' own loss plots: their paths."""
-    import matplotlib.pyplot as plt
-
-    fig = demo_figure(arms, pre, runs, table)
-    path = out / "demo.png"
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    path = save_png(demo_figure(arms, pre, runs, table), out / "demo.png")
     return [path, *(Path(s["plot"]) for s in pre.values() if s.get("plot"))]
 
 
@@ -358,12 +353,7 @@ def demo_figure(arms: list[Arm], pre: dict[str, dict[str, Any]], runs: dict[str,
                 table: list[dict[str, Any]]) -> Any:
     """Pretraining loss, fine-tuning dev accuracy and test accuracy, side by side. A model has one colour in all
     three, so one legend beside them names them all (two legends inside the panels covered the curves)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_dev, ax_bar) = plt.subplots(1, 3, figsize=(16, max(4.2, 1.5 + 0.32 * len(table))), dpi=110,
+    fig, (ax_loss, ax_dev, ax_bar) = pyplot().subplots(1, 3, figsize=(16, max(4.2, 1.5 + 0.32 * len(table))), dpi=110,
                                                   layout="constrained")
     for arm in arms:
         rows = read_metrics(Path(pre[arm.key]["out_dir"]) / "metrics.jsonl")
@@ -413,25 +403,13 @@ def accuracy_bars(ax: Any, table: list[dict[str, Any]], per_row: list[list[float
 
 def write_seed_plot(out: Path, arms: list[Arm], per_seed: list[dict[str, Any]], table: list[dict[str, Any]]) -> Path:
     """out/demo-seeds.png: seed_figure's plot."""
-    import matplotlib.pyplot as plt
-
-    fig = seed_figure(arms, per_seed, table)
-    path = out / "demo-seeds.png"
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return save_png(seed_figure(arms, per_seed, table), out / "demo-seeds.png")
 
 
 def seed_figure(arms: list[Arm], per_seed: list[dict[str, Any]], table: list[dict[str, Any]]) -> Any:
     """Validation loss of every pretraining run (one line per seed) and test accuracy: mean, sd and each seed
     (accuracy_bars). The legend sits beside the curves, not over them; the figure grows with the table."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_bar) = plt.subplots(1, 2, figsize=(13, max(4.2, 1.5 + 0.32 * len(table))), dpi=110,
+    fig, (ax_loss, ax_bar) = pyplot().subplots(1, 2, figsize=(13, max(4.2, 1.5 + 0.32 * len(table))), dpi=110,
                                           layout="constrained", gridspec_kw={"width_ratios": [1.15, 1]})
     for arm in arms:
         for i, results in enumerate(per_seed):

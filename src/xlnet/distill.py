@@ -47,7 +47,6 @@ from xlnet.checkpoint import BODY, load_into, load_model, normalize_keys, read_w
 from xlnet.cliconf import add_dataclass_arguments, build_dataclass
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
-from xlnet.fileio import DirLock
 from xlnet.model import XLNetOutput
 
 KINDS = ("classification", "regression", "race", "tokens", "squad")
@@ -332,15 +331,11 @@ def distill(cfg: DistillConfig, info: TR.DistInfo | None = None) -> dict[str, An
                   f"{cfg.transfer}", file=sys.stderr)
 
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     student_meta = FT.model_meta(spec, cfg, labels)
     pairs = layer_pairs(teacher.config.n_layer, cfg.student_layers, cfg.pkd)
     step_loss = Distiller(teacher, spec.kind, pairs, cfg.alpha, cfg.temperature, cfg.beta)
     start = time.time()
-    # rank 0 alone writes; the lock keeps a second run from deleting this one's outputs
-    with DirLock(out_dir, enabled=info.is_main), FT.noting_interrupt(out_dir):
-        if info.is_main:
-            FT.clear_outputs(out_dir, OUTPUTS)
+    with FT.run_in(out_dir, info.is_main, OUTPUTS):
         best, steps = FT.train_loop(student, train, dev, spec, cfg, labels, device, out_dir,
                                     lambda m: FT.save_model_dir(m, out_dir / "best", tok, student_meta),
                                     step_loss, "distill", info)

@@ -433,12 +433,18 @@ def interrupted_note(out_dir: Path) -> str:
 
 
 @contextlib.contextmanager
-def noting_interrupt(out_dir: Path) -> Iterator[None]:
-    """Ctrl-C inside: the interrupt carries `interrupted_note`, which the CLI prints after "interrupted"."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(interrupted_note(out_dir)) from None
+def run_in(out_dir: Path, is_main: bool, outputs: tuple[str, ...] = RUN_OUTPUTS) -> Iterator[None]:
+    """A run's hold on its output directory (finetune, distill): made if missing; rank 0, which alone writes,
+    locks it (a second run would delete this one's outputs) and clears an earlier run's outputs; Ctrl-C inside
+    carries `interrupted_note`, which the CLI prints after "interrupted"."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with DirLock(out_dir, enabled=is_main):
+        try:
+            if is_main:
+                clear_outputs(out_dir, outputs)
+            yield
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(interrupted_note(out_dir)) from None
 
 
 def save_model_dir(model: nn.Module, directory: Path, tok: Tokenizer, meta: dict[str, Any]) -> Path:
@@ -579,11 +585,7 @@ def finetune(cfg: FinetuneConfig, info: TR.DistInfo | None = None) -> dict[str, 
 
     train, dev, test = load_splits(spec, files, tok, cfg, labels)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # rank 0 alone writes; the lock keeps a second run from deleting this one's outputs
-    with DirLock(out_dir, enabled=info.is_main), noting_interrupt(out_dir):
-        if info.is_main:
-            clear_outputs(out_dir)
+    with run_in(out_dir, info.is_main):
         meta = model_meta(spec, cfg, labels)
         start = time.time()
         best, steps = train_loop(model, train, dev, spec, cfg, labels, device, out_dir,

@@ -17,15 +17,29 @@ def _smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def plot_loss_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "pretraining (PLM loss)",
-                     key: str = "loss", smooth: float = 0.9) -> Path:
-    """Train loss (raw, faint, and smoothed) and valid loss against the optimizer step, one PNG."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (imported here: matplotlib is slow to import)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    return plt
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write `fig` as a PNG atomically, then close it."""
+    path = Path(path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png")
+    pyplot().close(fig)
+    return path
+
+
+def plot_loss_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "pretraining (PLM loss)",
+                     key: str = "loss", smooth: float = 0.9) -> Path:
+    """Train loss (raw, faint, and smoothed) and valid loss against the optimizer step, one PNG."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.2), dpi=120)
     for split, color in (("train", "tab:blue"), ("valid", "tab:orange")):
         pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and r.get(key) is not None]
         if not pts:
@@ -43,8 +57,4 @@ def plot_loss_curves(rows: list[dict[str, Any]], path: str | Path, title: str = 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -373,11 +373,16 @@ def resolve_resume(cfg: PretrainConfig, resume: str | None) -> Path | None:
     return ckpt
 
 
+def saved_config(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's PretrainConfig fields (trainer_state.json); fields added since it was written: defaults."""
+    return {**dataclasses.asdict(PretrainConfig()), **state.get("config", {})}
+
+
 def check_resume_config(state: dict[str, Any], cfg: PretrainConfig, identity: dict[str, str], ckpt: Path) -> None:
     """The checkpoint's config against this run's; the data and tokenizer by content where the checkpoint recorded
     it (checkpoints from before that compare the paths)."""
     now = dataclasses.asdict(cfg)
-    saved = {**dataclasses.asdict(PretrainConfig()), **state["config"]}  # fields added since: their defaults
+    saved = saved_config(state)
     saved_identity = state.get("identity", {})
 
     def same(k: str) -> bool:
@@ -516,8 +521,8 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     resolved = dataclasses.replace(cfg, data_dir=str(data.data_dir), tokenizer_dir=str(data.tokenizer_dir))
     if saved is not None:
         check_resume_config(saved, resolved, data.identity, ckpt)
-        before = saved["config"].get("max_steps")
-        if info.is_main and before is not None and before != cfg.max_steps:
+        before = saved_config(saved)["max_steps"]
+        if info.is_main and before != cfg.max_steps:
             print(f"note: --max-steps {cfg.max_steps}, the checkpoint's run had {before}: the learning rate decays "
                   f"to step {cfg.max_steps} from here (a jump at step {saved['step'] + 1}; not the trajectory of a "
                   f"run started with {cfg.max_steps})", file=sys.stderr)
