@@ -18,7 +18,7 @@ from xlnet.cli import main
 from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
 from xlnet.fileio import sha256_file
-from xlnet.heads import ARCHITECTURES, XLNetForSequenceClassification
+from xlnet.heads import ARCHITECTURES, XLNetForSequenceClassification, XLNetForTokenClassification
 from xlnet.interop import convert
 from xlnet.model import XLNetLMHeadModel
 
@@ -162,6 +162,29 @@ def test_reinit_head_keeps_the_body_and_says_which_head_tensors_start_fresh(sour
     if "here" in says:
         with pytest.raises(XLNetError, match="has shape"):
             ARCHITECTURES[target].from_pretrained(tmp_path / "m", num_labels=labels)
+
+
+@pytest.mark.parametrize("head,layer", [(XLNetForSequenceClassification, "logits_proj"),
+                                        (XLNetForTokenClassification, "classifier")])
+def test_reinit_head_starts_the_label_layer_fresh_for_other_label_names(head: type, layer: str, tmp_path: Path,
+                                                                     capsys) -> None:
+    """QNLI's fine-tuned model for SST-2: both 2 labels, so the shapes fit, but row 0 meant 'entailment', not '0'.
+    The label layer starts fresh (the rest of the head and the body load) and one line says why; the same names
+    (continuing a task) load whole."""
+    torch.manual_seed(0)
+    src = head(small(num_labels=2, label_names=["entailment", "not_entailment"]))
+    src.save_pretrained(tmp_path / "m")
+    same = head.from_pretrained(tmp_path / "m", verbose=False, reinit_head=True, num_labels=2,
+                                label_names=["entailment", "not_entailment"])
+    assert capsys.readouterr().err == ""
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in src.state_dict().items())
+    other = head.from_pretrained(tmp_path / "m", verbose=False, reinit_head=True, num_labels=2, label_names=["0", "1"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{layer}.weight was trained for labels [entailment, not_entailment], " \
+        "not [0, 1]" in err, err
+    for key, value in src.state_dict().items():
+        if key != f"{layer}.bias":  # a fresh bias is zeros, as the trained one still is here
+            assert torch.equal(other.state_dict()[key], value) != key.startswith(f"{layer}."), key
 
 
 def test_reinit_head_still_refuses_a_body_that_does_not_fit(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ MODEL_DIR = DirKind("config.json", "a model directory")  # what save_pretrained 
 # Header metadata key: sha256 of the file's data section (everything after the header), checked on load.
 DIGEST_KEY = "xlnet_data_sha256"
 _PLACEHOLDER = "-" * 64  # same length as a hex sha256; '-' cannot occur in tensor names, dtypes or offsets
-Unfit = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # head tensor -> (shape in the file, shape in the model)
+Unfit = dict[str, str]  # head tensor -> why the file's copy is not used
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -65,17 +65,17 @@ class PretrainedMixin:
         """Load our or HF's directory into this class; `overrides` change config fields (e.g. num_labels,
         dropout, mem_len). Head tensors the file lacks are freshly initialised and reported (strict: an error).
         `reinit_head` (fine-tuning for a new task): so are head tensors whose shape does not fit the config (else an
-        error); when the file's head does not fit, one line on stderr, whatever `verbose`, says which and why."""
+        error), and the label layer when the file's label names are not this task's (QNLI's 2 rows read as
+        SST-2's); when the file's head does not fit, one line on stderr, whatever `verbose`, says which and why."""
         directory = Path(directory)
         require_dir(directory, "model directory")
-        config = XLNetConfig.load(directory)
-        if overrides:
-            config = XLNetConfig(**{**config.to_dict(), **overrides})
+        saved = XLNetConfig.load(directory)
+        config = XLNetConfig(**{**saved.to_dict(), **overrides}) if overrides else saved
         model = cls(config)  # type: ignore[call-arg]
         weights, source = read_weights(directory)
         unfit: Unfit = {}
         if reinit_head:
-            weights, unfit = drop_unfit_head(model, weights)  # type: ignore[arg-type]
+            weights, unfit = drop_unfit_head(model, weights, saved.label_names)  # type: ignore[arg-type]
         fresh = load_into(model, weights, source)  # type: ignore[arg-type]
         if fresh and strict:
             raise XLNetError(f"{source}: tensor {fresh[0]} is missing for {cls.__name__}")
@@ -196,15 +196,31 @@ def load_into(model: nn.Module, weights: dict[str, Tensor], source: Path) -> lis
     return missing
 
 
-def drop_unfit_head(model: nn.Module, weights: dict[str, Tensor]) -> tuple[dict[str, Tensor], Unfit]:
-    """`weights` without the head tensors whose shape does not fit `model` (a 3-class classifier's logits_proj
-    under a 2-class task), and those tensors' (file shape, model shape). Body tensors are left for load_into to
-    refuse: a body that does not fit is another model, not another task."""
+def drop_unfit_head(model: nn.Module, weights: dict[str, Tensor],
+                     file_labels: list[str] | None = None) -> tuple[dict[str, Tensor], Unfit]:
+    """`weights` without the head tensors that do not fit `model`, and why for each: a shape that differs (a
+    3-class classifier's logits_proj under a 2-class task), or a label layer whose rows were trained for other
+    label names (`file_labels`, the file's config's). Body tensors are left for load_into to refuse: a body that
+    does not fit is another model, not another task."""
     weights = normalize_keys(weights, model)
     has_body = hasattr(model, "transformer")
-    unfit = {k: (tuple(weights[k].shape), tuple(v.shape)) for k, v in model.state_dict().items()
-             if k in weights and tuple(weights[k].shape) != tuple(v.shape) and not is_body_key(k, has_body)}
+    labels: list[str] = getattr(model, "config").label_names
+    relabel = getattr(model, "label_layer", None) if file_labels and labels and file_labels != labels else None
+    unfit: Unfit = {}
+    for key, value in model.state_dict().items():
+        if key not in weights or is_body_key(key, has_body):
+            continue
+        was, want = tuple(weights[key].shape), tuple(value.shape)
+        if was != want:
+            unfit[key] = f"{key} is {was} in the file but {want} here"
+        elif relabel and key.split(".")[0] == relabel:
+            unfit[key] = f"{key} was trained for labels {_names(file_labels)}, not {_names(labels)}"
     return {k: v for k, v in weights.items() if k not in unfit}, unfit
+
+
+def _names(labels: list[str] | None) -> str:
+    shown = ", ".join(labels[:4]) if labels else ""
+    return f"[{shown}{', ...' if labels and len(labels) > 4 else ''}]"
 
 
 def head_note(model: nn.Module, weights: dict[str, Tensor], unfit: Unfit, fresh: list[str], source: Path) -> str:
@@ -217,7 +233,7 @@ def head_note(model: nn.Module, weights: dict[str, Tensor], unfit: Unfit, fresh:
                      and k not in TIED and k.split(".")[0] != "lm_loss"})  # lm_loss: pretraining's, never kept
     if not unfit and not unused:
         return ""
-    reasons = [f"{k} is {was} in the file but {want} here" for k, (was, want) in unfit.items()]
+    reasons = list(unfit.values())
     absent = sorted({k.split(".")[0] for k in fresh if k not in unfit})
     if absent:
         reasons.append(f"{', '.join(absent)} not in the file")

@@ -737,11 +737,9 @@ def finish(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None, test
     """Score test with the best model, write summary.json (with `extra`'s entries) and the curves."""
     summary: dict[str, Any] = {"task": spec.name, "steps": steps, "seconds": round(seconds, 1),
                                "config": asdict(cfg), "dev": best, "test": None, "best": str(out_dir / "best")}
-    if best is not None and test is not None:
+    if best is not None and test is not None:  # (run_in has removed an earlier run's test/)
         model = HEADS[spec.kind].from_pretrained(out_dir / "best", verbose=False).to(device)
         summary["test"] = score(model, test, spec, cfg, labels, device, out_dir / "test")
-    else:  # an earlier run's test predictions would read as this run's
-        shutil.rmtree(out_dir / "test", ignore_errors=True)
     summary.update(extra or {})
     with atomic_write(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2, default=str)

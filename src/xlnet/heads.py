@@ -30,6 +30,7 @@ class XLNetForSequenceClassification(XLNetPreTrainedHead):
     """Classification (cross-entropy) or, with num_labels == 1, regression (MSE)."""
 
     hf_architecture = "XLNetForSequenceClassification"
+    label_layer = "logits_proj"
 
     def __init__(self, config: XLNetConfig):
         super().__init__(config)
@@ -74,6 +75,7 @@ class XLNetForTokenClassification(XLNetPreTrainedHead):
     """A label per token (labels -100 are ignored)."""
 
     hf_architecture = "XLNetForTokenClassification"
+    label_layer = "classifier"
 
     def __init__(self, config: XLNetConfig):
         super().__init__(config)

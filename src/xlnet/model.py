@@ -341,6 +341,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 class XLNetPreTrainedHead(PretrainedMixin, nn.Module):
     """Base of every head: the `transformer` body plus HF-style init of the head's own layers."""
 
+    label_layer: str | None = None  # the layer with a row per label name (checkpoint.drop_unfit_head)
+
     def __init__(self, config: XLNetConfig):
         super().__init__()
         self.config = config
