@@ -579,7 +579,11 @@ def test_objectives_see_the_same_samples(bi_data):
         untouched = ~plm["is_masked"]
         assert torch.equal(mlm["input_ids"][untouched], plm["input_ids"][untouched])
         assert (mlm["input_ids"][plm["is_masked"]] != plm["input_ids"][plm["is_masked"]]).any()
-        assert "perm_mask" not in mlm and "target_mapping" not in mlm
+        assert "target_mapping" not in mlm
+        R, L = SMALL["reuse_len"], SMALL["seq_len"]  # no order, only the reused part kept from the new part
+        parts = torch.zeros(L, L)
+        parts[:R, R:] = 1
+        assert torch.equal(mlm["perm_mask"], parts.expand(len(mlm["input_ids"]), -1, -1))
 
         ids = plm["input_ids"]
         assert torch.equal(clm["input_ids"], ids) and torch.equal(clm["token_type_ids"], plm["token_type_ids"])
@@ -733,3 +737,35 @@ def test_left_to_right_factorization_is_causal_through_the_model():
     earlier = batch["input_ids"].clone()
     earlier[row, :i] = (earlier[row, :i] + 1) % VOCAB
     assert not torch.allclose(logits(earlier)[row, slot], base[row, slot], atol=1e-3)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "infoword"])
+def test_masked_lm_memory_never_reads_the_next_samples_text(objective):
+    """The reused part becomes the next sample's memory and the new part's text is the next sample's reused part,
+    so (as PLM's `parser` blocks) the reused part must not attend to the new part: else the memory carries the
+    next sample's masked-LM targets. The memory must not move when the new part's tokens change."""
+    from xlnet.config import XLNetConfig
+    from xlnet.model import XLNetLMHeadModel
+
+    torch.manual_seed(0)
+    R = SMALL["reuse_len"]
+    model = XLNetLMHeadModel(XLNetConfig(vocab_size=VOCAB, d_model=32, n_layer=2, n_head=2, d_head=16, d_inner=64,
+                                         dropout=0.0, dropatt=0.0, mem_len=R, reuse_len=R)).eval()
+    batch = next(_samplers((objective,))[objective])
+    keys = ("token_type_ids", "perm_mask", "target_positions")
+
+    def mems(ids: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return model(ids, **{k: batch[k] for k in keys if k in batch}).mems
+
+    changed = batch["input_ids"].clone()
+    changed[:, R:-3] = (changed[:, R:-3] + 1) % VOCAB  # the new part's text, <sep>s and <cls> kept
+    for before, after in zip(mems(batch["input_ids"]), mems(changed)):
+        assert torch.equal(before, after)
+    # the new part still reads the reused part (bidirectional attention otherwise)
+    reused = batch["input_ids"].clone()
+    reused[:, :R] = (reused[:, :R] + 1) % VOCAB
+    with torch.no_grad():
+        logits = [model(ids, **{k: batch[k] for k in keys if k in batch}).logits for ids in (batch["input_ids"], reused)]
+    new_slots = batch["target_positions"] >= R
+    assert not torch.allclose(logits[0][new_slots], logits[1][new_slots], atol=1e-3)

@@ -251,7 +251,7 @@ def make_sampler(cfg: PretrainConfig, data: Data, info: T.DistInfo, split: str) 
 # what goes to the device, per objective: perm_mask is rebuilt there from its [B, L] rank form (1/L of the floats)
 DEVICE_INPUTS = {
     "plm": ("input_ids", "token_type_ids", "target_index", "labels", "perm_q_rank", "perm_k_rank"),
-    "mlm": ("input_ids", "token_type_ids", "target_positions", "labels"),
+    "mlm": ("input_ids", "token_type_ids", "target_positions", "labels", "perm_q_rank", "perm_k_rank"),
     "clm": ("input_ids", "token_type_ids", "target_positions", "labels", "perm_q_rank", "perm_k_rank"),
 }
 # InfoWord's n-gram inputs: batch key -> the model's argument

@@ -69,8 +69,10 @@ changes nothing but the objective:
   order fixed, the bridge between XLNet and a left-to-right LM.
 * "mlm" (BERT's masked LM on the same backbone, the paper's "DAE + Transformer-XL" ablation): the same targets,
   corrupted in the input as BERT does (80% `<mask>`, 10% a random ordinary piece, 10% unchanged), no
-  permutation mask; the content stream at the targets predicts them. Keys: input_ids (corrupted),
-  token_type_ids, target_positions [B, P] long (0 on padding slots), labels, target_mask, is_masked.
+  factorization order, only PLM's part blocks (`part_ranks`: the reused part, the next sample's memory, never
+  sees the new part, the next sample's text); the content stream at the targets predicts them. Keys: input_ids
+  (corrupted), token_type_ids, target_positions [B, P] long (0 on padding slots), labels, target_mask,
+  is_masked, perm_mask, perm_q_rank, perm_k_rank.
 * "clm" (left-to-right LM): the identity factorization order as perm ranks (content stream: i sees j <= i and
   the memory); the content stream at position i predicts token i + 1, every position but the last. Keys:
   input_ids, token_type_ids, perm_mask, perm_q_rank, perm_k_rank, target_positions [B, L - 1], labels
@@ -412,18 +414,31 @@ def mlm_inputs(input_ids: np.ndarray, target: np.ndarray, rng: np.random.Generat
     return out
 
 
+def part_ranks(bsz: int, seq_len: int, reuse_len: int) -> tuple[Tensor, Tensor]:
+    """(q, k) ranks [B, L] of PLM's part blocks alone: each part sees itself both ways, the new part also sees the
+    reused part, the reused part never the new part (its states are the next sample's memory, and the new part's
+    text is the next sample's reused part: seeing it would carry the next sample's targets into the memory)."""
+    new = (torch.arange(seq_len) >= reuse_len).long().repeat(bsz, 1)
+    return new + 1, new
+
+
 def mlm_batch(input_ids: np.ndarray, corrupted: np.ndarray, token_type_ids: np.ndarray, target: np.ndarray,
-              num_predict: int) -> dict[str, torch.Tensor]:
-    """Masked-LM batch [B, L]: the corrupted rows as input, the original tokens at the targets as labels."""
+              num_predict: int, reuse_len: int, dense: bool = True) -> dict[str, torch.Tensor]:
+    """Masked-LM batch [B, L]: the corrupted rows as input, the original tokens at the targets as labels, and the
+    part blocks (`part_ranks`) as perm ranks."""
     pos, valid, labels = target_slots(input_ids, target, num_predict)
-    return {
+    q_rank, k_rank = part_ranks(*input_ids.shape, reuse_len)
+    batch = {
         "input_ids": _long(corrupted),
         "token_type_ids": _long(token_type_ids),
         "target_positions": _long(pos),
         "labels": _long(labels),
         "target_mask": torch.from_numpy(valid.astype(np.float32)),
         "is_masked": torch.from_numpy(np.ascontiguousarray(target)),
+        "perm_q_rank": q_rank,
+        "perm_k_rank": k_rank,
     }
+    return {**batch, **densify(batch)} if dense else batch
 
 
 def pick_span(target: np.ndarray, rng: np.random.Generator, max_ngram: int) -> np.ndarray:
@@ -438,12 +453,13 @@ def pick_span(target: np.ndarray, rng: np.random.Generator, max_ngram: int) -> n
 
 
 def infoword_batch(input_ids: np.ndarray, corrupted: np.ndarray, token_type_ids: np.ndarray, target: np.ndarray,
-                   num_predict: int, spans: np.ndarray, max_ngram: int) -> dict[str, torch.Tensor]:
+                   num_predict: int, spans: np.ndarray, max_ngram: int, reuse_len: int,
+                   dense: bool = True) -> dict[str, torch.Tensor]:
     """The masked-LM batch with `<cls>` as an extra (unlabeled) slot, and each row's n-gram as a sentence of its
     own: [padding | n-gram | <sep> | <cls>] (module docstring)."""
     from xlnet.tasks import layout
 
-    batch = mlm_batch(input_ids, corrupted, token_type_ids, target, num_predict)
+    batch = mlm_batch(input_ids, corrupted, token_type_ids, target, num_predict, reuse_len, dense)
     bsz, seq_len = input_ids.shape
     batch["target_positions"] = torch.cat([batch["target_positions"], torch.full((bsz, 1), seq_len - 1)], 1)
     batch["labels"] = torch.cat([batch["labels"], torch.full((bsz, 1), -100)], 1)
@@ -633,9 +649,10 @@ class PLMSampler:
         st = {key: np.stack([e[key] for e in ex]) for key in ex[0] if key in BATCH_FIELDS}
         ids, seg, target, n_pred = st["input_ids"], st["token_type_ids"], st["target"], self.cfg.num_predict
         if self.cfg.objective == "mlm":
-            return mlm_batch(ids, st["mlm_input_ids"], seg, target, n_pred)
+            return mlm_batch(ids, st["mlm_input_ids"], seg, target, n_pred, self.cfg.reuse_len, dense)
         if self.cfg.objective == "infoword":
-            return infoword_batch(ids, st["mlm_input_ids"], seg, target, n_pred, st["span"], self.cfg.max_ngram)
+            return infoword_batch(ids, st["mlm_input_ids"], seg, target, n_pred, st["span"], self.cfg.max_ngram,
+                                  self.cfg.reuse_len, dense)
         if self.cfg.objective == "clm":
             return clm_batch(ids, seg, target if self.cfg.clm_predict == "targets" else None, n_pred, dense)
         if self.cfg.factorization_order == "left-to-right":  # the targets as drawn, the order fixed
