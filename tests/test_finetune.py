@@ -337,6 +337,19 @@ def test_shipped_finetune_configs_are_valid(path):
     assert build_dataclass(FinetuneConfig, str(path), args).lr == 1e-5
 
 
+# (weight decay, Adam epsilon, warmup steps) of the scripts each shipped config reproduces (zihangdai/xlnet:
+# run_squad.py's and run_race.py's defaults weight_decay 0, adam_epsilon 1e-6; run_classifier.py's 0 and 1e-8)
+ORIGINAL_RECIPES = {"finetune-squad2": (0.0, 1e-6, 1000), "finetune-race": (0.0, 1e-6, 1000),
+                    "finetune-stsb": (0.0, 1e-8, 120)}
+
+
+@pytest.mark.parametrize("name", sorted(ORIGINAL_RECIPES))
+def test_shipped_finetune_configs_keep_the_original_optimizer(name):
+    cfg = build_dataclass(FinetuneConfig, str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"))
+    # the warmup steps as build_optimizer computes them
+    assert (cfg.weight_decay, cfg.adam_eps, int(cfg.warmup_frac * cfg.max_steps)) == ORIGINAL_RECIPES[name]
+
+
 def test_task_defaults_and_explicit_values():
     assert resolve_config(FinetuneConfig(), T.get_task("sst2")).max_seq_len == 128
     squad = resolve_config(FinetuneConfig(), T.get_task("squad2"))

@@ -139,6 +139,30 @@ def test_squad_v2_threshold_applied():
     assert s["exact"] == pytest.approx(75.0)
 
 
+def test_squad_v2_has_answer_is_a_non_empty_answers_list():
+    # the official make_qid_to_has_ans: bool(qa["answers"]), even when every gold normalizes to "" ("The")
+    data = [{"paragraphs": [{"context": "x", "qas": [{"id": "e", "answers": [{"text": "The"}]},
+                                                     {"id": "n", "answers": []}]}]}]
+    s = M.squad_v2_scores(data, {"e": "", "n": ""}, {"e": 0.9, "n": 0.2}, na_prob_thresh=0.5)
+    # e: HasAns, gold "" -> raw EM 1, but abstaining (0.9 > 0.5) on a HasAns question scores 0; n: 1
+    assert s["HasAns_total"] == 1 and s["NoAns_total"] == 1
+    assert s["exact"] == pytest.approx(50.0) and s["HasAns_exact"] == pytest.approx(0.0)
+    # sweep from #NoAns = 1: n (.2) empty pred -> 1; e (.9) HasAns +1 -> 2 -> 100% at .9
+    assert s["best_exact"] == pytest.approx(100.0) and s["best_exact_thresh"] == pytest.approx(0.9)
+
+
+def test_squad_v2_threshold_sweep_breaks_ties_in_na_probs_order():
+    # equal no-answer scores: the official sweep takes them in the order of the na_probs file
+    data = [{"paragraphs": [{"context": "x", "qas": [{"id": "n", "answers": []},
+                                                     {"id": "h", "answers": [{"text": "red"}]}]}]}]
+    preds = {"n": "blue", "h": "red"}
+    # h first: 1 (#NoAns) + 1 = 2 -> best 100% at 0.5; then n (text on a NoAns question) -> 1
+    assert M.squad_v2_scores(data, preds, {"h": 0.5, "n": 0.5})["best_exact"] == pytest.approx(100.0)
+    # n first: 1 - 1 = 0, then h: 1 -> best stays the starting 1 of 2 -> 50% at 0.0
+    s = M.squad_v2_scores(data, preds, {"n": 0.5, "h": 0.5})
+    assert s["best_exact"] == pytest.approx(50.0) and s["best_exact_thresh"] == 0.0
+
+
 def test_race_accuracy():
     gold = {"m1": ("A", "middle"), "m2": ("B", "middle"), "h1": ("C", "high"), "h2": ("D", "high"), "h3": ("A", "high")}
     preds = {"m1": "A", "m2": "C", "h1": "c", "h2": "D"}  # h3 missing -> wrong

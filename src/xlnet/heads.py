@@ -139,7 +139,9 @@ def gather_positions(hidden: Tensor, index: Tensor) -> Tensor:
 class XLNetForQuestionAnswering(XLNetPreTrainedHead):
     """SQuAD head. Training: start/end cross-entropy (end conditioned on the gold start) plus 0.5 x BCE on
     is_impossible. Inference: keep the top start_n_top starts, for each the top end_n_top ends, and an
-    answerability logit from the start distribution's expected state and `<cls>`."""
+    answerability logit from the start distribution's expected state and `<cls>`. As HF's, training feeds the
+    answerability layer the gold start's state; the original run_squad.py feeds it the expected state (as at
+    inference) and adds dropout after its tanh."""
 
     hf_architecture = "XLNetForQuestionAnswering"
 

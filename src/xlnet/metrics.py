@@ -175,17 +175,17 @@ def squad_v2_raw_scores(
 ) -> tuple[dict[str, int], dict[str, float], dict[str, bool]]:
     """Per-question EM and F1 (0/1 scale) and has-answer flags, as in the v2.0 script.
 
-    Gold answers that normalize to "" are dropped; a question with none left is a no-answer question whose
-    only gold is "". A missing prediction scores 0 (the official script would skip it or crash).
+    Gold answers that normalize to "" are dropped for scoring (a question with none left has "" as its only
+    gold), but, as in the official script, a question counts as HasAns whenever its `answers` list is non-empty.
+    A missing prediction scores 0 (the official script would skip it or crash).
     """
     exact: dict[str, int] = {}
     f1: dict[str, float] = {}
     has_ans: dict[str, bool] = {}
     for qa in _iter_qas(dataset):
         qid = qa["id"]
-        golds = [a["text"] for a in qa.get("answers", []) if normalize_answer(a["text"])]
-        has_ans[qid] = bool(golds)
-        golds = golds or [""]
+        has_ans[qid] = bool(qa.get("answers"))
+        golds = [a["text"] for a in qa.get("answers", []) if normalize_answer(a["text"])] or [""]
         pred = predictions.get(qid)
         if pred is None:
             exact[qid], f1[qid] = 0, 0.0
@@ -239,7 +239,10 @@ def squad_v2_scores(
     if not exact_raw:
         raise ValueError("no questions to score")
     given_na = na_probs is not None
-    na = {q: float(na_probs.get(q, 0.0)) for q in exact_raw} if given_na else {q: 0.0 for q in exact_raw}
+    na = {q: 0.0 for q in exact_raw}
+    if given_na:  # in na_probs' own order: the official threshold sweep breaks ties between equal scores by it
+        unscored = {q: 0.0 for q in exact_raw if q not in na_probs}
+        na = {q: float(na_probs[q]) for q in na_probs if q in exact_raw} | unscored
     exact = _apply_na_threshold(exact_raw, na, has_ans, na_prob_thresh)
     f1 = _apply_na_threshold(f1_raw, na, has_ans, na_prob_thresh)
 

@@ -340,11 +340,12 @@ def read_text_examples(spec: TaskSpec, path: str | os.PathLike, labels: Sequence
 
 
 def _truncate_pair(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
-    """Drop tokens from the end of the longer segment until both fit (BERT/XLNet's longest-first rule)."""
+    """Drop tokens from the end of the longer segment until both fit (BERT/XLNet's longest-first rule; on a tie
+    B loses a token, as in the original `_truncate_seq_pair`)."""
     a = list(a)
     b = None if b is None else list(b)
     while len(a) + (len(b) if b is not None else 0) > budget:
-        if b is not None and len(b) > len(a):
+        if b is not None and len(b) >= len(a):
             b.pop()
         else:
             a.pop()
@@ -784,7 +785,8 @@ def squad_predictions(features: SquadFeatures, start_top_log_probs: Any, start_t
     end_top_* are [W, start_n_top * end_n_top]. end_layout="hf": the flattening Hugging Face's
     XLNetForQuestionAnswering really returns (top-k over a [slen, start_n_top] tensor, so end candidate j of
     start i sits at j * start_n_top + i); "tf": the original TF code's i * end_n_top + j.
-    Candidates must lie in the paragraph, start in a window that owns that token, end >= start and span at
+    Candidates must lie in the paragraph (its last token included: the original's `>= paragraph_len - 1` test,
+    which HF copied, drops it by an off-by-one), start in a window that owns that token, end >= start and span at
     most max_answer_len tokens; they are ranked by start + end log-prob over all windows of a question
     (the *_log_probs inputs may be log-probabilities or, as HF returns them, probabilities).
     Like the original, the best span is always predicted and the no-answer score is the minimum answer-class
