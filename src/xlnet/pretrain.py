@@ -508,180 +508,235 @@ def pretrain(cfg: PretrainConfig, resume: str | None = None, info: T.DistInfo | 
     signal stops the run (a caller such as `xlnet demo` continues another way).
     """
     wall_start = time.perf_counter()
-    info = info or T.init_distributed(cfg.device)
-    check_config(cfg, info)
-    compiling = T.resolve_compile(cfg.compile, info.device, cfg.fsdp)  # a bad value fails before anything is written
-    precision = T.resolve_precision(cfg.precision, info.device)
-    out_dir = Path(cfg.out_dir)
-    ckpt = resolve_resume(cfg, resume)
-    saved = T.read_trainer_state(ckpt) if ckpt is not None else None
+    run = Pretraining(cfg, resume, info or T.init_distributed(cfg.device))
+    try:
+        run.train(stop_after_steps, resume_hint)
+        return run.summary(wall_start)
+    finally:
+        run.release()
 
-    data = load_data(cfg, info)
-    model_cfg = cfg.model_config(data.vocab_size)
-    resolved = dataclasses.replace(cfg, data_dir=str(data.data_dir), tokenizer_dir=str(data.tokenizer_dir))
-    if saved is not None:
-        check_resume_config(saved, resolved, data.identity, ckpt)
-        before = saved_config(saved)["max_steps"]
-        if info.is_main and before != cfg.max_steps:
-            print(f"note: --max-steps {cfg.max_steps}, the checkpoint's run had {before}: the learning rate decays "
-                  f"to step {cfg.max_steps} from here (a jump at step {saved['step'] + 1}; not the trajectory of a "
-                  f"run started with {cfg.max_steps})", file=sys.stderr)
-    lock = None
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = DirLock(out_dir)  # held until this function returns; before the debris, which may be a live run's
-        T.remove_checkpoint_debris(out_dir)  # a killed run's half-written or half-pruned checkpoints
-        with atomic_write(out_dir / "config.yaml", "w") as f:
-            yaml.safe_dump(dataclasses.asdict(resolved), f, sort_keys=False)
 
-    T.set_seed(cfg.seed)  # same on every rank: dropout streams stay identical, so rank 0's RNG resumes all
-    model, wrapped = build_model(cfg, model_cfg, ckpt, info, precision)
-    optimizer = T.build_optimizer(T.decay_groups(model, cfg.weight_decay), cfg.lr, eps=cfg.adam_eps)
-    scheduler = T.build_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps)
-    sampler = make_sampler(resolved, data, info, "train")
-    step, tokens_seen, mems = 0, 0, [None] * cfg.grad_accum
-    if ckpt is not None:
-        tensors = T.load_training_state(ckpt, wrapped, optimizer, scheduler)
+class Pretraining:
+    """One run: set up, or restored from a checkpoint, on construction; `train` steps it to the end or a stop."""
+
+    def __init__(self, cfg: PretrainConfig, resume: str | None, info: T.DistInfo):
+        check_config(cfg, info)
+        self.cfg, self.info = cfg, info
+        self.compiling = T.resolve_compile(cfg.compile, info.device, cfg.fsdp)  # fails before anything is written
+        self.precision = T.resolve_precision(cfg.precision, info.device)
+        self.out_dir = Path(cfg.out_dir)
+        ckpt = resolve_resume(cfg, resume)
+        saved = T.read_trainer_state(ckpt) if ckpt is not None else None
+        self.data = load_data(cfg, info)
+        self.model_cfg = cfg.model_config(self.data.vocab_size)
+        self.resolved = dataclasses.replace(cfg, data_dir=str(self.data.data_dir),
+                                            tokenizer_dir=str(self.data.tokenizer_dir))
+        if saved is not None:
+            check_resume_config(saved, self.resolved, self.data.identity, ckpt)  # type: ignore[arg-type]
+            self._note_new_schedule(saved)
+        self.lock = self._hold_out_dir()
+
+        T.set_seed(cfg.seed)  # same on every rank: dropout streams stay identical, so rank 0's RNG resumes all
+        self.model, self.wrapped = build_model(cfg, self.model_cfg, ckpt, info, self.precision)
+        self.optimizer = T.build_optimizer(T.decay_groups(self.model, cfg.weight_decay), cfg.lr, eps=cfg.adam_eps)
+        self.scheduler = T.build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps)
+        self.sampler = make_sampler(self.resolved, self.data, info, "train")
+        self.step, self.tokens_seen, self.mems = 0, 0, [None] * cfg.grad_accum
+        self.train_loss = float("nan")
+        self.last_valid: float | None = None
+        self.first_valid: float | None = None
+        self.last_ckpt: Path | None = ckpt
+        self.saved_at: int | None = None  # the step last saved by this run
+        self.stopped: str | None = None
+        if saved is not None:
+            self._restore(ckpt, saved)  # type: ignore[arg-type]
+        self.start_step = self.step
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        self.throughput = T.Throughput(
+            T.xlnet_flops_per_token(self.model_cfg.d_model, self.model_cfg.n_layer, self.model_cfg.d_inner,
+                                    self.model_cfg.vocab_size, cfg.seq_len, cfg.mem_len, predictions_per_row(cfg),
+                                    cfg.objective == "plm"),
+            T.peak_flops(info.device, self.precision))
+        self.logger = T.MetricsLogger(self.out_dir, enabled=info.is_main,
+                                      resume_step=self.step if ckpt is not None else None)
+        self.bar = T.Progress(cfg.max_steps, initial=self.step, enabled=info.is_main and cfg.progress,
+                              desc="pretrain", echo=info.is_main)
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+
+    def _note_new_schedule(self, saved: dict[str, Any]) -> None:
+        before, now = saved_config(saved)["max_steps"], self.cfg.max_steps
+        if self.info.is_main and before != now:
+            print(f"note: --max-steps {now}, the checkpoint's run had {before}: the learning rate decays to step "
+                  f"{now} from here (a jump at step {saved['step'] + 1}; not the trajectory of a run started with "
+                  f"{now})", file=sys.stderr)
+
+    def _hold_out_dir(self) -> DirLock | None:
+        """Rank 0 locks the run directory (held until `release`), clears a killed run's debris and writes
+        config.yaml."""
+        if not self.info.is_main:
+            return None
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock = DirLock(self.out_dir)  # before the debris, which may be a live run's
+        T.remove_checkpoint_debris(self.out_dir)  # a killed run's half-written or half-pruned checkpoints
+        with atomic_write(self.out_dir / "config.yaml", "w") as f:
+            yaml.safe_dump(dataclasses.asdict(self.resolved), f, sort_keys=False)
+        return lock
+
+    def _restore(self, ckpt: Path, saved: dict[str, Any]) -> None:
+        """Optimizer, scheduler, RNG, sampler position and memory as the checkpoint's run left them."""
+        cfg, info = self.cfg, self.info
+        tensors = T.load_training_state(ckpt, self.wrapped, self.optimizer, self.scheduler)
         try:
-            sampler.load_state_dict(saved["sampler"])
+            self.sampler.load_state_dict(saved["sampler"])
         except XLNetError as e:
             raise XLNetError(f"{ckpt}: cannot continue with {info.world_size} process(es) x grad_accum "
                              f"{cfg.grad_accum} (keep the rows per micro-batch): {e}") from None
-        step, tokens_seen = int(saved["step"]), int(saved["tokens"])
-        mems = scatter_mems(tensors.get("mems"), info, cfg.grad_accum, info.device)
+        self.step, self.tokens_seen = int(saved["step"]), int(saved["tokens"])
+        self.mems = scatter_mems(tensors.get("mems"), info, cfg.grad_accum, info.device)
         if cfg.max_steps != saved["config"]["max_steps"]:  # the schedule is rebuilt for the new length
-            for g, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                g["lr"] = base * scheduler.lr_lambdas[0](step)
+            for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                g["lr"] = base * self.scheduler.lr_lambdas[0](self.step)
+        # what the checkpoint's run last measured, until this run measures again
+        self.last_valid, self.first_valid = saved.get("valid_loss"), saved.get("valid_loss_start")
+        self.train_loss = saved.get("train_loss", self.train_loss)
 
-    start_step = step
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    throughput = T.Throughput(
-        T.xlnet_flops_per_token(model_cfg.d_model, model_cfg.n_layer, model_cfg.d_inner, model_cfg.vocab_size,
-                                cfg.seq_len, cfg.mem_len, predictions_per_row(cfg), cfg.objective == "plm"),
-        T.peak_flops(info.device, precision))
-    logger = T.MetricsLogger(out_dir, enabled=info.is_main, resume_step=step if ckpt is not None else None)
-    bar = T.Progress(cfg.max_steps, initial=step, enabled=info.is_main and cfg.progress, desc="pretrain",
-                     echo=info.is_main)
-    if compiling:
-        bar.write("torch.compile: the first steps and evaluations compile the blocks (slow first steps; "
-                  "--compile false skips it)")
-    last_ckpt: Path | None = ckpt
-    last_valid: float | None = None
-    first_valid: float | None = None
-    train_loss = float("nan")
-    stopped: str | None = None
+    # -- steps ----------------------------------------------------------------------------------------------------
 
-    def save(at: int) -> Path:
-        state = {"step": at, "tokens": tokens_seen, "config": dataclasses.asdict(resolved), "identity": data.identity,
-                 "world_size": info.world_size, "sampler": sampler.state_dict(),
-                 "train_loss": train_loss, "valid_loss": last_valid, "valid_loss_start": first_valid}
-        return T.save_checkpoint(T.checkpoint_path(out_dir, at), wrapped, optimizer, scheduler, state,
-                                 {"mems": gather_mems(mems)}, is_main=info.is_main, keep_last=cfg.keep_checkpoints)
+    def train(self, stop_after_steps: int | None, resume_hint: str) -> None:
+        """Step to max_steps, or to a signal or `stop_after_steps` (then save). The host queues step n + 1
+        before it reads step n's scalars, so the device never waits for the host between steps; except after a
+        step that is evaluated or saved (they must see the model as that step left it) or that ends the
+        profiled window. `launched` counts the steps queued, `self.step` those read; `queued` is the one in
+        between."""
+        cfg = self.cfg
+        if self.compiling:
+            self.bar.write("torch.compile: the first steps and evaluations compile the blocks (slow first steps; "
+                           "--compile false skips it)")
+        if self.step == 0 and cfg.eval_every > 0:
+            self._evaluate()
+        self.wrapped.train()
+        self.batches = prefetch(self.sampler, self.info.device, cfg.prefetch)
+        self.profiler = T.StepProfiler(cfg.profile_steps, self.start_step + 3, self.out_dir, self.info)
+        launched, queued = self.step, None
+        self.clock = time.perf_counter()
+        try:
+            with T.StopSignal() as stop:
+                while True:
+                    stop_now = stop.agreed(self.info.device)
+                    if stop_after_steps is not None and launched - self.start_step >= stop_after_steps \
+                            and launched < cfg.max_steps:
+                        stop.requested, stop_now = stop.requested or "stop_after_steps", True
+                    ahead = None
+                    if not stop_now and launched < cfg.max_steps and not (
+                            queued is not None and self._reads_first(launched)):
+                        self.profiler.before(launched)
+                        ahead = self._launch()
+                        launched += 1
+                    if queued is not None:
+                        self._read(queued, queued_next=ahead is not None)
+                    queued = ahead
+                    if queued is None and (stop_now or launched >= cfg.max_steps):
+                        break
+                if stop_now:
+                    if self.saved_at != self.step:
+                        self.last_ckpt = self._save()
+                    self.stopped = stop.requested or "signal"
+                    self.bar.write(f"{self.stopped}: saved {self.last_ckpt}; {resume_hint}")
+        finally:
+            self.profiler.close()
+            self.batches.close()
+            self.bar.close()
+            self.logger.close()
 
-    if step == 0 and cfg.eval_every > 0:
-        first_valid = last_valid = evaluate(wrapped, resolved, data, info, precision)
-        logger.log("valid", 0, loss=last_valid)
-    elif saved is not None:  # what the checkpoint's run last measured, until this run measures again
-        last_valid, first_valid = saved.get("valid_loss"), saved.get("valid_loss_start")
-        train_loss = saved.get("train_loss", train_loss)
-
-    def launch() -> dict[str, Any]:
+    def _launch(self) -> dict[str, Any]:
         """Queue one training step; its scalars are read once the next step is queued (PendingScalars)."""
-        loss_t, extras_t = forward_backward(wrapped, batches, mems, cfg, info, precision)
-        norm_t = T.clip_grad_norm(wrapped, cfg.clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_t, extras_t = forward_backward(self.wrapped, self.batches, self.mems, self.cfg, self.info,
+                                            self.precision)
+        norm_t = T.clip_grad_norm(self.wrapped, self.cfg.clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return {"lr": lr, "scalars": T.PendingScalars(loss=loss_t, grad_norm=norm_t, **extras_t)}
 
-    def evaluates(at: int) -> bool:
-        return cfg.eval_every > 0 and (at % cfg.eval_every == 0 or at == cfg.max_steps)
+    def _reads_first(self, at: int) -> bool:
+        """Whether step `at` (just read) must be read before the next is queued."""
+        return self._evaluates(at) or self._saves(at) or self.profiler.closes_after(at)
 
-    def saves(at: int) -> bool:
-        return (cfg.save_every > 0 and at % cfg.save_every == 0) or at == cfg.max_steps
+    def _evaluates(self, at: int) -> bool:
+        return self.cfg.eval_every > 0 and (at % self.cfg.eval_every == 0 or at == self.cfg.max_steps)
 
-    wrapped.train()
-    batches = prefetch(sampler, info.device, cfg.prefetch)
-    profiler = T.StepProfiler(cfg.profile_steps, start_step + 3, out_dir, info)
-    # The host queues step n + 1 before it reads step n's scalars, so the device never waits for the host
-    # between steps; except after a step that is evaluated or saved (they must see the model as that step left
-    # it) or that ends the profiled window. `launched` counts the steps queued, `step` those read; `queued` is
-    # the one in between.
-    launched, queued, saved_at = step, None, None
-    clock = time.perf_counter()
-    try:
-        with T.StopSignal() as stop:
-            while True:
-                stop_now = stop.agreed(info.device)
-                if stop_after_steps is not None and launched - start_step >= stop_after_steps \
-                        and launched < cfg.max_steps:
-                    stop.requested, stop_now = stop.requested or "stop_after_steps", True
-                ahead = None
-                if not stop_now and launched < cfg.max_steps and not (queued is not None and (
-                        evaluates(launched) or saves(launched) or profiler.closes_after(launched))):
-                    profiler.before(launched)
-                    ahead = launch()
-                    launched += 1
-                if queued is not None:
-                    # a non-finite step is never saved (the run stops here)
-                    extras = queued["scalars"].read()
-                    train_loss, grad_norm = extras.pop("loss"), extras.pop("grad_norm")
-                    if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-                        raise XLNetError(f"non-finite {'loss' if not math.isfinite(train_loss) else 'gradient norm'}"
-                                         f" at step {step + 1}; stopped without saving (last good checkpoint: "
-                                         f"{last_ckpt or 'none'}); try a lower --lr or --precision fp32")
-                    step += 1
-                    tokens_seen += tokens_per_step
-                    now = time.perf_counter()
-                    throughput.step(tokens_per_step, now - clock)
-                    profiler.after(step)
-                    if step % cfg.log_every == 0 or step == cfg.max_steps:
-                        logger.log("train", step, loss=train_loss, lr=queued["lr"], grad_norm=grad_norm,
-                                   tokens=tokens_seen, tokens_per_s=round(throughput.tokens_per_s, 1),
-                                   mfu=throughput.mfu, mem_gib=T.cuda_memory_gib(info.device), **extras)
-                    if evaluates(step):
-                        last_valid = evaluate(wrapped, resolved, data, info, precision)
-                        first_valid = last_valid if first_valid is None else first_valid
-                        logger.log("valid", step, loss=last_valid)
-                        bar.write(f"step {step}: valid loss {last_valid:.4f}")
-                    bar.update(1, loss=f"{train_loss:.3f}", tok_s=f"{throughput.tokens_per_s:,.0f}",
-                               valid=None if last_valid is None else f"{last_valid:.3f}")
-                    if saves(step):
-                        last_ckpt, saved_at = save(step), step
-                    clock = now if ahead is not None else time.perf_counter()  # evaluation and saving not timed
-                queued = ahead
-                if queued is None and (stop_now or launched >= cfg.max_steps):
-                    break
-            if stop_now:
-                if saved_at != step:
-                    last_ckpt = save(step)
-                stopped = stop.requested or "signal"
-                bar.write(f"{stopped}: saved {last_ckpt}; {resume_hint}")
-    finally:
-        profiler.close()
-        batches.close()
-        bar.close()
-        logger.close()
+    def _saves(self, at: int) -> bool:
+        return (self.cfg.save_every > 0 and at % self.cfg.save_every == 0) or at == self.cfg.max_steps
 
-    plot = None
-    if info.is_main:
-        from xlnet.plots import plot_loss_curves
+    def _read(self, queued: dict[str, Any], queued_next: bool) -> None:
+        """Read a queued step's scalars, then log, evaluate and save as that step asks. A non-finite step is never
+        saved: the run stops there."""
+        cfg = self.cfg
+        extras = queued["scalars"].read()
+        self.train_loss, grad_norm = extras.pop("loss"), extras.pop("grad_norm")
+        if not (math.isfinite(self.train_loss) and math.isfinite(grad_norm)):
+            raise XLNetError(f"non-finite {'loss' if not math.isfinite(self.train_loss) else 'gradient norm'} at "
+                             f"step {self.step + 1}; stopped without saving (last good checkpoint: "
+                             f"{self.last_ckpt or 'none'}); try a lower --lr or --precision fp32")
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        now = time.perf_counter()
+        self.throughput.step(self.tokens_per_step, now - self.clock)
+        self.profiler.after(self.step)
+        if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            self.logger.log("train", self.step, loss=self.train_loss, lr=queued["lr"], grad_norm=grad_norm,
+                            tokens=self.tokens_seen, tokens_per_s=round(self.throughput.tokens_per_s, 1),
+                            mfu=self.throughput.mfu, mem_gib=T.cuda_memory_gib(self.info.device), **extras)
+        if self._evaluates(self.step):
+            self._evaluate()
+            self.bar.write(f"step {self.step}: valid loss {self.last_valid:.4f}")
+        self.bar.update(1, loss=f"{self.train_loss:.3f}", tok_s=f"{self.throughput.tokens_per_s:,.0f}",
+                        valid=None if self.last_valid is None else f"{self.last_valid:.3f}")
+        if self._saves(self.step):
+            self.last_ckpt, self.saved_at = self._save(), self.step
+        self.clock = now if queued_next else time.perf_counter()  # evaluation and saving are not timed
 
-        plot = plot_loss_curves(T.read_metrics(logger.path), out_dir / "loss.png",
-                                title=f"pretraining ({cfg.objective.upper()} loss)")
-    if lock is not None:
-        lock.release()
-    return {
-        "steps": step, "run_steps": step - start_step, "tokens": tokens_seen,
-        "tokens_per_s": throughput.total_tokens / max(throughput.total_time, 1e-9),
-        "recent_tokens_per_s": throughput.tokens_per_s, "recent_steps": throughput.recent_steps,
-        "mfu": throughput.mfu, "train_loss": train_loss, "valid_loss_start": first_valid, "valid_loss": last_valid,
-        "checkpoint": str(last_ckpt) if last_ckpt else None, "plot": str(plot) if plot else None,
-        "stopped": stopped, "train_s": throughput.total_time, "wall_s": time.perf_counter() - wall_start,
-        "out_dir": str(out_dir), "objective": cfg.objective,
-        "profile": profiler.written,
-    }
+    def _evaluate(self) -> None:
+        self.last_valid = evaluate(self.wrapped, self.resolved, self.data, self.info, self.precision)
+        self.first_valid = self.last_valid if self.first_valid is None else self.first_valid
+        self.logger.log("valid", self.step, loss=self.last_valid)
+
+    def _save(self) -> Path:
+        state = {"step": self.step, "tokens": self.tokens_seen, "config": dataclasses.asdict(self.resolved),
+                 "identity": self.data.identity, "world_size": self.info.world_size,
+                 "sampler": self.sampler.state_dict(), "train_loss": self.train_loss,
+                 "valid_loss": self.last_valid, "valid_loss_start": self.first_valid}
+        return T.save_checkpoint(T.checkpoint_path(self.out_dir, self.step), self.wrapped, self.optimizer,
+                                 self.scheduler, state, {"mems": gather_mems(self.mems)}, is_main=self.info.is_main,
+                                 keep_last=self.cfg.keep_checkpoints)
+
+    # -- the end --------------------------------------------------------------------------------------------------
+
+    def summary(self, wall_start: float) -> dict[str, Any]:
+        """Plot the loss curves (rank 0) and return the run's summary."""
+        plot = None
+        if self.info.is_main:
+            from xlnet.plots import plot_loss_curves  # matplotlib is slow to import; only needed here
+
+            plot = plot_loss_curves(T.read_metrics(self.logger.path), self.out_dir / "loss.png",
+                                    title=f"pretraining ({self.cfg.objective.upper()} loss)")
+        tp = self.throughput
+        return {
+            "steps": self.step, "run_steps": self.step - self.start_step, "tokens": self.tokens_seen,
+            "tokens_per_s": tp.total_tokens / max(tp.total_time, 1e-9),
+            "recent_tokens_per_s": tp.tokens_per_s, "recent_steps": tp.recent_steps,
+            "mfu": tp.mfu, "train_loss": self.train_loss, "valid_loss_start": self.first_valid,
+            "valid_loss": self.last_valid, "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+            "plot": str(plot) if plot else None, "stopped": self.stopped, "train_s": tp.total_time,
+            "wall_s": time.perf_counter() - wall_start, "out_dir": str(self.out_dir),
+            "objective": self.cfg.objective, "profile": self.profiler.written,
+        }
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def format_summary(s: dict[str, Any]) -> str:
