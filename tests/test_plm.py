@@ -596,18 +596,22 @@ def test_objectives_see_the_same_samples(bi_data):
 
 
 def test_infoword_batches_are_mlm_batches_plus_one_masked_ngram_per_row():
-    """The masked-LM batch of "mlm" (same corruption), <cls> as an extra unlabeled slot, and per row one run of
-    consecutive targets (at most max_ngram pieces, starting where a run starts) laid out as [pad | n-gram | <sep>
-    | <cls>] with the original pieces."""
+    """The masked-LM batch of "mlm" (same corruption, but the n-gram all <mask> in its sentence), <cls> as an extra
+    unlabeled slot, and per row one run of consecutive targets (at most max_ngram pieces, starting where a run
+    starts) laid out as [pad | n-gram | <sep> | <cls>] with the original pieces."""
+    from xlnet.data.plm import MASK_ID
     from xlnet.tokenizer import PAD_ID, SEG_CLS as SEG_ID_CLS, SEG_PAD as SEG_ID_PAD
 
     s = _samplers(("plm", "mlm", "infoword"))
     max_ngram = s["infoword"].cfg.max_ngram
-    lengths = set()
+    lengths, unmasked = set(), 0
     for _ in range(4):
         plm, mlm, iw = (next(s[o]) for o in ("plm", "mlm", "infoword"))
-        for key in ("input_ids", "token_type_ids", "is_masked"):
+        for key in ("token_type_ids", "is_masked"):
             assert torch.equal(iw[key], mlm[key]), key
+        in_gram = iw["input_ids"] != mlm["input_ids"]  # BERT's corruption left these pieces in view
+        assert (iw["input_ids"][in_gram] == MASK_ID).all()
+        unmasked += int(in_gram.sum())
         L = mlm["input_ids"].shape[1]
         assert torch.equal(iw["target_positions"][:, :-1], mlm["target_positions"])
         assert (iw["target_positions"][:, -1] == L - 1).all() and (iw["labels"][:, -1] == -100).all()
@@ -626,7 +630,11 @@ def test_infoword_batches_are_mlm_batches_plus_one_masked_ngram_per_row():
             starts = [b for b in range(L) if targets[b] and (b == 0 or not targets[b - 1])
                       and original[b:b + len(gram)] == gram and targets[b:b + len(gram)].all()]
             assert 1 <= len(gram) <= max_ngram and starts, (row, gram)
-    assert len(lengths) > 1  # n-grams of several lengths
+            # the n-gram is masked out of its sentence whole, the rest corrupted as "mlm" corrupts it
+            hidden = [b for b in starts if (iw["input_ids"][row, b:b + len(gram)] == MASK_ID).all()]
+            assert hidden and in_gram[row, :hidden[0]].logical_not().all(), (row, gram)
+            assert in_gram[row, hidden[0] + len(gram):].logical_not().all(), (row, gram)
+    assert len(lengths) > 1 and unmasked > 0  # n-grams of several lengths; some pieces "mlm" left in view
 
 
 def test_left_to_right_on_the_span_targets_predicts_plms_tokens():

@@ -80,7 +80,9 @@ changes nothing but the objective:
   predicts target i: the tokens and the number of predictions of plm and mlm), target_positions and labels
   [B, P].
 * "infoword" (InfoWord, Kong et al. 2019: masked LM plus an InfoNCE term between a masked n-gram and its
-  masked sentence): the "mlm" batch (the same corruption), whose target_positions and labels gain a last column
+  masked sentence): the "mlm" batch (the same corruption, except that the n-gram's pieces are all `<mask>`: the
+  paper's sentence with the n-gram masked out, where 80/10/10 would leave some of it in view), whose
+  target_positions and labels gain a last column
   for `<cls>` (position L - 1, label -100: its content state is the sentence's global representation, no loss),
   plus one masked n-gram per row, drawn last, laid out as a sentence of its own for the local representation:
   span_ids / span_type_ids / span_mask [B, max_ngram + 2] = the n-gram's original pieces (the first max_ngram
@@ -638,8 +640,9 @@ class PLMSampler:
                   reuse_begin=np.int64(i), a=np.array([a0, a1]), b=np.array([b0, b1]), is_next=np.bool_(is_next))
         if cfg.objective in ("mlm", "infoword"):  # drawn last: the targets and orders stay those of the PLM sample
             ex["mlm_input_ids"] = mlm_inputs(ids, t, rng, len(self._word_start))
-        if cfg.objective == "infoword":  # after the corruption: the same masked-LM batch as "mlm"
-            ex["span"] = pick_span(t, rng, cfg.max_ngram)
+        if cfg.objective == "infoword":  # after the corruption: "mlm"'s batch but for the n-gram, masked out whole
+            ex["span"] = begin, end = pick_span(t, rng, cfg.max_ngram)
+            ex["mlm_input_ids"][begin:end] = MASK_ID
         return ex
 
     def batch(self, step: int, first_row: int, dense: bool = True) -> dict[str, torch.Tensor]:
