@@ -82,12 +82,11 @@ changes nothing but the objective:
 * "infoword" (InfoWord, Kong et al. 2019: masked LM plus an InfoNCE term between a masked n-gram and its
   masked sentence): the "mlm" batch (the same corruption, except that the n-gram's pieces are all `<mask>`: the
   paper's sentence with the n-gram masked out, where 80/10/10 would leave some of it in view), whose
-  target_positions and labels gain a last column
-  for `<cls>` (position L - 1, label -100: its content state is the sentence's global representation, no loss),
-  plus one masked n-gram per row, drawn last, laid out as a sentence of its own for the local representation:
-  span_ids / span_type_ids / span_mask [B, max_ngram + 2] = the n-gram's original pieces (the first max_ngram
-  pieces of a run of consecutive targets) laid out as fine-tuning lays out a sentence (`tasks.layout`: left
-  padding, `<sep>`, `<cls>`).
+  target_positions and labels gain a last column for `<cls>` (position L - 1, label -100: its content state is
+  the sentence's global representation, no loss), plus one masked n-gram per row, drawn last, laid out as a
+  sentence of its own for the local representation: span_ids / span_type_ids / span_mask [B, max_ngram + 2] =
+  the n-gram's original pieces (the first max_ngram pieces of a run of consecutive targets) laid out as
+  fine-tuning lays out a sentence (`tasks.layout`: left padding, `<sep>`, `<cls>`).
 
 Feeding a GPU
 -------------
