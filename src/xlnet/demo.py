@@ -353,7 +353,7 @@ def demo_figure(arms: list[Arm], pre: dict[str, dict[str, Any]], runs: dict[str,
                 table: list[dict[str, Any]]) -> Any:
     """Pretraining loss, fine-tuning dev accuracy and test accuracy, side by side. A model has one colour in all
     three, so one legend beside them names them all (two legends inside the panels covered the curves)."""
-    fig, (ax_loss, ax_dev, ax_bar) = pyplot().subplots(1, 3, figsize=(16, max(4.2, 1.5 + 0.32 * len(table))), dpi=110,
+    fig, (ax_loss, ax_dev, ax_bar) = pyplot().subplots(1, 3, figsize=(16, figure_height(table)), dpi=110,
                                                   layout="constrained")
     for arm in arms:
         rows = read_metrics(Path(pre[arm.key]["out_dir"]) / "metrics.jsonl")
@@ -377,6 +377,11 @@ def demo_figure(arms: list[Arm], pre: dict[str, dict[str, Any]], runs: dict[str,
     accuracy_bars(ax_bar, table, [[100 * (r.get("test_accuracy") or 0.0)] for r in table])
     ax_bar.set_title("test accuracy (held-out synsets)")
     return fig
+
+
+def figure_height(table: list[dict[str, Any]]) -> float:
+    """Inches: room for one accuracy bar per table row (accuracy_bars)."""
+    return max(4.2, 1.5 + 0.32 * len(table))
 
 
 def accuracy_bars(ax: Any, table: list[dict[str, Any]], per_row: list[list[float]]) -> None:
@@ -409,7 +414,7 @@ def write_seed_plot(out: Path, arms: list[Arm], per_seed: list[dict[str, Any]], 
 def seed_figure(arms: list[Arm], per_seed: list[dict[str, Any]], table: list[dict[str, Any]]) -> Any:
     """Validation loss of every pretraining run (one line per seed) and test accuracy: mean, sd and each seed
     (accuracy_bars). The legend sits beside the curves, not over them; the figure grows with the table."""
-    fig, (ax_loss, ax_bar) = pyplot().subplots(1, 2, figsize=(13, max(4.2, 1.5 + 0.32 * len(table))), dpi=110,
+    fig, (ax_loss, ax_bar) = pyplot().subplots(1, 2, figsize=(13, figure_height(table)), dpi=110,
                                           layout="constrained", gridspec_kw={"width_ratios": [1.15, 1]})
     for arm in arms:
         for i, results in enumerate(per_seed):

@@ -342,7 +342,8 @@ def build_model(cfg: FinetuneConfig, spec: T.TaskSpec, labels: list[str] | None)
 def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
     """--tokenizer, else the model directory's own, else (a pretraining checkpoint) the one its run recorded, else
     the embedded one. A pretraining checkpoint also records its tokenizer's sha256: another tokenizer with as many
-    pieces would give the embeddings other meanings and train without a word."""
+    pieces would give the embeddings other meanings and train without a word. The embedded one is refused for a
+    model with another vocabulary size."""
     model_dir = Path(cfg.model) if cfg.model else None
     recorded = pretraining_tokenizer(model_dir) if model_dir else None
     if cfg.tokenizer:
@@ -353,6 +354,13 @@ def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
         tok = Tokenizer.load(recorded[0])
     else:
         tok = Tokenizer.load(default_tokenizer_dir())
+        # a model with another vocabulary was not trained on the embedded tokenizer (a missing directory is
+        # build_model's to report)
+        vocab = XLNetConfig.load(model_dir).vocab_size if model_dir and model_dir.is_dir() and not recorded else None
+        if vocab is not None and vocab != tok.vocab_size:
+            raise XLNetError(f"{model_dir} holds no tokenizer (spiece.model) and its vocabulary ({vocab} pieces) is "
+                             f"not the embedded tokenizer's ({tok.vocab_size}): pass the tokenizer it was trained "
+                             f"with as --tokenizer")
     if recorded and sha256_file(tok.model_path) != recorded[1]:
         raise XLNetError(f"{model_dir} was pretrained with another tokenizer than {tok.model_path} (sha256 "
                          f"differs): pass the pretraining run's --tokenizer")
@@ -370,13 +378,6 @@ def pretraining_tokenizer(model_dir: Path) -> tuple[str, str] | None:
 
 
 def check_vocab(model: nn.Module, tok: Tokenizer, cfg: FinetuneConfig) -> None:
-    model_dir = Path(cfg.model) if cfg.model else None
-    if (model_dir and not cfg.tokenizer and not (model_dir / MODEL_FILE).is_file()
-            and pretraining_tokenizer(model_dir) is None and model.config.vocab_size != tok.vocab_size):
-        # load_tokenizer fell back to the embedded tokenizer: a model with another vocabulary was not trained on it
-        raise XLNetError(f"{model_dir} holds no tokenizer (spiece.model) and its vocabulary ({model.config.vocab_size}"
-                         f" pieces) is not the embedded tokenizer's ({tok.vocab_size}): pass the tokenizer it was "
-                         f"trained with as --tokenizer")
     if model.config.vocab_size < tok.vocab_size:
         raise XLNetError(f"{tok.model_path}: tokenizer has {tok.vocab_size} pieces but the model "
                          f"({cfg.model or 'preset ' + cfg.preset}) only {model.config.vocab_size}")

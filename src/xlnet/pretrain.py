@@ -571,11 +571,11 @@ class Pretraining:
                   f"{now} from here (a jump at step {saved['step'] + 1}; not the trajectory of a run started with "
                   f"{now})", file=sys.stderr)
 
-    def _hold_out_dir(self) -> DirLock | None:
+    def _hold_out_dir(self) -> DirLock:
         """Rank 0 locks the run directory (held until `release`), clears a killed run's debris and writes
         config.yaml."""
         if not self.info.is_main:
-            return None
+            return DirLock(self.out_dir, enabled=False)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         lock = DirLock(self.out_dir)  # before the debris, which may be a live run's
         T.remove_checkpoint_debris(self.out_dir)  # a killed run's half-written or half-pruned checkpoints
@@ -735,8 +735,7 @@ class Pretraining:
         }
 
     def release(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
+        self.lock.release()
 
 
 def format_summary(s: dict[str, Any]) -> str:
