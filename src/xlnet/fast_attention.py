@@ -423,6 +423,22 @@ def position_bias(table: Tensor, geom: tuple[int, ...], qlen: int, shift: Tensor
     return masked_bias(bd, mask)
 
 
+def segment_operands(qc: Tensor, k: Tensor, coef: Tensor | None, seg_q: Tensor | None, seg_k: Tensor | None,
+                     core: str, scale: float, dtype: torch.dtype) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """Where each core takes the segment term: (qc, kc, seg). "manual": one-hot columns appended to q and k, so
+    q·k carries it (FastInputs); "sdpa": seg = (coef·scale [B, n, Lq], same = [seg_i = seg_j] [B, 1, Lq, K]) for
+    the bias; "triton": seg = (coef·scale,), the kernel compares the ids itself. No segments: seg = ()."""
+    if coef is None:
+        return qc, k, ()
+    if core == "manual":
+        n_head = k.shape[1]
+        return (torch.cat([qc, coef.transpose(1, 2)[..., None] * seg_q], dim=-1),
+                torch.cat([k, seg_k.expand(-1, n_head, -1, -1)], dim=-1), ())
+    # coef is float32 under autocast (r_s_bias is added in float32): cast, or the bias becomes float32
+    coef_s = (coef.transpose(1, 2) * scale).to(dtype)
+    return qc, k, (coef_s,) if core == "triton" else (coef_s, (seg_q == seg_k).to(dtype))
+
+
 def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: Tensor, k_r: Tensor,
                 seg_q: Tensor | None, seg_k: Tensor | None, mask: Tensor | None, shift: Tensor | None, klen: int,
                 core: str, windows: bool, rows: int | None = None, dead: Tensor | None = None) -> Tensor:
@@ -439,16 +455,7 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
         q_r, qc = q_r.masked_fill(dead.transpose(1, 2), 0), qc.masked_fill(dead, 0)
         coef = None if coef is None else coef.masked_fill(dead[:, 0], 0)
         mask = mask.masked_fill(dead, 0)
-    kc = k
-    seg: tuple[Tensor, ...] = ()
-    if coef is not None and core == "manual":  # content + segment in one product (one-hots: FastInputs)
-        qc = torch.cat([qc, coef.transpose(1, 2)[..., None] * seg_q], dim=-1)
-        kc = torch.cat([k, seg_k.expand(-1, n_head, -1, -1)], dim=-1)
-    elif coef is not None:  # segment term in the bias or the triton kernel: q/k keep the head dim
-        # coef is float32 under autocast (r_s_bias is added in float32): cast, or the bias becomes float32
-        coef_s = (coef.transpose(1, 2) * scale).to(q.dtype)  # [B, n, Lq]
-        # the kernel compares the ids itself; the bias takes same = [seg_i = seg_j] [B, 1, Lq, K]
-        seg = (coef_s,) if core == "triton" else (coef_s, (seg_q == seg_k).to(q.dtype))
+    qc, kc, seg = segment_operands(qc, k, coef, seg_q, seg_k, core, scale, q.dtype)
     p = attn.dropatt.p if attn.training else 0.0
     rows = qlen if rows is None else rows
     table, strides = distance_scores(q_r, k_r, rows)
@@ -515,6 +522,26 @@ def _split(x: Tensor, bsz: int, rows: int, g: Tensor | None) -> tuple[Tensor | N
     return h.view(bsz, rows, -1), g_out.view(g.shape)
 
 
+def projections(attn: nn.Module, x: Tensor, cat: Tensor, pos_emb: Tensor, segments: bool
+                ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """Queries of the stacked rows x [N, d] -> q [N, n, dh] and, with segments, the segment coefficient
+    (q + b)·(s_same - s_diff) [N, n] as n extra columns of the same product; keys and values of cat [B, K, d] ->
+    k, v [B, n, K, dh] (one product); the distance table's keys k_r [B|1, R, n, dh]."""
+    bsz, klen, d = cat.shape
+    n, dh = attn.n_head, attn.d_head
+    w_kv = torch.cat([attn.k, attn.v], dim=1).reshape(d, 2 * n * dh)
+    kv = torch.matmul(cat, w_kv).view(bsz, klen, 2, n, dh)
+    k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # unbind's backward is one stack
+    k_r = torch.matmul(pos_emb, attn.r.reshape(d, n * dh)).view(pos_emb.shape[0], -1, n, dh)
+    w_q = attn.q.reshape(d, n * dh)
+    if not segments:
+        return torch.matmul(x, w_q).view(-1, n, dh), None, k, v, k_r
+    diff = attn.seg_embed[0] - attn.seg_embed[1]
+    w_q = torch.cat([w_q, torch.einsum("hnd,nd->hn", attn.q, diff)], dim=1)
+    q, coef = torch.matmul(x, w_q).split([n * dh, n], dim=1)
+    return q.reshape(-1, n, dh), coef + (attn.r_s_bias * diff).sum(-1), k, v, k_r
+
+
 def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, fast: FastInputs,
                 mem: Tensor | None, h_keep: int | None = None) -> Tensor:
     """Post-LN attention output of both streams, stacked: [B·L (+ B·P), d]; with h_keep (fast_layer) the content
@@ -530,19 +557,7 @@ def attend_flat(attn: nn.Module, h: Tensor, g: Tensor | None, pos_emb: Tensor, f
         h = (x if g is None else x.split([n_h, x.shape[0] - n_h])[0]).view(bsz, qlen, d)  # one gradient buffer
     cat = h if mem is None else torch.cat([mem, h], dim=1)
     klen = cat.shape[1]
-    w_kv = torch.cat([attn.k, attn.v], dim=1).reshape(d, 2 * n * dh)  # one product for k and v
-    kv = torch.matmul(cat, w_kv).view(bsz, klen, 2, n, dh)
-    k, v = (t.transpose(1, 2) for t in kv.unbind(2))  # [B, n, K, dh]; unbind's backward is one stack
-    k_r = torch.matmul(pos_emb, attn.r.reshape(d, n * dh)).view(pos_emb.shape[0], -1, n, dh)  # [B|1, R, n, dh]
-    w_q = attn.q.reshape(d, n * dh)
-    if fast.seg_k is not None:  # the segment coefficient (q + b)·(s_same - s_diff) as n extra columns of q's product
-        diff = attn.seg_embed[0] - attn.seg_embed[1]
-        w_q = torch.cat([w_q, torch.einsum("hnd,nd->hn", attn.q, diff)], dim=1)
-        qa = torch.matmul(x, w_q)
-        q, coef = qa.split([n * dh, n], dim=1)
-        q, coef = q.reshape(-1, n, dh), coef + (attn.r_s_bias * diff).sum(-1)
-    else:
-        q, coef = torch.matmul(x, w_q).view(-1, n, dh), None
+    q, coef, k, v, k_r = projections(attn, x, cat, pos_emb, fast.seg_k is not None)
     vec = torch.empty(x.shape[0], n, dh, dtype=q.dtype, device=q.device)  # attention vectors of both streams
     if n_h:
         rows = qlen - start

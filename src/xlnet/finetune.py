@@ -644,6 +644,23 @@ def batch_means(values: dict[str, Tensor], weight: float, info: TR.DistInfo) -> 
     return dict(zip(values, TR.all_reduce(stacked, "mean")))
 
 
+def queue_step(wrapped: nn.Module, model: nn.Module, batch: dict[str, Tensor], step_loss: StepLoss,
+               optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: FinetuneConfig,
+               device: torch.device, info: TR.DistInfo) -> tuple[TR.PendingScalars, float]:
+    """One optimizer step on this rank's share of `batch`; its logged scalars come back pending (not read yet,
+    so the host can queue the next step first) with the head's learning rate."""
+    rows, weight = rank_rows(batch, info)
+    with TR.autocast(device, cfg.precision):
+        loss, parts = step_loss(wrapped, model_inputs(rows, device, train=True))
+    (loss * weight if info.distributed else loss).backward()
+    TR.clip_grad_norm(model, cfg.clip)
+    optimizer.step()
+    scheduler.step()
+    lr = max(scheduler.get_last_lr())  # the head's
+    optimizer.zero_grad(set_to_none=True)
+    return TR.PendingScalars(**batch_means({"loss": loss, **parts}, weight, info)), lr
+
+
 def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg: FinetuneConfig,
                labels: list[str] | None, device: torch.device, out_dir: Path,
                save_best: Callable[[nn.Module], Path], step_loss: StepLoss = task_loss,
@@ -685,17 +702,8 @@ def train_loop(model: nn.Module, train: Split, dev: Split, spec: T.TaskSpec, cfg
             order = None if lengths is None else length_grouped_order(lengths, cfg.batch_size, gen)
             for batch in batches(train.tensors, cfg.batch_size, gen, order=order, trim=trim,
                                  positions=train.positions):
-                rows, weight = rank_rows(batch, info)
-                with TR.autocast(device, cfg.precision):
-                    loss, parts = step_loss(wrapped, model_inputs(rows, device, train=True))
-                (loss * weight if info.distributed else loss).backward()
-                TR.clip_grad_norm(model, cfg.clip)
-                optimizer.step()
-                scheduler.step()
-                lr = max(scheduler.get_last_lr())  # the head's
-                optimizer.zero_grad(set_to_none=True)
+                ahead = queue_step(wrapped, model, batch, step_loss, optimizer, scheduler, cfg, device, info)
                 launched += 1
-                ahead = TR.PendingScalars(**batch_means({"loss": loss, **parts}, weight, info)), lr
                 if queued is not None:
                     read(queued)
                 queued = ahead

@@ -713,61 +713,64 @@ def featurize_squad(examples: Sequence[SquadExample], tok: Any, max_seq_len: int
     attention_mask, p_mask (float, 1 = cannot be in the answer: question, separators, padding), cls_index,
     start_positions/end_positions (the <cls> index when unanswerable or the answer is outside the window),
     is_impossible (float), window_index."""
-    cls_id, sep_id, pad_id = special_ids()
     windows: list[SquadWindow] = []
     rows: list[dict[str, Any]] = []
     for ei, ex in enumerate(examples):
-        q_ids = tok.encode(ex.question)[:max_query_len]
-        c_ids, c_off = tok.encode_with_offsets(ex.context)
-        max_doc = max_seq_len - len(q_ids) - 3
-        if max_doc <= 0:
-            raise XLNetError(f"max_seq_len {max_seq_len} leaves no room for the context after a "
-                             f"{len(q_ids)}-token question")
-        answer_tokens = None
-        if ex.answers and not ex.is_impossible:
-            a = ex.answers[0]
-            answer_tokens = _char_span_to_tokens(c_off, a["answer_start"], a["answer_start"] + len(a["text"]))
-            if answer_tokens is None:
-                raise XLNetError(f"{ex.where}: answer {a['text']!r} of question {ex.qid!r} covers no token")
-        spans = _doc_windows(len(c_ids), max_doc, doc_stride)
-        for wi, (ds, dn) in enumerate(spans):
-            para = c_ids[ds : ds + dn]
-            ids = para + [sep_id] + q_ids + [sep_id, cls_id]
-            types = [SEG_A] * (dn + 1) + [SEG_B] * (len(q_ids) + 1) + [SEG_CLS]
-            p_mask = [0] * dn + [1] * (len(q_ids) + 2) + [0]
-            n_pad = max_seq_len - len(ids)
-            cls_index = max_seq_len - 1
-            impossible = True
-            start_pos = end_pos = cls_index
-            if answer_tokens is not None and ds <= answer_tokens[0] and answer_tokens[1] < ds + dn:
-                impossible = False
-                start_pos = n_pad + answer_tokens[0] - ds
-                end_pos = n_pad + answer_tokens[1] - ds
-            rows.append({
-                "input_ids": [pad_id] * n_pad + ids,
-                "token_type_ids": [SEG_PAD] * n_pad + types,
-                "attention_mask": [0] * n_pad + [1] * len(ids),
-                "p_mask": [1] * n_pad + p_mask,
-                "cls_index": cls_index,
-                "start_positions": start_pos,
-                "end_positions": end_pos,
-                "is_impossible": float(impossible),
-                "window_index": len(windows),
-            })
-            windows.append(SquadWindow(
-                example_index=ei, qid=ex.qid,
-                token_to_char={n_pad + k: tuple(c_off[ds + k]) for k in range(dn)},
-                max_context={n_pad + k: _is_max_context(spans, wi, ds + k) for k in range(dn)},
-                cls_index=cls_index,
-            ))
+        for row, window in _example_windows(ei, ex, tok, max_seq_len, doc_stride, max_query_len):
+            rows.append({**row, "window_index": len(windows)})
+            windows.append(window)
     if not rows:
         raise XLNetError("no SQuAD examples to featurize")
-    tensors = {k: torch.tensor([r[k] for r in rows], dtype=torch.long)
-               for k in ("input_ids", "token_type_ids", "attention_mask", "cls_index", "start_positions",
-                         "end_positions", "window_index")}
-    tensors["p_mask"] = torch.tensor([r["p_mask"] for r in rows], dtype=torch.float32)
-    tensors["is_impossible"] = torch.tensor([r["is_impossible"] for r in rows], dtype=torch.float32)
+    floats = ("p_mask", "is_impossible")
+    tensors = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32 if k in floats else torch.long)
+               for k in rows[0]}
     return SquadFeatures(list(examples), windows, tensors)
+
+
+def _example_windows(ei: int, ex: SquadExample, tok: Any, max_seq_len: int, doc_stride: int,
+                     max_query_len: int) -> list[tuple[dict[str, Any], SquadWindow]]:
+    """One question's windows over its context: each window's tensor row and what decoding needs of it."""
+    q_ids = tok.encode(ex.question)[:max_query_len]
+    c_ids, c_off = tok.encode_with_offsets(ex.context)
+    max_doc = max_seq_len - len(q_ids) - 3
+    if max_doc <= 0:
+        raise XLNetError(f"max_seq_len {max_seq_len} leaves no room for the context after a "
+                         f"{len(q_ids)}-token question")
+    answer = None
+    if ex.answers and not ex.is_impossible:
+        a = ex.answers[0]
+        answer = _char_span_to_tokens(c_off, a["answer_start"], a["answer_start"] + len(a["text"]))
+        if answer is None:
+            raise XLNetError(f"{ex.where}: answer {a['text']!r} of question {ex.qid!r} covers no token")
+    spans = _doc_windows(len(c_ids), max_doc, doc_stride)
+    out = []
+    for wi, (ds, dn) in enumerate(spans):
+        row = _window_row(c_ids[ds : ds + dn], q_ids, max_seq_len)
+        n_pad = max_seq_len - (dn + len(q_ids) + 3)
+        if answer is not None and ds <= answer[0] and answer[1] < ds + dn:  # else the <cls> index: no answer here
+            row.update(start_positions=n_pad + answer[0] - ds, end_positions=n_pad + answer[1] - ds,
+                       is_impossible=0.0)
+        out.append((row, SquadWindow(
+            example_index=ei, qid=ex.qid,
+            token_to_char={n_pad + k: tuple(c_off[ds + k]) for k in range(dn)},
+            max_context={n_pad + k: _is_max_context(spans, wi, ds + k) for k in range(dn)},
+            cls_index=max_seq_len - 1,
+        )))
+    return out
+
+
+def _window_row(para: list[int], q_ids: list[int], max_seq_len: int) -> dict[str, Any]:
+    """The left-padded `paragraph <sep> question <sep> <cls>` row, marked unanswerable (answer at <cls>)."""
+    cls_id, sep_id, pad_id = special_ids()
+    ids = para + [sep_id] + q_ids + [sep_id, cls_id]
+    types = [SEG_A] * (len(para) + 1) + [SEG_B] * (len(q_ids) + 1) + [SEG_CLS]
+    p_mask = [0] * len(para) + [1] * (len(q_ids) + 2) + [0]
+    n_pad = max_seq_len - len(ids)
+    cls_index = max_seq_len - 1
+    return {"input_ids": [pad_id] * n_pad + ids, "token_type_ids": [SEG_PAD] * n_pad + types,
+            "attention_mask": [0] * n_pad + [1] * len(ids), "p_mask": [1] * n_pad + p_mask,
+            "cls_index": cls_index, "start_positions": cls_index, "end_positions": cls_index,
+            "is_impossible": 1.0}
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -820,11 +823,8 @@ def squad_predictions(features: SquadFeatures, start_top_log_probs: Any, start_t
             for j in range(end_n):
                 flat = j * start_n + i if end_layout == "hf" else i * end_n + j
                 start, end = int(s_ix[w, i]), int(e_ix[w, flat])
-                if start not in win.token_to_char or end not in win.token_to_char:
-                    continue
-                if not win.max_context.get(start, False) or end < start or end - start + 1 > max_answer_len:
-                    continue
-                found.append((float(s_lp[w, i]) + float(e_lp[w, flat]), w, start, end))
+                if _valid_span(win, start, end, max_answer_len):
+                    found.append((float(s_lp[w, i]) + float(e_lp[w, flat]), w, start, end))
     predictions: dict[str, str] = {}
     na_probs: dict[str, float] = {}
     for ei, ex in enumerate(features.examples):
@@ -839,6 +839,12 @@ def squad_predictions(features: SquadFeatures, start_top_log_probs: Any, start_t
         predictions[ex.qid] = text
         na_probs[ex.qid] = 1.0 / (1.0 + math.exp(-null_logit[ei])) if null_logit[ei] > -700 else 0.0
     return predictions, na_probs
+
+
+def _valid_span(win: SquadWindow, start: int, end: int, max_answer_len: int) -> bool:
+    """A span inside the window's paragraph, starting at a token this window owns, at most max_answer_len long."""
+    return (start in win.token_to_char and end in win.token_to_char and win.max_context.get(start, False)
+            and start <= end < start + max_answer_len)
 
 
 def write_squad_predictions(predictions: Mapping[str, str], na_probs: Mapping[str, float] | None,
