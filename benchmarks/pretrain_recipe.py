@@ -69,11 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                     help="among: " + ", ".join(VARIANTS))
-    ap.add_argument("--stop", type=int, default=400, help="steps run per variant")
-    ap.add_argument("--schedule-steps", type=int, default=1000, help="the lr schedule's length (max_steps)")
+    ap.add_argument("--stop", type=int, default=None, help="steps run per variant (default 400; --quick: 4)")
+    ap.add_argument("--schedule-steps", type=int, default=None,
+                    help="the lr schedule's length (max_steps; default 1000; --quick: 8)")
     ap.add_argument("--json-out", default="")
     ap.add_argument("--quick", action="store_true", help="a 1-layer model and few steps: checks the script runs")
     args = ap.parse_args(argv)
+    stop = args.stop or (4 if args.quick else 400)
+    schedule = args.schedule_steps or (8 if args.quick else 1000)
 
     from xlnet.allocator import tune_host_allocator
 
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(args.variants):
-            rows.append(run_variant(name, args.stop, args.schedule_steps, Path(tmp) / str(i), **extra))
+            rows.append(run_variant(name, stop, schedule, Path(tmp) / str(i), **extra))
             print(f"{name}: " + ", ".join(f"{s} {v:.3f}" for s, v in rows[-1]["valid"].items()), flush=True)
     print(format_rows(rows))
     if args.json_out:

@@ -70,7 +70,7 @@ def test_attention_kernels_quick_run_under_the_interpreter() -> None:
 def test_pretrain_recipe_quick_run_table_and_json(tmp_path) -> None:
     out = tmp_path / "recipe.json"
     run = subprocess.run([sys.executable, str(BENCHMARKS / "pretrain_recipe.py"), "--quick", "--variants", "old",
-                          "new", "--stop", "4", "--schedule-steps", "8", "--json-out", str(out)],
+                          "new", "--json-out", str(out)],  # --quick: 4 steps of an 8-step schedule
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())

@@ -60,6 +60,20 @@ def test_every_verb_documents_its_main_options(verb, capsys):
         assert phrase in text
 
 
+
+@pytest.mark.parametrize("argv, unknown, usage", [
+    (["finetune", "--task", "sst2", "--tokenizer-dir", "t"], "--tokenizer-dir t", "usage: xlnet finetune"),
+    (["--bogus"], "--bogus", "usage: xlnet [-h] VERB"),
+])
+def test_unknown_flags_are_reported_with_the_verbs_usage(argv, unknown, usage, capsys):
+    from xlnet.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(usage), err
+    assert err.strip().splitlines()[-1].endswith(f"error: unrecognized arguments: {unknown}")
+
 def test_defaults_then_yaml_then_flags(tmp_path):
     (tmp_path / "run.yaml").write_text("steps: 20\nrate: 1\nmode: b\n")
     parser = argparse.ArgumentParser()

@@ -404,6 +404,18 @@ BAD = {  # case -> (extra flags, teacher variant, expected message)
 }
 
 
+
+def test_student_init_of_another_width_is_refused_by_name(teacher, keyword_data, tmp_path):
+    from xlnet.checkpoint import load_model
+
+    t = load_model(teacher, verbose=False)
+    narrow = XLNetConfig(**{**t.config.to_dict(), "d_model": 64, "d_head": 64 // t.config.n_head})
+    XLNetLMHeadModel(narrow).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(XLNetError, match=f"another width than the teacher's.*d_model 64 \\(the teacher's "
+                                         f"{t.config.d_model}\\), d_head"):
+        build_student(t, distill_cfg(teacher, keyword_data, tmp_path, student_layers=2,
+                                     student_init=str(tmp_path / "narrow")))
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_cli_bad_input_is_one_line(case, teacher, keyword_data, tmp_path, capsys):
     flags, variant, expected = BAD[case]

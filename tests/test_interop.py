@@ -151,6 +151,15 @@ def test_a_run_tokenizer_that_moved_or_changed_is_not_exported_and_says_why(toks
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "tokenizer was not exported" in err and "not found" in err, err
 
+    # named with --tokenizer, the run's tokenizer is exported; another is refused before anything is written
+    shutil.copytree(toks["cased"], moved)
+    assert main(["convert", "--to-hf", str(ckpt), str(tmp_path / "hf2"), "--tokenizer", str(toks["uncased"])]) == 0
+    assert (tmp_path / "hf2" / MODEL_FILE).read_bytes() == (toks["uncased"] / MODEL_FILE).read_bytes()
+    assert main(["convert", "--to-hf", str(ckpt), str(tmp_path / "hf3"), "--tokenizer", str(moved)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another tokenizer" in err and "sha256 differs" in err, err
+    assert not (tmp_path / "hf3").exists()
+
 
 def test_hf_directory_without_spiece_model_says_its_tokenizer_is_not_converted(tmp_path: Path, capsys) -> None:
     """transformers 5 saves only its own tokenizer.json: not ours to read, and not to be copied under our name."""

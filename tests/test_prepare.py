@@ -156,7 +156,7 @@ def test_bad_inputs(tok_dir, corpus_txt, tmp_path, capsys):
     (tmp_path / "broken.txt.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     cases = {"empty.txt": "empty.txt", "blank.txt": "blank.txt", "bin.txt": "bin.txt:1", "latin.txt": "latin.txt:3",
              "data.csv": "data.csv", "bad.jsonl": "bad.jsonl:2", "missing.txt": "missing.txt",
-             "broken.txt.gz": "broken.txt.gz"}
+             "broken.txt.gz": "broken.txt.gz", "missing_dir": "missing_dir: no such file or directory"}
     for name, match in cases.items():
         out = tmp_path / f"out-{name}"
         code = cli.main(["prepare", "--tokenizer", str(tok_dir), "--input", str(corpus_txt), str(tmp_path / name),

@@ -348,7 +348,9 @@ def test_user_errors_are_one_line(corpus, tmp_path):
     # settings that cannot train fail before the output directory (config.yaml) is written
     for bad, message in [(dict(lr=-1.0), "lr must be positive"), (dict(lr=float("nan")), "lr must be positive"),
                          (dict(dropout=1.5), "dropout and dropatt must be in"),
-                         (dict(num_predict=10_000), "num_predict=10000 does not fit")]:
+                         (dict(num_predict=10_000), "num_predict=10000 does not fit"),
+                         # 822 valid tokens for 32 streams of 32: found before training, not at the first evaluation
+                         (dict(batch_size=32), r"valid split of .*too small.*larger --valid-fraction.*--eval-every 0")]:
         with pytest.raises(XLNetError, match=message):
             pretrain(small(corpus, tmp_path / "z", **bad))
     assert not (tmp_path / "z").exists()
@@ -454,14 +456,25 @@ def test_cuda_bf16_run_learns_and_resumes(corpus, tmp_path, objective):
     assert [r[2] for r in a] == pytest.approx([r[2] for r in b], rel=2e-3)
 
 
-def test_finetuning_a_checkpoint_takes_its_runs_tokenizer(corpus, tmp_path):
-    """A pretraining checkpoint holds no spiece.model, but its trainer_state.json names the run's tokenizer and its
-    sha256: fine-tuning takes that tokenizer, and refuses another one (same piece count or not)."""
+def test_finetuning_a_checkpoint_takes_its_runs_tokenizer(corpus, tmp_path, monkeypatch):
+    """A pretraining checkpoint holds no spiece.model, but its trainer_state.json names the run's tokenizer (as an
+    absolute path, whatever the run was given) and its sha256: fine-tuning takes that tokenizer from any directory,
+    refuses another one (same piece count or not), and says so when the recorded one is gone."""
     from xlnet.assets import default_tokenizer_dir
     from xlnet.finetune import FinetuneConfig, load_tokenizer
 
-    run = pretrain(small(corpus, tmp_path / "p", max_steps=1, eval_every=0, save_every=0))
-    tok = load_tokenizer(FinetuneConfig(model=run["checkpoint"]))
-    assert tok.model_path.parent.resolve() == Path(corpus["tokenizer_dir"]).resolve()
+    tok_dir = Path(corpus["tokenizer_dir"]).resolve()
+    monkeypatch.chdir(tok_dir.parent)  # the run is given a relative tokenizer directory
+    run = pretrain(small(corpus, tmp_path / "p", max_steps=1, eval_every=0, save_every=0, tokenizer_dir=tok_dir.name))
+    ckpt = Path(run["checkpoint"])
+    assert T.read_trainer_state(ckpt)["config"]["tokenizer_dir"] == str(tok_dir)
+    monkeypatch.chdir(tmp_path)
+    tok = load_tokenizer(FinetuneConfig(model=str(ckpt)))
+    assert tok.model_path.parent.resolve() == tok_dir
     with pytest.raises(XLNetError, match="was pretrained with another tokenizer"):
-        load_tokenizer(FinetuneConfig(model=run["checkpoint"], tokenizer=str(default_tokenizer_dir())))
+        load_tokenizer(FinetuneConfig(model=str(ckpt), tokenizer=str(default_tokenizer_dir())))
+    state = T.read_trainer_state(ckpt)
+    state["config"]["tokenizer_dir"] = "tok_moved"  # moved since (or recorded relative, before runs resolved it)
+    (ckpt / T.TRAINER_STATE).write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(XLNetError, match="the tokenizer in tok_moved .*not found from here: pass it as --tokenizer"):
+        load_tokenizer(FinetuneConfig(model=str(ckpt)))

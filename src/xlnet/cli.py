@@ -17,7 +17,7 @@ from xlnet.errors import XLNetError
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "demo": ("xlnet.demo", "pretrain a tiny model on the embedded corpus, fine-tune it, print scores, write plots"),
+    "demo": ("xlnet.demo", "pretrain a small model (preset mini) on the embedded corpus, fine-tune it, print scores, write plots"),
     "tokenizer": ("xlnet.tokenizer", "train a SentencePiece tokenizer with XLNet's special ids"),
     "prepare": ("xlnet.data.prepare", "turn raw text into token shards for pretraining"),
     "pretrain": ("xlnet.pretrain",
@@ -29,22 +29,27 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The top-level parser, and `verb`'s own (with its arguments) when it names one."""
     parser = argparse.ArgumentParser(prog="xlnet", description="XLNet: pretrain, fine-tune, evaluate, convert.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    verb_parser = None
     for name, (module, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == verb:
             importlib.import_module(module).add_arguments(p)
-    return parser
+            verb_parser = p
+    return parser, verb_parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith("-")), None)
     verb = verb if verb in VERBS else None
-    parser = build_parser(verb)
-    args = parser.parse_args(argv)
+    parser, verb_parser = build_parser(verb)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would report them with the top-level usage; the verb's names its flags
+        (verb_parser or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.verb is None:
         parser.print_help()
         return 0

@@ -244,11 +244,24 @@ def build_student(teacher: nn.Module, cfg: DistillConfig) -> nn.Module:
     source = Path(cfg.teacher if cfg.student_init == "teacher" else cfg.student_init)
     if not source.is_dir():
         raise XLNetError(f"--student-init {cfg.student_init}: not 'teacher', 'random' or a model directory")
+    check_same_width(XLNetConfig.load(source), config, source)
     fresh = load_first_layers(student, source)
     if fresh and not cfg.quiet:
         print(f"note: the student's {', '.join(sorted(fresh))} start fresh ({source} has no such tensors)",
               file=sys.stderr)
     return student
+
+
+WIDTH_FIELDS = ("vocab_size", "d_model", "n_head", "d_head", "d_inner")
+
+
+def check_same_width(source: XLNetConfig, student: XLNetConfig, where: Path) -> None:
+    """The student has the teacher's width; a --student-init of another width cannot fill its layers."""
+    differ = [f"{k} {getattr(source, k)} (the teacher's {getattr(student, k)})" for k in WIDTH_FIELDS
+              if getattr(source, k) != getattr(student, k)]
+    if differ:
+        raise XLNetError(f"--student-init {where}: another width than the teacher's, whose shape the student takes: "
+                         f"{', '.join(differ)}")
 
 
 def load_first_layers(student: nn.Module, source: Path) -> list[str]:

@@ -83,7 +83,7 @@ class FinetuneConfig:
     preset: str = "tiny"  # model size when training from scratch
     random_init: bool = False  # with --model: its architecture and tokenizer, but random weights (baseline)
     data: str = ""  # directory with train/dev[/test] files; "" = the embedded WordNet supersense task
-    tokenizer: str = ""  # "" = spiece.model in the model directory, else the embedded tokenizer
+    tokenizer: str = ""  # "" = the model directory's spiece.model, else its pretraining run's, else the embedded one
     out_dir: str = "runs/finetune"  # best/ (the best dev epoch's model), dev/, test/, summary.json, curves
     labels: str = ""  # comma-separated label set for generic classification data; "" = the labels in the data
     max_seq_len: int = 0  # 0 = the task's default (128; SQuAD and RACE 512)
@@ -362,6 +362,9 @@ def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
                              f"not the embedded tokenizer's ({tok.vocab_size}): pass the tokenizer it was trained "
                              f"with as --tokenizer")
     if recorded and sha256_file(tok.model_path) != recorded[1]:
+        if not cfg.tokenizer and tok.model_path.parent == default_tokenizer_dir():  # fell back: recorded one missing
+            raise XLNetError(f"{model_dir} was pretrained with the tokenizer in {recorded[0]} (its "
+                             f"{TR.TRAINER_STATE}), which is not found from here: pass it as --tokenizer")
         raise XLNetError(f"{model_dir} was pretrained with another tokenizer than {tok.model_path} (sha256 "
                          f"differs): pass the pretraining run's --tokenizer")
     return tok

@@ -30,14 +30,18 @@ HF_TOKENIZER_CLASS = "XLNetTokenizer"
 HF_SPECIAL_NAMES = ("unk_token", "bos_token", "eos_token", "cls_token", "sep_token", "pad_token", "mask_token")
 
 
-def convert(src: str | Path, dst: str | Path, to_hf: bool) -> Path:
+def convert(src: str | Path, dst: str | Path, to_hf: bool, tokenizer: str | Path | None = None) -> Path:
+    """`src` into `dst` in the other format, with `tokenizer` (a directory) if given, else `source_tokenizer`'s."""
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise XLNetError(f"{dst}: destination must differ from the source")
     check_replaceable(dst, MODEL_DIR)  # before the load: never convert only to refuse the destination
     model = load_model(src, strict=True)
     model.to(source_dtype(src))
-    tok = source_tokenizer(src)
+    tok = source_tokenizer(src, tokenizer)
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
+        raise XLNetError(f"{tok.model_path}: tokenizer has {tok.vocab_size} pieces but the model in {src} only "
+                         f"{model.config.vocab_size}")
     with atomic_dir(dst, replaces=MODEL_DIR) as tmp:  # weights and tokenizer appear together or not at all
         model.save_pretrained(tmp, hf=to_hf)  # type: ignore[operator]  # replaces `tmp`, still our temp name
         if tok is not None:
@@ -45,12 +49,20 @@ def convert(src: str | Path, dst: str | Path, to_hf: bool) -> Path:
     return dst
 
 
-def source_tokenizer(src: Path) -> Tokenizer | None:
-    """The tokenizer that goes with `src`'s weights: its own spiece.model, else (a pretraining checkpoint) the one
-    its run recorded, when that file still has the recorded sha256; a warning says why none is exported."""
+def source_tokenizer(src: Path, tokenizer: str | Path | None = None) -> Tokenizer | None:
+    """The tokenizer that goes with `src`'s weights: `tokenizer` if given, else its own spiece.model, else (a
+    pretraining checkpoint) the one its run recorded, when that file still has the recorded sha256; a warning says
+    why none is exported. A given tokenizer must match the recorded sha256."""
     from xlnet.finetune import pretraining_tokenizer  # finetune imports most of the package
+    from xlnet.training import TRAINER_STATE
 
     recorded = pretraining_tokenizer(src)
+    if tokenizer is not None:
+        tok = Tokenizer.load(tokenizer)
+        if recorded is not None and sha256_file(tok.model_path) != recorded[1]:
+            raise XLNetError(f"{src} was pretrained with another tokenizer than {tok.model_path} (sha256 differs "
+                             f"from the one its {TRAINER_STATE} records)")
+        return tok
     where = src if (src / MODEL_FILE).is_file() else Path(recorded[0]) if recorded else None
     if where is None:
         if any((src / name).is_file() for name in (HF_TOKENIZER_CONFIG, "tokenizer.json")):
@@ -65,7 +77,7 @@ def source_tokenizer(src: Path) -> Tokenizer | None:
                "its sha256 differs from the one the run recorded" if sha256_file(model_file) != recorded[1] else "")
         if why:
             print(f"xlnet convert: warning: the tokenizer was not exported: {src} was pretrained with "
-                  f"{model_file}, and {why}; pass the right one to `xlnet finetune --tokenizer`", file=sys.stderr)
+                  f"{model_file}, and {why}; pass the right one with --tokenizer", file=sys.stderr)
             return None
     return Tokenizer.load(where)
 
@@ -119,9 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     direction.add_argument("--to-hf", action="store_true", help="write DST as a Hugging Face XLNet directory")
     parser.add_argument("src", help="source model directory")
     parser.add_argument("dst", help="destination directory (replaced atomically if it holds a model)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory to export with the weights (default: SRC's spiece.model, else the "
+                             "one its pretraining run recorded)")
 
 
 def run(args: argparse.Namespace) -> int:
-    dst = convert(args.src, args.dst, to_hf=args.to_hf)
+    dst = convert(args.src, args.dst, to_hf=args.to_hf, tokenizer=args.tokenizer)
     print(f"wrote {'Hugging Face' if args.to_hf else 'xlnet'} checkpoint to {dst}")
     return 0

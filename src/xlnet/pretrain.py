@@ -4,7 +4,7 @@
 term, `infonce` in the logs) trains the same backbone on the same samples with another objective (data/plm.py,
 "Objectives"), to compare them downstream.
 
-    xlnet pretrain                                   # tiny model on the embedded corpus (~5 min on 2 CPU cores)
+    xlnet pretrain                                   # mini model on the embedded corpus (~5 min on 2 CPU cores)
     xlnet pretrain --config configs/pretrain-mini.yaml --max-steps 5000 --out-dir runs/mini
     xlnet pretrain --out-dir runs/tiny --resume      # continue from the latest checkpoint
     torchrun --nproc-per-node 8 -m xlnet.cli pretrain --config big.yaml --fsdp true
@@ -245,7 +245,9 @@ def make_sampler(cfg: PretrainConfig, data: Data, info: T.DistInfo, split: str) 
         return PLMSampler.for_rank(tokens, sent, data.word_start, cfg.plm_config(micro, seed),
                                    world_size=info.world_size, rank=info.rank, accum_steps=cfg.grad_accum)
     except XLNetError as e:
-        raise XLNetError(f"{split} split of {data.data_dir}: {e}") from None
+        hint = (": prepare the data with a larger --valid-fraction, lower --batch-size, or pretrain with --eval-every 0"
+                if split == "valid" else "")
+        raise XLNetError(f"{split} split of {data.data_dir}: {e}{hint}") from None
 
 
 # what goes to the device, per objective: perm_mask is rebuilt there from its [B, L] rank form (1/L of the floats)
@@ -386,7 +388,11 @@ def check_resume_config(state: dict[str, Any], cfg: PretrainConfig, identity: di
     saved_identity = state.get("identity", {})
 
     def same(k: str) -> bool:
-        return saved_identity[k] == identity[k] if k in saved_identity else saved.get(k) == now[k]
+        if k in saved_identity:
+            return saved_identity[k] == identity[k]
+        if k in identity and isinstance(saved.get(k), str):  # a path, recorded relative before runs resolved it
+            return Path(saved[k]).resolve() == Path(now[k]).resolve()
+        return saved.get(k) == now[k]
 
     diff = [k for k in now if k not in RUNTIME_FIELDS and not same(k)]
     if diff:
@@ -529,18 +535,22 @@ class Pretraining:
         saved = T.read_trainer_state(ckpt) if ckpt is not None else None
         self.data = load_data(cfg, info)
         self.model_cfg = cfg.model_config(self.data.vocab_size)
-        self.resolved = dataclasses.replace(cfg, data_dir=str(self.data.data_dir),
-                                            tokenizer_dir=str(self.data.tokenizer_dir))
+        # absolute: finetune and convert find the tokenizer from any directory (trainer_state.json records it)
+        self.resolved = dataclasses.replace(cfg, data_dir=str(self.data.data_dir.resolve()),
+                                            tokenizer_dir=str(self.data.tokenizer_dir.resolve()))
         if saved is not None:
             check_resume_config(saved, self.resolved, self.data.identity, ckpt)  # type: ignore[arg-type]
             self._note_new_schedule(saved)
+        # the samplers fail on a split too small for the batch before anything is written (no torch RNG draws)
+        self.sampler = make_sampler(self.resolved, self.data, info, "train")
+        if cfg.eval_every > 0:
+            make_sampler(self.resolved, self.data, info, "valid")
         self.lock = self._hold_out_dir()
 
         T.set_seed(cfg.seed)  # same on every rank: dropout streams stay identical, so rank 0's RNG resumes all
         self.model, self.wrapped = build_model(cfg, self.model_cfg, ckpt, info, self.precision)
         self.optimizer = T.build_optimizer(T.decay_groups(self.model, cfg.weight_decay), cfg.lr, eps=cfg.adam_eps)
         self.scheduler = T.build_scheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps)
-        self.sampler = make_sampler(self.resolved, self.data, info, "train")
         self.step, self.tokens_seen, self.mems = 0, 0, [None] * cfg.grad_accum
         self.train_loss = float("nan")
         self.last_valid: float | None = None

@@ -48,6 +48,8 @@ def _input_kind(path: Path) -> str | None:
 
 def _kind(path: Path) -> str:
     kind = _input_kind(path)
+    if kind is None and not path.exists():  # a mistyped directory, most likely
+        raise XLNetError(f"{path}: no such file or directory")
     if kind is None:
         raise XLNetError(f"{path}: unknown input type (expected {_INPUT_TYPES}, or a directory of them)")
     return kind
