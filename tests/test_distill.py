@@ -145,10 +145,12 @@ def test_hard_label_loss_skips_transfer_rows():
     alone = hard_label_loss(logits, torch.full((5,), IGNORE), "classification")  # a batch of transfer rows only
     alone.backward()
     assert alone.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
-    scores = torch.randn(4, 1, generator=g)
+    scores = torch.randn(4, 1, generator=g, requires_grad=True)
     target = torch.tensor([0.5, float("nan"), 2.0, float("nan")])
-    assert_close(hard_label_loss(scores, target, "regression"), F.mse_loss(scores[[0, 2], 0], target[[0, 2]]),
-                 "labeled rows' squared error")
+    mse = hard_label_loss(scores, target, "regression")
+    assert_close(mse, F.mse_loss(scores[[0, 2], 0], target[[0, 2]]), "labeled rows' squared error")
+    mse.backward()  # the unlabeled rows' NaN targets reach neither the loss nor the gradient
+    assert scores.grad[[1, 3]].eq(0).all() and scores.grad.isfinite().all()
 
 
 # ------------------------------------------------------------------------------------------ the student

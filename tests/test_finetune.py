@@ -18,6 +18,7 @@ import torch
 
 from helpers import assert_same_finetune_run, record_scalar_reads, two_processes
 from xlnet import tasks as T
+from xlnet import training as TR
 from xlnet.assets import default_tokenizer_dir
 from xlnet.checkpoint import load_model
 from xlnet.cli import main
@@ -636,6 +637,10 @@ def test_steps_are_read_one_behind_and_epoch_ends_before_dev(lm_dir, tmp_path, m
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if r["split"] == "valid"] == [3, 6] and summary["steps"] == 6
+    # each step logs the learning rate it trained with (the head's), not the next step's
+    cfg = summary["config"]
+    schedule = TR.warmup_linear_decay(int(cfg["warmup_frac"] * 6), 6)
+    assert [r["lr"] for r in rows if r["split"] == "train"] == pytest.approx([cfg["lr"] * schedule(i) for i in range(6)])
 
 
 def test_compiled_training_step_learns_like_eager(lm_dir, tmp_path):

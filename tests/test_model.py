@@ -135,6 +135,19 @@ def test_sequence_classification_and_regression(num_labels: int, impl: str) -> N
     assert_head_matches(ours, hf, config, x, labels)
 
 
+
+def test_regression_targets_are_not_rounded_under_bf16_autocast() -> None:
+    """Under bf16 autocast the logits are bf16; the squared error still reads its targets in float32 (3.8, not
+    bf16's 3.797), as STS-B's 0-5 scores need."""
+    torch.manual_seed(0)
+    model = XLNetForSequenceClassification(tiny_config(num_labels=1, attn_impl="fast"))
+    x = plm_inputs(padding=True, two_stream=False)
+    labels = torch.tensor([3.8, 4.2, 0.3, 1.1])
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(**x, labels=labels)
+    assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert torch.equal(out.loss, torch.nn.functional.mse_loss(out.logits.float().squeeze(-1), labels))
+
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_multiple_choice(impl: str) -> None:
     config = tiny_config(attn_impl=impl)

@@ -97,11 +97,13 @@ def soft_label_loss(student: Tensor, teacher: Tensor, kind: str, temperature: fl
     if kind == "regression":
         return F.mse_loss(student.float(), teacher.float())
     student, teacher = student.float().flatten(0, -2), teacher.float().flatten(0, -2)
-    if keep is not None:
-        student, teacher = student[keep.flatten()], teacher[keep.flatten()]
     log_p_s = F.log_softmax(student / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher / temperature, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
+    if keep is None:
+        return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
+    # a mean over the kept rows as masked sums: indexing by a mask would wait for the device to count them
+    per_row = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1)
+    return masked_mean(per_row, keep.flatten()) * temperature**2
 
 
 def squad_soft_loss(student: XLNetOutput, teacher: XLNetOutput, temperature: float) -> Tensor:
@@ -129,12 +131,18 @@ def hard_label_loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
     """The head's own loss (cross-entropy, or squared error for regression) averaged over the labeled rows only;
     0 for a batch of transfer rows alone."""
     known = labeled_rows(labels, kind)
-    if not known.any():
-        return logits.sum() * 0.0  # keeps the graph (and DDP's reducer) whole
-    logits, labels = logits.float()[known], labels[known]
-    if kind == "regression":
-        return F.mse_loss(logits.squeeze(-1), labels.float())
-    return F.cross_entropy(logits, labels)
+    logits = logits.float()
+    if kind == "regression":  # (transfer rows' NaN labels zeroed first: NaN times 0 is NaN)
+        per_row = (logits.squeeze(-1) - labels.float().nan_to_num(0.0)).pow(2)
+    else:
+        per_row = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    return masked_mean(per_row, known.flatten() if kind != "regression" else known)
+
+
+def masked_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """The mean of `values` where `keep`, without a host sync (no mask indexing, no .any()); 0 where nothing is
+    kept, with the graph whole (DDP's reducer needs every gradient)."""
+    return (values * keep).sum() / keep.sum().clamp(min=1)
 
 
 def patient_loss(student_states: list[Tensor], teacher_states: list[Tensor],

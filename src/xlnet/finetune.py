@@ -514,7 +514,12 @@ def trims(model: nn.Module, split: Split) -> bool:
 
 
 def model_inputs(batch: dict[str, Tensor], device: torch.device, train: bool) -> dict[str, Tensor]:
-    out = {k: v.to(device) for k, v in batch.items() if k not in NOT_INPUTS}
+    """The batch's model inputs on `device`. To a GPU through pinned memory, asynchronously: a copy from pageable
+    memory would wait for every step queued before it (the loops queue a step before reading the last)."""
+    if device.type == "cuda":
+        out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items() if k not in NOT_INPUTS}
+    else:
+        out = {k: v.to(device) for k, v in batch.items() if k not in NOT_INPUTS}
     if not train:  # the QA head decodes a beam only when no gold positions are given
         for key in ("labels", "start_positions", "end_positions", "is_impossible"):
             out.pop(key, None)
@@ -657,9 +662,9 @@ def queue_step(wrapped: nn.Module, model: nn.Module, batch: dict[str, Tensor], s
         loss, parts = step_loss(wrapped, model_inputs(rows, device, train=True))
     (loss * weight if info.distributed else loss).backward()
     TR.clip_grad_norm(model, cfg.clip)
+    lr = max(scheduler.get_last_lr())  # the head's, as this step uses it
     optimizer.step()
     scheduler.step()
-    lr = max(scheduler.get_last_lr())  # the head's
     optimizer.zero_grad(set_to_none=True)
     return TR.PendingScalars(**batch_means({"loss": loss, **parts}, weight, info)), lr
 

@@ -43,7 +43,8 @@ class XLNetForSequenceClassification(XLNetPreTrainedHead):
         out.logits = self.logits_proj(self.sequence_summary(out.last_hidden_state))
         if labels is not None:
             if self.config.num_labels == 1:
-                out.loss = F.mse_loss(out.logits.squeeze(-1), labels.to(out.logits.dtype).reshape(-1))
+                # in float32: under bf16 autocast the targets would round (3.8 -> 3.797)
+                out.loss = F.mse_loss(out.logits.squeeze(-1).float(), labels.float().reshape(-1))
             else:
                 out.loss = F.cross_entropy(out.logits, labels.reshape(-1))
         return out

@@ -74,9 +74,9 @@ def init_distributed(device: str = "auto", timeout_s: float | None = None) -> Di
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":  # kernels, streams and events go to the current device: --device cuda:1 must be it
+        torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
         wait = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 rank=rank, world_size=world_size, **wait)
@@ -316,10 +316,11 @@ class PendingScalars:
         self._event: torch.cuda.Event | None = None
         self._flat = torch.stack([v.detach().float().reshape(()) for v in values.values()]) if values else None
         if self._flat is not None and self._flat.is_cuda:
+            stream = torch.cuda.current_stream(self._flat.device)  # the copy's, whichever device is current
             host = torch.empty(self._flat.shape, dtype=self._flat.dtype, pin_memory=True)
             self._flat = host.copy_(self._flat, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(stream)
 
     def read(self) -> dict[str, float]:
         if self._event is not None:
@@ -694,7 +695,7 @@ class StopSignal:
         queued since: the loop keeps a step ahead of the device there too."""
         if not multi_process():
             return self.requested is not None
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        flag = torch.full((1,), 1.0 if self.requested else 0.0, device=device)  # a fill: no copy that would wait
         previous, self._pending = self._pending, PendingScalars(stop=all_reduce(flag, "max"))
         return previous is not None and previous.read()["stop"] > 0
 
