@@ -17,7 +17,8 @@ from xlnet.errors import XLNetError
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "demo": ("xlnet.demo", "pretrain a small model (preset mini) on the embedded corpus, fine-tune it, print scores, write plots"),
+    "demo": ("xlnet.demo",
+             "pretrain a small model (preset mini) on the embedded corpus, fine-tune it, print scores, write plots"),
     "tokenizer": ("xlnet.tokenizer", "train a SentencePiece tokenizer with XLNet's special ids"),
     "prepare": ("xlnet.data.prepare", "turn raw text into token shards for pretraining"),
     "pretrain": ("xlnet.pretrain",

@@ -132,8 +132,8 @@ def hard_label_loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
     0 for a batch of transfer rows alone."""
     known = labeled_rows(labels, kind)
     logits = logits.float()
-    if kind == "regression":  # (transfer rows' NaN labels zeroed first: NaN times 0 is NaN)
-        per_row = (logits.squeeze(-1) - labels.float().nan_to_num(0.0)).pow(2)
+    if kind == "regression":  # (transfer rows' NaN labels replaced first: NaN times 0 is NaN)
+        per_row = (logits.squeeze(-1) - labels.float().where(known, 0.0)).pow(2)
     else:
         per_row = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="none")
     return masked_mean(per_row, known.flatten() if kind != "regression" else known)
