@@ -346,6 +346,7 @@ def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
     model with another vocabulary size."""
     model_dir = Path(cfg.model) if cfg.model else None
     recorded = pretraining_tokenizer(model_dir) if model_dir else None
+    fell_back = False
     if cfg.tokenizer:
         tok = Tokenizer.load(cfg.tokenizer)
     elif model_dir and (model_dir / MODEL_FILE).is_file():
@@ -353,7 +354,7 @@ def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
     elif recorded and (Path(recorded[0]) / MODEL_FILE).is_file():
         tok = Tokenizer.load(recorded[0])
     else:
-        tok = Tokenizer.load(default_tokenizer_dir())
+        tok, fell_back = Tokenizer.load(default_tokenizer_dir()), True
         # a model with another vocabulary was not trained on the embedded tokenizer (a missing directory is
         # build_model's to report)
         vocab = XLNetConfig.load(model_dir).vocab_size if model_dir and model_dir.is_dir() and not recorded else None
@@ -362,7 +363,7 @@ def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
                              f"not the embedded tokenizer's ({tok.vocab_size}): pass the tokenizer it was trained "
                              f"with as --tokenizer")
     if recorded and sha256_file(tok.model_path) != recorded[1]:
-        if not cfg.tokenizer and tok.model_path.parent == default_tokenizer_dir():  # fell back: recorded one missing
+        if fell_back:  # the recorded tokenizer is missing
             raise XLNetError(f"{model_dir} was pretrained with the tokenizer in {recorded[0]} (its "
                              f"{TR.TRAINER_STATE}), which is not found from here: pass it as --tokenizer")
         raise XLNetError(f"{model_dir} was pretrained with another tokenizer than {tok.model_path} (sha256 "
@@ -516,10 +517,9 @@ def trims(model: nn.Module, split: Split) -> bool:
 def model_inputs(batch: dict[str, Tensor], device: torch.device, train: bool) -> dict[str, Tensor]:
     """The batch's model inputs on `device`. To a GPU through pinned memory, asynchronously: a copy from pageable
     memory would wait for every step queued before it (the loops queue a step before reading the last)."""
-    if device.type == "cuda":
-        out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items() if k not in NOT_INPUTS}
-    else:
-        out = {k: v.to(device) for k, v in batch.items() if k not in NOT_INPUTS}
+    pinned = device.type == "cuda"
+    out = {k: (v.pin_memory() if pinned else v).to(device, non_blocking=pinned)
+           for k, v in batch.items() if k not in NOT_INPUTS}
     if not train:  # the QA head decodes a beam only when no gold positions are given
         for key in ("labels", "start_positions", "end_positions", "is_impossible"):
             out.pop(key, None)
