@@ -33,12 +33,38 @@ HF_SPECIAL_NAMES = ("unk_token", "bos_token", "eos_token", "cls_token", "sep_tok
 def convert(src: str | Path, dst: str | Path, to_hf: bool, tokenizer: str | Path | None = None) -> Path:
     """`src` into `dst` in the other format, with `tokenizer` (a directory) if given, else `source_tokenizer`'s."""
     src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise XLNetError(f"{dst}: destination must differ from the source")
-    check_replaceable(dst, MODEL_DIR)  # before the load: never convert only to refuse the destination
+    check_destination(src, dst)
     model = load_model(src, strict=True)
     model.to(source_dtype(src))
-    tok = source_tokenizer(src, tokenizer)
+    return write_converted(model, source_tokenizer(src, tokenizer), src, dst, to_hf)
+
+
+def convert_from_tf(src: str | Path, dst: str | Path, config: str | Path | None = None,
+                    tokenizer: str | Path | None = None) -> Path:
+    """An original (TensorFlow) XLNet checkpoint into our format, with `tokenizer` if given, else the
+    spiece.model beside the checkpoint (the original release ships one)."""
+    from xlnet.tf_checkpoint import checkpoint_prefix, load_tf_model, print_notes
+
+    src, dst = Path(src), Path(dst)
+    check_destination(src, dst)
+    model, notes = load_tf_model(src, config)
+    print_notes(notes)
+    beside = checkpoint_prefix(src).parent
+    tok = Tokenizer.load(tokenizer) if tokenizer else Tokenizer.load(beside) if (beside / MODEL_FILE).is_file() else None
+    if tok is None:
+        print(f"xlnet convert: warning: no tokenizer exported: {beside} has no {MODEL_FILE} (--tokenizer names one)",
+              file=sys.stderr)
+    return write_converted(model, tok, src, dst, to_hf=False)
+
+
+def check_destination(src: Path, dst: Path) -> None:
+    """Before any load: never convert only to refuse the destination."""
+    if src.resolve() == dst.resolve():
+        raise XLNetError(f"{dst}: destination must differ from the source")
+    check_replaceable(dst, MODEL_DIR)
+
+
+def write_converted(model: torch.nn.Module, tok: Tokenizer | None, src: Path, dst: Path, to_hf: bool) -> Path:
     if tok is not None and tok.vocab_size > model.config.vocab_size:
         raise XLNetError(f"{tok.model_path}: tokenizer has {tok.vocab_size} pieces but the model in {src} only "
                          f"{model.config.vocab_size}")
@@ -129,14 +155,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", action="store_true", help="SRC is a Hugging Face XLNet directory")
     direction.add_argument("--to-hf", action="store_true", help="write DST as a Hugging Face XLNet directory")
+    direction.add_argument("--from-tf", action="store_true",
+                           help="SRC is an original (TensorFlow) XLNet checkpoint: a directory with xlnet_config.json "
+                                "and the checkpoint (e.g. the released xlnet_cased_L-12_H-768_A-12), or its prefix")
     parser.add_argument("src", help="source model directory")
     parser.add_argument("dst", help="destination directory (replaced atomically if it holds a model)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory to export with the weights (default: SRC's spiece.model, else the "
                              "one its pretraining run recorded)")
+    parser.add_argument("--tf-config", default=None,
+                        help="--from-tf: the original xlnet_config.json (default: beside the checkpoint)")
 
 
 def run(args: argparse.Namespace) -> int:
-    dst = convert(args.src, args.dst, to_hf=args.to_hf, tokenizer=args.tokenizer)
+    if args.tf_config and not args.from_tf:
+        raise XLNetError("--tf-config goes with --from-tf")
+    if args.from_tf:
+        dst = convert_from_tf(args.src, args.dst, config=args.tf_config, tokenizer=args.tokenizer)
+    else:
+        dst = convert(args.src, args.dst, to_hf=args.to_hf, tokenizer=args.tokenizer)
     print(f"wrote {'Hugging Face' if args.to_hf else 'xlnet'} checkpoint to {dst}")
     return 0

@@ -1,0 +1,164 @@
+"""`xlnet convert --from-tf`: original (TensorFlow) XLNet checkpoints, against the original code's own outputs.
+
+tests/data/tf_xlnet holds checkpoints written by TensorFlow's Saver from the original implementation's graph
+(zihangdai/xlnet modeling.py; tests/data/make_tf_checkpoint.py made them) and what that graph computed: the
+two-stream pretraining pass with memory, padding and segments (with and without bi_data) and a fine-tuned
+classifier's logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xlnet.checkpoint import load_model
+from xlnet.cli import main
+from xlnet.tf_checkpoint import TRAINING_STATE, checkpoint_prefix, load_tf_model, read_bundle, unmasked_crc
+from xlnet.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+
+DATA = Path(__file__).parent / "data" / "tf_xlnet"
+PRETRAINED, CLASSIFIER = DATA / "pretrained", DATA / "classifier"
+TOL = dict(rtol=1e-5, atol=5e-6)  # float32: the original and ours sum in different orders
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, torch.Tensor]:
+    with np.load(DATA / "expected.npz", allow_pickle=False) as f:
+        return {k: torch.from_numpy(f[k]) for k in f.files}
+
+
+def batch_first(e: dict[str, torch.Tensor], two_stream: bool) -> dict:
+    """The original's time-major inputs ([len, bsz], perm_mask [i, j, b], ...) in our (HF's) layout."""
+    kw = dict(token_type_ids=e["seg_id"].T.long(), attention_mask=1 - e["input_mask"].T)
+    if two_stream:
+        kw.update(perm_mask=e["perm_mask"].permute(2, 0, 1), target_mapping=e["target_mapping"].permute(2, 0, 1),
+                  mems=[m.transpose(0, 1) for m in e["mems"]])
+    return kw
+
+
+def copy_fixture(tmp_path: Path, which: Path) -> Path:
+    return Path(shutil.copytree(which, tmp_path / which.name))
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("bi_data", [False, True])
+def test_pretrained_checkpoint_computes_what_the_original_code_computed(expected, impl, bi_data):
+    model, notes = load_tf_model(PRETRAINED)
+    assert notes == [] and type(model).__name__ == "XLNetLMHeadModel"
+    assert model.config.ff_activation == "gelu_new"  # the original's gelu is the tanh approximation
+    # the run's settings, which the original config file does not hold (they are the graph's arguments)
+    config = dataclasses.replace(model.config, mem_len=4, reuse_len=4, bi_data=bi_data, attn_impl=impl)
+    ours = type(model)(config).eval()
+    ours.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out = ours(expected["input_ids"].T.long(), **batch_first(expected, two_stream=True))
+    tag = "_bi" if bi_data else ""
+    torch.testing.assert_close(out.last_hidden_state.transpose(0, 1), expected["query_stream" + tag], **TOL)
+    torch.testing.assert_close(torch.stack([m.transpose(0, 1) for m in out.mems]), expected["new_mems" + tag], **TOL)
+    loss = F.cross_entropy(out.logits.flatten(0, 1), expected["target"].T.flatten().long(), reduction="none")
+    torch.testing.assert_close(loss.view(2, -1).T, expected["lm_loss" + tag], **TOL)
+
+
+def test_classifier_through_the_cli_then_to_hugging_face(expected, tmp_path, capsys):
+    """run_classifier's checkpoint (found through TF's `checkpoint` file) -> ours -> HF: the same logits as the
+    original graph at every stop."""
+    ours_dir, hf_dir = tmp_path / "ours", tmp_path / "hf"
+    assert main(["convert", "--from-tf", str(CLASSIFIER), str(ours_dir)]) == 0
+    err = capsys.readouterr().err
+    assert "no mask_emb" in err and "no tokenizer exported" in err
+    model = load_model(ours_dir).eval()
+    assert type(model).__name__ == "XLNetForSequenceClassification" and model.config.num_labels == 3
+    inputs = (expected["input_ids"].T.long(),)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs, **batch_first(expected, False)).logits, expected["class_logits"],
+                                   **TOL)
+    assert main(["convert", "--to-hf", str(ours_dir), str(hf_dir)]) == 0
+    from transformers import XLNetForSequenceClassification
+
+    hf = XLNetForSequenceClassification.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(*inputs, **batch_first(expected, False)).logits, expected["class_logits"],
+                                   **TOL)
+
+
+def test_spiece_model_beside_the_checkpoint_travels(tmp_path):
+    """The release ships spiece.model beside the checkpoint: it becomes our tokenizer, with XLNet's defaults
+    (cased, accents stripped, spaces collapsed), unless --tokenizer names another."""
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat\nthe dog ate the cat food\n" * 50)
+    tok_dir = train_tokenizer([text], tmp_path / "tok", vocab_size=30)
+    src = copy_fixture(tmp_path, PRETRAINED)
+    shutil.copyfile(tok_dir / MODEL_FILE, src / MODEL_FILE)
+    assert main(["convert", "--from-tf", str(src / "xlnet_model.ckpt"), str(tmp_path / "out")]) == 0
+    tok = Tokenizer.load(tmp_path / "out")
+    assert (tok.lowercase, tok.strip_accents, tok.remove_space) == (False, True, True)
+    assert (tmp_path / "out" / MODEL_FILE).read_bytes() == (tok_dir / MODEL_FILE).read_bytes()
+
+
+def test_moved_run_directory_and_explicit_prefix(tmp_path):
+    """TF's `checkpoint` file may name the run's old absolute path: the same file name beside it is used."""
+    src = copy_fixture(tmp_path, CLASSIFIER)
+    (src / "checkpoint").write_text('model_checkpoint_path: "/gone/run/model.ckpt-7"\n')
+    assert checkpoint_prefix(src) == src / "model.ckpt-7"
+    assert checkpoint_prefix(src / "model.ckpt-7") == src / "model.ckpt-7"
+    shutil.copyfile(src / "model.ckpt-7.index", src / "model.ckpt-9.index")
+    (src / "checkpoint").unlink()
+    with pytest.raises(Exception, match="2 checkpoints .*name one by its prefix"):
+        checkpoint_prefix(src)
+
+
+def test_training_state_is_not_read():
+    names = ["global_step", "beta1_power", "model/transformer/r_w_bias/Adam_1", "model/lm_loss/bias/adam_m",
+             "model/transformer/layer_0/ff/layer_1/kernel/adam_v"]
+    assert all(TRAINING_STATE.search(n) for n in names)
+    assert not any(TRAINING_STATE.search(n) for n in ["model/lm_loss/bias", "model/transformer/layer_0/ff/layer_1/kernel"])
+    tensors = read_bundle(CLASSIFIER / "model.ckpt-7")
+    assert tensors["global_step"].item() == 7  # TF's own counter, read as written
+
+
+def test_masked_crc_round_trip():
+    """LevelDB's mask: rotate right by 15, add a constant; the unmask inverts it for every value."""
+    for crc in (0, 1, 0xFFFFFFFF, 0x12345678, 0xE3069283):
+        masked = ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+        assert unmasked_crc(masked) == crc
+
+
+def corrupt(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: corrupt(d / "xlnet_model.ckpt.data-00000-of-00001", 100), "corrupt \\(CRC32C of tensor"),
+    (lambda d: (d / "xlnet_model.ckpt.data-00000-of-00001").write_bytes(
+        (d / "xlnet_model.ckpt.data-00000-of-00001").read_bytes()[:5000]), "truncated"),
+    (lambda d: (d / "xlnet_model.ckpt.data-00000-of-00001").unlink(), "not found \\(the checkpoint's data shard"),
+    (lambda d: corrupt(d / "xlnet_model.ckpt.index", 40), "corrupt \\(CRC32C of the block"),
+    (lambda d: (d / "xlnet_model.ckpt.index").write_bytes(b"not a table" * 10), "not a TensorFlow checkpoint index"),
+    (lambda d: (d / "xlnet_config.json").unlink(), "xlnet_config.json: not found"),
+    (lambda d: (d / "xlnet_config.json").write_text('{"vocab_size": 37}'), "not an original XLNet config"),
+    (lambda d: (d / "xlnet_config.json").write_text((d / "xlnet_config.json").read_text().replace(
+        '"n_layer": 2', '"n_layer": 3')), "r_w_bias has shape \\(2, 3, 4\\), without the layer axis of 3"),
+    (lambda d: (d / "xlnet_config.json").write_text((d / "xlnet_config.json").read_text().replace(
+        '"n_token": 37', '"n_token": 40')), "word_embedding.weight has shape \\(37, 12\\)"),
+])
+def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys, damage, message):
+    src = copy_fixture(tmp_path, PRETRAINED)
+    damage(src)
+    assert main(["convert", "--from-tf", str(src), str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tf_config_flag_needs_from_tf(tmp_path, capsys):
+    assert main(["convert", "--to-hf", str(PRETRAINED), str(tmp_path / "x"), "--tf-config", "c.json"]) != 0
+    assert "--tf-config goes with --from-tf" in capsys.readouterr().err
