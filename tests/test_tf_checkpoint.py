@@ -87,6 +87,41 @@ def test_classifier_through_the_cli_then_to_hugging_face(expected, tmp_path, cap
                                    **TOL)
 
 
+def finetuned(which: str, **config) -> torch.nn.Module:
+    model, notes = load_tf_model(DATA / which)
+    assert len(notes) == 1 and "no mask_emb" in notes[0], notes
+    ours = type(model)(dataclasses.replace(model.config, **config)).eval()
+    ours.load_state_dict(model.state_dict())
+    return ours
+
+
+def test_squad_checkpoint_decodes_as_the_original(expected):
+    """run_squad.py's inference outputs: top starts, top ends for each, answerability. The original returns
+    log-probabilities with each start's ends together ([start, end]); ours (as HF's) probabilities with the
+    ends outermost ([end, start])."""
+    model = finetuned("squad", start_n_top=2, end_n_top=2)
+    assert type(model).__name__ == "XLNetForQuestionAnswering"
+    with torch.no_grad():
+        out = model(expected["input_ids"].T.long(), p_mask=expected["p_mask"],
+                    cls_index=torch.full((2,), expected["input_ids"].shape[0] - 1), **batch_first(expected, False))
+    torch.testing.assert_close(out.start_top_log_probs.log(), expected["squad_start_top_log_probs"], **TOL)
+    assert torch.equal(out.start_top_index, expected["squad_start_top_index"].long())
+    as_original = lambda t: t.view(2, 2, 2).transpose(1, 2).reshape(2, 4)  # noqa: E731  [end, start] -> [start, end]
+    torch.testing.assert_close(as_original(out.end_top_log_probs).log(), expected["squad_end_top_log_probs"], **TOL)
+    assert torch.equal(as_original(out.end_top_index), expected["squad_end_top_index"].long())
+    torch.testing.assert_close(out.cls_logits, expected["squad_cls_logits"], **TOL)
+
+
+def test_race_checkpoint_scores_choices_as_the_original(expected):
+    model = finetuned("race")
+    assert type(model).__name__ == "XLNetForMultipleChoice"
+    choices = lambda t: t.view(2, 4, -1)  # noqa: E731  run_race.py's [bsz, 4 * len]
+    with torch.no_grad():
+        logits = model(choices(expected["race_ids"]).long(), token_type_ids=choices(expected["race_seg"]).long(),
+                       attention_mask=1 - choices(expected["race_mask"])).logits
+    torch.testing.assert_close(logits, expected["race_logits"], **TOL)
+
+
 def test_spiece_model_beside_the_checkpoint_travels(tmp_path):
     """The release ships spiece.model beside the checkpoint: it becomes our tokenizer, with XLNet's defaults
     (cased, accents stripped, spaces collapsed), unless --tokenizer names another."""

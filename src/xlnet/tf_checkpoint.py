@@ -4,8 +4,9 @@ A TF checkpoint PREFIX is a tensor bundle. PREFIX.index is a sorted string table
 variable's name to a BundleEntryProto (dtype, shape, shard, offset, size, CRC32C); PREFIX.data-0000S-of-0000N hold
 the raw tensors. Both formats are small and read here directly, every block and tensor checked against its CRC32C;
 nothing is unpickled or executed. The names are those of the original code (zihangdai/xlnet): `model/transformer/`
-for the body, `model/lm_loss/bias` for the pretrained LM head, and run_classifier.py's `model/sequnece_summary/`
-(sic) and `model/{classification,regression}_<task>/logit/` for a fine-tuned classifier.
+for the body, `model/lm_loss/bias` for the pretrained LM head; run_classifier.py's `model/sequnece_summary/` (sic)
+and `model/{classification,regression}_<task>/logit/`, run_squad.py's `start_logits/`, `end_logits/` and
+`answer_class/`, run_race.py's summary and `logits/` for fine-tuned models.
 """
 
 from __future__ import annotations
@@ -283,22 +284,43 @@ def _layer_slice(value: Tensor, i: int, per_layer: bool, name: str, config: XLNe
     return value[i] if per_layer else value
 
 
+def _dense(tensors: dict[str, Tensor], scope: str, ours: str, source: Path, bias: bool = True) -> dict[str, Tensor]:
+    """tf.layers.dense's kernel [in, out] and bias as torch Linear's weight [out, in] and bias."""
+    out = {f"{ours}.weight": _pick(tensors, f"{scope}/kernel", source).T.contiguous()}
+    if bias:
+        out[f"{ours}.bias"] = _pick(tensors, f"{scope}/bias", source)
+    return out
+
+
+def _summary(tensors: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
+    if "model/sequnece_summary/summary_bias" in tensors:
+        raise XLNetError(f"{source}: summary_type 'attn' is not supported (the heads here read the last token)")
+    return _dense(tensors, SUMMARY.rstrip("/"), "sequence_summary.summary", source)
+
+
 def head_weights(tensors: dict[str, Tensor], config: XLNetConfig, source: Path) -> tuple[str, dict[str, Tensor]]:
-    """The head class and its tensors: run_classifier's summary and logit layer, else the LM head's bias."""
+    """The head class and its tensors (popped from `tensors`): run_squad's start/end/answer-class layers,
+    run_race's summary and choice logit, run_classifier's summary and logit layer, else the LM head's bias."""
+    if "start_logits/dense/kernel" in tensors:
+        return "XLNetForQuestionAnswering", {
+            **_dense(tensors, "start_logits/dense", "start_logits.dense", source),
+            **_dense(tensors, "end_logits/dense_0", "end_logits.dense_0", source),
+            "end_logits.LayerNorm.weight": _pick(tensors, "end_logits/LayerNorm/gamma", source),
+            "end_logits.LayerNorm.bias": _pick(tensors, "end_logits/LayerNorm/beta", source),
+            **_dense(tensors, "end_logits/dense_1", "end_logits.dense_1", source),
+            **_dense(tensors, "answer_class/dense_0", "answer_class.dense_0", source),
+            **_dense(tensors, "answer_class/dense_1", "answer_class.dense_1", source, bias=False)}
+    if "logits/dense/kernel" in tensors:
+        return "XLNetForMultipleChoice", {**_summary(tensors, source),
+                                          **_dense(tensors, "logits/dense", "logits_proj", source)}
     scopes = sorted({m.group(1) for name in tensors
                      if (m := re.match(r"model/((?:classification|regression)_[^/]+)/logit/kernel$", name))})
     if len(scopes) > 1:
         raise XLNetError(f"{source}: {len(scopes)} classifier heads ({', '.join(scopes)}); convert needs one")
     if scopes:
-        if "model/sequnece_summary/summary_bias" in tensors:
-            raise XLNetError(f"{source}: summary_type 'attn' is not supported (the heads here read the last token)")
-        kernel = _pick(tensors, f"model/{scopes[0]}/logit/kernel", source)
-        config.num_labels = kernel.shape[1]
-        return "XLNetForSequenceClassification", {
-            "sequence_summary.summary.weight": _pick(tensors, SUMMARY + "kernel", source).T.contiguous(),
-            "sequence_summary.summary.bias": _pick(tensors, SUMMARY + "bias", source),
-            "logits_proj.weight": kernel.T.contiguous(),
-            "logits_proj.bias": _pick(tensors, f"model/{scopes[0]}/logit/bias", source)}
+        config.num_labels = tensors[f"model/{scopes[0]}/logit/kernel"].shape[1]
+        return "XLNetForSequenceClassification", {**_summary(tensors, source),
+                                                  **_dense(tensors, f"model/{scopes[0]}/logit", "logits_proj", source)}
     bias = tensors.pop(LM_BIAS, None)
     return "XLNetLMHeadModel", {} if bias is None else {"lm_loss.bias": bias}
 

@@ -1,15 +1,19 @@
 """Write tests/data/tf_xlnet: tiny TensorFlow checkpoints made by the original XLNet code, with its outputs.
 
 The oracle for `xlnet convert --from-tf` is the original implementation itself, not our reading of it: this
-script imports `modeling.py` from a checkout of https://github.com/zihangdai/xlnet (Apache-2.0; not copied
-here), builds its graph under TensorFlow 2's v1 compatibility layer with random weights, saves them with TF's
-own Saver (the tensor-bundle format of the released checkpoints) and records what the graph computes:
+script imports `modeling.py` and `function_builder.py` from a checkout of https://github.com/zihangdai/xlnet
+(Apache-2.0; not copied here), builds their graphs under TensorFlow 2's v1 compatibility layer with random
+weights, saves them with TF's own Saver (the tensor-bundle format of the released checkpoints) and records what
+the graphs compute:
 
 - pretrained/: transformer + lm_loss, as released (xlnet_config.json, xlnet_model.ckpt.*). Outputs of the
   two-stream pretraining graph (perm_mask, target_mapping, memory, padding, two segments), with and without
   bi_data: the query stream at the targets, the new memory, the LM loss of each target.
-- classifier/: transformer (without mask_emb) + sequnece_summary + classification_demo (run_classifier.py's scopes), saved as
-  model.ckpt-7 with TF's `checkpoint` state file. Outputs of the fine-tuning graph: the class logits.
+- classifier/, squad/, race/: the transformer (without mask_emb: fine-tuning graphs have no query stream) and
+  the heads of run_classifier.py, run_squad.py and run_race.py under their own scopes, as those scripts save
+  them (model.ckpt-N with TF's `checkpoint` state file). Outputs of function_builder's inference graphs: the
+  class logits; SQuAD's top starts and ends (log-probabilities and indices) and answerability logit; RACE's
+  four choice logits.
 
 Run once, outside the test environment (TensorFlow is not a dependency of anything here):
     python -m venv /tmp/tfenv && /tmp/tfenv/bin/pip install tensorflow-cpu numpy
@@ -35,6 +39,7 @@ import numpy as np
 CONFIG = dict(n_token=37, d_model=12, n_layer=2, n_head=3, d_head=4, d_inner=20, ff_activation="gelu",
               untie_r=True)
 BSZ, QLEN, MLEN, NUM_PREDICT, MEM_LEN, REUSE_LEN, N_CLASS = 2, 6, 3, 2, 4, 4, 3
+START_N_TOP, END_N_TOP = 2, 2  # at most the unmasked positions (3): no ties among masked ones in top-k
 
 
 def v1_shim():
@@ -98,11 +103,21 @@ def inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
             inp_q[t, b] = 1.0
     mems = rng.normal(size=(CONFIG["n_layer"], MLEN, BSZ, CONFIG["d_model"])).astype(np.float32)
     labels = np.einsum("pib,ib->pb", target_mapping, ids.astype(np.float32)).astype(np.int32)
+    # SQuAD: question and specials masked out of the answer ([bsz, len], 1 = not an answer position)
+    p_mask = np.ones((BSZ, QLEN), np.float32)
+    p_mask[:, 2:5] = 0.0
+    # RACE: four choices a row, flattened [bsz, 4 * len] as run_race.py feeds them
+    race_ids = rng.integers(0, CONFIG["n_token"], size=(BSZ, 4 * QLEN)).astype(np.int32)
+    race_seg = np.tile(seg.T[:, None], (1, 4, 1)).reshape(BSZ, -1)
+    race_mask = np.zeros((BSZ, 4 * QLEN), np.float32)
+    race_mask[:, ::QLEN] = rng.integers(0, 2, size=(BSZ, 4))  # some choices' first position is padding
     return dict(input_ids=ids, seg_id=seg, input_mask=input_mask, perm_mask=perm_mask,
-                target_mapping=target_mapping, inp_q=inp_q, mems=mems, target=labels)
+                target_mapping=target_mapping, inp_q=inp_q, mems=mems, target=labels, p_mask=p_mask,
+                race_ids=race_ids, race_seg=race_seg, race_mask=race_mask)
 
 
-def build(modeling, v1, x: dict[str, np.ndarray]) -> dict[str, object]:
+def pretraining_graph(modeling, v1, x: dict[str, np.ndarray]) -> dict[str, object]:
+    """train_gpu.py's model: the two-stream pass over memory (with and without bi_data) and the LM loss."""
     init = v1.initializers.random_normal(stddev=0.02)
     common = dict(n_token=CONFIG["n_token"], n_layer=CONFIG["n_layer"], d_model=CONFIG["d_model"],
                   n_head=CONFIG["n_head"], d_head=CONFIG["d_head"], d_inner=CONFIG["d_inner"],
@@ -123,16 +138,39 @@ def build(modeling, v1, x: dict[str, np.ndarray]) -> dict[str, object]:
             out["new_mems" + tag] = v1.stack(new_mems)
             out["lm_loss" + tag] = modeling.lm_loss(g, c["target"], CONFIG["n_token"], CONFIG["d_model"], init,
                                                     lookup_table=table, tie_weight=True, bi_data=bi_data)
-        h, _, _ = modeling.transformer_xl(inp_k=c["input_ids"], seg_id=c["seg_id"], input_mask=c["input_mask"],
-                                          mems=None, perm_mask=None, target_mapping=None, inp_q=None, mem_len=0,
-                                          reuse_len=None, bi_data=False, **common)
-        out["content_stream"] = h
-        summary = modeling.summarize_sequence("last", h, CONFIG["d_model"], CONFIG["n_head"], CONFIG["d_head"],
-                                              0.0, 0.0, c["input_mask"], False, init, scope="sequnece_summary")
-        _, logits = modeling.classification_loss(summary, v1.zeros([BSZ], v1.int32), N_CLASS, init,
-                                                 scope="classification_demo", return_logits=True)
-        out["class_logits"] = logits
     return out
+
+
+def finetuning_graphs(function_builder, v1, x: dict[str, np.ndarray], config_path: Path) -> dict[str, object]:
+    """run_classifier.py's, run_squad.py's and run_race.py's heads, built by the original function_builder
+    (inference mode: SQuAD's start/end beam and answerability logit)."""
+    flags = types.SimpleNamespace(
+        model_config_path=str(config_path), use_tpu=False, use_bfloat16=False, dropout=0.0, dropatt=0.0,
+        init="normal", init_range=0.1, init_std=0.02, clamp_len=-1, summary_type="last", use_summ_proj=True,
+        cls_scope=None, task_name="demo", start_n_top=START_N_TOP, end_n_top=END_N_TOP)
+    features = {"input_ids": x["input_ids"].T, "segment_ids": x["seg_id"].T, "input_mask": x["input_mask"].T,
+                "label_ids": np.zeros(BSZ, np.int32), "cls_index": np.full(BSZ, QLEN - 1, np.int32),
+                "p_mask": x["p_mask"]}
+    features = {k: v1.constant(v) for k, v in features.items()}
+    out: dict[str, object] = {}
+    out["class_logits"] = function_builder.get_classification_loss(flags, features, N_CLASS, False)[2]
+    for key, value in function_builder.get_qa_outputs(flags, features, False).items():
+        out["squad_" + key] = value
+    race = {k: v1.constant(v) for k, v in (("input_ids", x["race_ids"]), ("segment_ids", x["race_seg"]),
+                                          ("input_mask", x["race_mask"]), ("label_ids", np.zeros(BSZ, np.int32)))}
+    out["race_logits"] = function_builder.get_race_loss(flags, race, False)[2]
+    return out
+
+
+# variables of each checkpoint, by name prefix; fine-tuning graphs have no query stream, so no mask_emb
+BODY = ("model/transformer/r_", "model/transformer/seg_embed", "model/transformer/word_embedding",
+        "model/transformer/layer_")
+CHECKPOINTS = {
+    "pretrained": (BODY + ("model/transformer/mask_emb", "model/lm_loss/"), "xlnet_model.ckpt", None),
+    "classifier": (BODY + ("model/sequnece_summary/", "model/classification_demo/", "global_step"), "model.ckpt", 7),
+    "squad": (BODY + ("start_logits/", "end_logits/", "answer_class/"), "model.ckpt", 11),
+    "race": (BODY + ("model/sequnece_summary/", "logits/"), "model.ckpt", 13),
+}
 
 
 def main() -> None:
@@ -143,34 +181,30 @@ def main() -> None:
     real_tf, v1, shim = v1_shim()
     sys.modules["tensorflow"] = shim
     sys.path.insert(0, args.xlnet_repo)
-    import modeling  # the original XLNet code
+    import function_builder  # the original XLNet code
+    import modeling
 
+    out = Path(args.out).resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    for sub in CHECKPOINTS:
+        (out / sub).mkdir(parents=True)
+        (out / sub / "xlnet_config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")  # the release's format
     rng = np.random.default_rng(0)
     x = inputs(rng)
-    outputs = build(modeling, v1, x)
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    for sub in ("pretrained", "classifier"):
-        (out / sub).mkdir(parents=True)
+    outputs = {**pretraining_graph(modeling, v1, x),
+               **finetuning_graphs(function_builder, v1, x, out / "pretrained" / "xlnet_config.json")}
     with v1.Session() as sess:
+        v1.Variable(7, name="global_step", dtype=real_tf.int64, trainable=False)  # as in every TF run's checkpoint
         sess.run(v1.global_variables_initializer())
-        for var in v1.global_variables():  # weights far from init, so that a swapped or transposed one shows
-            shape = var.shape.as_list()
+        for var in v1.trainable_variables():  # weights far from init, so that a swapped or transposed one shows
             base = 1.0 if var.name.endswith("gamma:0") else 0.0
-            var.load((base + rng.normal(scale=0.3, size=shape)).astype(np.float32), sess)
-        step = v1.Variable(7, name="global_step", dtype=real_tf.int64)  # as in every TF run's checkpoint
-        sess.run(step.initializer)
+            var.load((base + rng.normal(scale=0.3, size=var.shape.as_list())).astype(np.float32), sess)
         values = sess.run(outputs)
         variables = {v.op.name: v for v in v1.global_variables()}
-        lm = [v for name, v in variables.items() if not name.startswith(("model/sequnece", "model/classification"))]
-        # run_classifier's graph has no query stream, so its checkpoints have no mask_emb
-        cls = [v for name, v in variables.items() if not name.startswith(("model/lm_loss", "model/transformer/mask"))]
-        v1.train.Saver(lm).save(sess, str(out / "pretrained" / "xlnet_model.ckpt"), write_meta_graph=False,
-                                write_state=False)
-        with chdir(out / "classifier"):  # a relative prefix: TF's `checkpoint` file then names it relatively
-            v1.train.Saver(cls).save(sess, "model.ckpt", global_step=7, write_meta_graph=False)
-    for sub in ("pretrained", "classifier"):  # the release's config format
-        (out / sub / "xlnet_config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+        for sub, (prefixes, name, step_no) in CHECKPOINTS.items():
+            saver = v1.train.Saver([v for n, v in variables.items() if n.startswith(prefixes)])
+            with chdir(out / sub):  # a relative prefix: TF's `checkpoint` file then names it relatively
+                saver.save(sess, name, global_step=step_no, write_meta_graph=False, write_state=step_no is not None)
     np.savez(out / "expected.npz", **x, **values)
     print(f"wrote {out}: {sorted(values)}; tensorflow {real_tf.__version__}")
 
