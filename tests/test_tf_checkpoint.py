@@ -2,8 +2,8 @@
 
 tests/data/tf_xlnet holds checkpoints written by TensorFlow's Saver from the original implementation's graph
 (zihangdai/xlnet modeling.py; tests/data/make_tf_checkpoint.py made them) and what that graph computed: the
-two-stream pretraining pass with memory, padding and segments (with and without bi_data) and a fine-tuned
-classifier's logits."""
+two-stream pretraining pass with memory, padding and segments (with and without bi_data; causal with
+same_length and clamp_len) and the inference outputs of the original fine-tuning heads (GLUE, SQuAD, RACE)."""
 
 from __future__ import annotations
 
@@ -46,19 +46,21 @@ def copy_fixture(tmp_path: Path, which: Path) -> Path:
     return Path(shutil.copytree(which, tmp_path / which.name))
 
 
+# the pretraining graph's settings (make_tf_checkpoint.VARIANTS), which the original config file does not hold
+VARIANTS = {"": dict(), "_bi": dict(bi_data=True), "_uni": dict(attn_type="uni", same_length=True, clamp_len=3)}
+
+
 @pytest.mark.parametrize("impl", ["reference", "fast"])
-@pytest.mark.parametrize("bi_data", [False, True])
-def test_pretrained_checkpoint_computes_what_the_original_code_computed(expected, impl, bi_data):
+@pytest.mark.parametrize("tag", list(VARIANTS))
+def test_pretrained_checkpoint_computes_what_the_original_code_computed(expected, impl, tag):
     model, notes = load_tf_model(PRETRAINED)
     assert notes == [] and type(model).__name__ == "XLNetLMHeadModel"
     assert model.config.ff_activation == "gelu_new"  # the original's gelu is the tanh approximation
-    # the run's settings, which the original config file does not hold (they are the graph's arguments)
-    config = dataclasses.replace(model.config, mem_len=4, reuse_len=4, bi_data=bi_data, attn_impl=impl)
+    config = dataclasses.replace(model.config, mem_len=4, reuse_len=4, attn_impl=impl, **VARIANTS[tag])
     ours = type(model)(config).eval()
     ours.load_state_dict(model.state_dict())
     with torch.no_grad():
         out = ours(expected["input_ids"].T.long(), **batch_first(expected, two_stream=True))
-    tag = "_bi" if bi_data else ""
     torch.testing.assert_close(out.last_hidden_state.transpose(0, 1), expected["query_stream" + tag], **TOL)
     torch.testing.assert_close(torch.stack([m.transpose(0, 1) for m in out.mems]), expected["new_mems" + tag], **TOL)
     loss = F.cross_entropy(out.logits.flatten(0, 1), expected["target"].T.flatten().long(), reduction="none")

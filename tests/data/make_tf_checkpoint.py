@@ -7,8 +7,9 @@ weights, saves them with TF's own Saver (the tensor-bundle format of the release
 the graphs compute:
 
 - pretrained/: transformer + lm_loss, as released (xlnet_config.json, xlnet_model.ckpt.*). Outputs of the
-  two-stream pretraining graph (perm_mask, target_mapping, memory, padding, two segments), with and without
-  bi_data: the query stream at the targets, the new memory, the LM loss of each target.
+  two-stream pretraining graph (perm_mask, target_mapping, memory, padding, two segments): with and without
+  bi_data, and with causal attention (`uni`, same_length, clamp_len 3); the query stream at the targets, the new
+  memory, the LM loss of each target.
 - classifier/, squad/, race/: the transformer (without mask_emb: fine-tuning graphs have no query stream) and
   the heads of run_classifier.py, run_squad.py and run_race.py under their own scopes, as those scripts save
   them (model.ckpt-N with TF's `checkpoint` state file). Outputs of function_builder's inference graphs: the
@@ -39,6 +40,13 @@ import numpy as np
 CONFIG = dict(n_token=37, d_model=12, n_layer=2, n_head=3, d_head=4, d_inner=20, ff_activation="gelu",
               untie_r=True)
 BSZ, QLEN, MLEN, NUM_PREDICT, MEM_LEN, REUSE_LEN, N_CLASS = 2, 6, 3, 2, 4, 4, 3
+# the pretraining graph's settings (transformer_xl's arguments, not in the config file): output key suffix -> run
+VARIANTS = {
+    "": dict(bi_data=False, attn_type="bi", same_length=False, clamp_len=-1),
+    "_bi": dict(bi_data=True, attn_type="bi", same_length=False, clamp_len=-1),
+    # Transformer-XL's causal attention with every query seeing as many keys, distances clipped at 3
+    "_uni": dict(bi_data=False, attn_type="uni", same_length=True, clamp_len=3),
+}
 START_N_TOP, END_N_TOP = 2, 2  # at most the unmasked positions (3): no ties among masked ones in top-k
 
 
@@ -122,22 +130,20 @@ def pretraining_graph(modeling, v1, x: dict[str, np.ndarray]) -> dict[str, objec
     common = dict(n_token=CONFIG["n_token"], n_layer=CONFIG["n_layer"], d_model=CONFIG["d_model"],
                   n_head=CONFIG["n_head"], d_head=CONFIG["d_head"], d_inner=CONFIG["d_inner"],
                   ff_activation=CONFIG["ff_activation"], untie_r=CONFIG["untie_r"], is_training=False,
-                  use_tpu=False, dropout=0.0, dropatt=0.0, initializer=init, clamp_len=-1, same_length=False,
-                  attn_type="bi", scope="transformer")
+                  use_tpu=False, dropout=0.0, dropatt=0.0, initializer=init, scope="transformer")
     c = {k: v1.constant(v) for k, v in x.items()}
     mems = [c["mems"][i] for i in range(CONFIG["n_layer"])]
     out: dict[str, object] = {}
     with v1.variable_scope("model", reuse=v1.AUTO_REUSE):
-        for bi_data in (False, True):
-            tag = "_bi" if bi_data else ""
+        for tag, run in VARIANTS.items():
             g, new_mems, table = modeling.transformer_xl(
                 inp_k=c["input_ids"], seg_id=c["seg_id"], input_mask=c["input_mask"], mems=mems,
                 perm_mask=c["perm_mask"], target_mapping=c["target_mapping"], inp_q=c["inp_q"],
-                mem_len=MEM_LEN, reuse_len=REUSE_LEN, bi_data=bi_data, **common)
+                mem_len=MEM_LEN, reuse_len=REUSE_LEN, **run, **common)
             out["query_stream" + tag] = g
             out["new_mems" + tag] = v1.stack(new_mems)
             out["lm_loss" + tag] = modeling.lm_loss(g, c["target"], CONFIG["n_token"], CONFIG["d_model"], init,
-                                                    lookup_table=table, tie_weight=True, bi_data=bi_data)
+                                                    lookup_table=table, tie_weight=True, bi_data=run["bi_data"])
     return out
 
 
