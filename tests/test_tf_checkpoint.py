@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from xlnet.checkpoint import load_model
 from xlnet.cli import main
-from xlnet.tf_checkpoint import TRAINING_STATE, checkpoint_prefix, load_tf_model, read_bundle, unmasked_crc
+from xlnet.tf_checkpoint import TRAINING_STATE, body_weights, checkpoint_prefix, load_tf_model, read_bundle, unmasked_crc
 from xlnet.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
 
 DATA = Path(__file__).parent / "data" / "tf_xlnet"
@@ -59,12 +59,19 @@ def test_pretrained_checkpoint_computes_what_the_original_code_computed(expected
     config = dataclasses.replace(model.config, mem_len=4, reuse_len=4, attn_impl=impl, **VARIANTS[tag])
     ours = type(model)(config).eval()
     ours.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        out = ours(expected["input_ids"].T.long(), **batch_first(expected, two_stream=True))
-    torch.testing.assert_close(out.last_hidden_state.transpose(0, 1), expected["query_stream" + tag], **TOL)
+    out = ours(expected["input_ids"].T.long(), **batch_first(expected, two_stream=True))
+    torch.testing.assert_close(out.last_hidden_state.detach().transpose(0, 1), expected["query_stream" + tag], **TOL)
     torch.testing.assert_close(torch.stack([m.transpose(0, 1) for m in out.mems]), expected["new_mems" + tag], **TOL)
     loss = F.cross_entropy(out.logits.flatten(0, 1), expected["target"].T.flatten().long(), reduction="none")
-    torch.testing.assert_close(loss.view(2, -1).T, expected["lm_loss" + tag], **TOL)
+    torch.testing.assert_close(loss.detach().view(2, -1).T, expected["lm_loss" + tag], **TOL)
+    # the training signal too: TF's gradients, named ours by the conversion's own mapping
+    loss.sum().backward()
+    tf_grads = {k.split(":", 1)[1]: v for k, v in expected.items() if k.startswith(f"grad{tag}:")}
+    want = {"lm_loss.bias": tf_grads.pop("model/lm_loss/bias"),
+            **body_weights(tf_grads, config, PRETRAINED)}
+    assert not tf_grads and set(want) == {name for name, _ in ours.named_parameters()}  # (lm_loss.weight is tied)
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, want[name], **TOL, msg=lambda m: f"{name}: {m}")
 
 
 def test_classifier_through_the_cli_then_to_hugging_face(expected, tmp_path, capsys):

@@ -9,7 +9,7 @@ the graphs compute:
 - pretrained/: transformer + lm_loss, as released (xlnet_config.json, xlnet_model.ckpt.*). Outputs of the
   two-stream pretraining graph (perm_mask, target_mapping, memory, padding, two segments): with and without
   bi_data, and with causal attention (`uni`, same_length, clamp_len 3); the query stream at the targets, the new
-  memory, the LM loss of each target.
+  memory, the LM loss of each target and the gradient of their sum for every variable (`grad<variant>:<name>`).
 - classifier/, squad/, race/: the transformer (without mask_emb: fine-tuning graphs have no query stream) and
   the heads of run_classifier.py, run_squad.py and run_race.py under their own scopes, as those scripts save
   them (model.ckpt-N with TF's `checkpoint` state file). Outputs of function_builder's inference graphs: the
@@ -144,6 +144,10 @@ def pretraining_graph(modeling, v1, x: dict[str, np.ndarray]) -> dict[str, objec
             out["new_mems" + tag] = v1.stack(new_mems)
             out["lm_loss" + tag] = modeling.lm_loss(g, c["target"], CONFIG["n_token"], CONFIG["d_model"], init,
                                                     lookup_table=table, tie_weight=True, bi_data=run["bi_data"])
+            # the gradient of the summed loss for every variable of the pretrained checkpoint
+            names = [v for v in v1.trainable_variables() if v.op.name.startswith(CHECKPOINTS["pretrained"][0])]
+            grads = v1.gradients(v1.reduce_sum(out["lm_loss" + tag]), names)
+            out.update({f"grad{tag}:{v.op.name}": v1.convert_to_tensor(grad) for v, grad in zip(names, grads)})
     return out
 
 
@@ -211,7 +215,7 @@ def main() -> None:
             saver = v1.train.Saver([v for n, v in variables.items() if n.startswith(prefixes)])
             with chdir(out / sub):  # a relative prefix: TF's `checkpoint` file then names it relatively
                 saver.save(sess, name, global_step=step_no, write_meta_graph=False, write_state=step_no is not None)
-    np.savez(out / "expected.npz", **x, **values)
+    np.savez_compressed(out / "expected.npz", **x, **values)
     print(f"wrote {out}: {sorted(values)}; tensorflow {real_tf.__version__}")
 
 
