@@ -46,16 +46,20 @@ def copy_fixture(tmp_path: Path, which: Path) -> Path:
     return Path(shutil.copytree(which, tmp_path / which.name))
 
 
-# the pretraining graph's settings (make_tf_checkpoint.VARIANTS), which the original config file does not hold
-VARIANTS = {"": dict(), "_bi": dict(bi_data=True), "_uni": dict(attn_type="uni", same_length=True, clamp_len=3)}
+# the pretraining graph's settings (make_tf_checkpoint.VARIANTS), which the original config file does not hold;
+# _tied: a checkpoint of its own, untie_r false (one set of r_w/r_r/r_s biases for all layers) with relu
+VARIANTS = {"": dict(), "_bi": dict(bi_data=True), "_uni": dict(attn_type="uni", same_length=True, clamp_len=3),
+            "_tied": dict()}
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 @pytest.mark.parametrize("tag", list(VARIANTS))
 def test_pretrained_checkpoint_computes_what_the_original_code_computed(expected, impl, tag):
-    model, notes = load_tf_model(PRETRAINED)
+    model, notes = load_tf_model(DATA / "pretrained_tied" if tag == "_tied" else PRETRAINED)
     assert notes == [] and type(model).__name__ == "XLNetLMHeadModel"
-    assert model.config.ff_activation == "gelu_new"  # the original's gelu is the tanh approximation
+    # the original's gelu is the tanh approximation
+    assert (model.config.ff_activation, model.config.untie_r) == (("relu", False) if tag == "_tied" else
+                                                                  ("gelu_new", True))
     config = dataclasses.replace(model.config, mem_len=4, reuse_len=4, attn_impl=impl, **VARIANTS[tag])
     ours = type(model)(config).eval()
     ours.load_state_dict(model.state_dict())
@@ -69,8 +73,8 @@ def test_pretrained_checkpoint_computes_what_the_original_code_computed(expected
     tf_grads = {k.split(":", 1)[1]: v for k, v in expected.items() if k.startswith(f"grad{tag}:")}
     want = {"lm_loss.bias": tf_grads.pop("model/lm_loss/bias"),
             **body_weights(tf_grads, config, PRETRAINED)}
-    assert not tf_grads and set(want) == {name for name, _ in ours.named_parameters()}  # (lm_loss.weight is tied)
-    for name, param in ours.named_parameters():
+    assert not tf_grads and set(want) | {"lm_loss.weight"} == set(ours.state_dict())  # (tied to the embedding)
+    for name, param in ours.named_parameters():  # a bias shared by the layers: once, its gradient summed
         torch.testing.assert_close(param.grad, want[name], **TOL, msg=lambda m: f"{name}: {m}")
 
 

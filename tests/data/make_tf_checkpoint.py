@@ -10,6 +10,7 @@ the graphs compute:
   two-stream pretraining graph (perm_mask, target_mapping, memory, padding, two segments): with and without
   bi_data, and with causal attention (`uni`, same_length, clamp_len 3); the query stream at the targets, the new
   memory, the LM loss of each target and the gradient of their sum for every variable (`grad<variant>:<name>`).
+- pretrained_tied/: the same model with untie_r false (biases shared by the layers) and relu; the first variant.
 - classifier/, squad/, race/: the transformer (without mask_emb: fine-tuning graphs have no query stream) and
   the heads of run_classifier.py, run_squad.py and run_race.py under their own scopes, as those scripts save
   them (model.ckpt-N with TF's `checkpoint` state file). Outputs of function_builder's inference graphs: the
@@ -47,6 +48,8 @@ VARIANTS = {
     # Transformer-XL's causal attention with every query seeing as many keys, distances clipped at 3
     "_uni": dict(bi_data=False, attn_type="uni", same_length=True, clamp_len=3),
 }
+# untie_r False (one r_w/r_r/r_s_bias for all layers, seg_embed still per layer) and relu: pretrained_tied/
+TIED_CONFIG = {**CONFIG, "untie_r": False, "ff_activation": "relu"}
 START_N_TOP, END_N_TOP = 2, 2  # at most the unmasked positions (3): no ties among masked ones in top-k
 
 
@@ -124,25 +127,23 @@ def inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
                 race_ids=race_ids, race_seg=race_seg, race_mask=race_mask)
 
 
-def pretraining_graph(modeling, v1, x: dict[str, np.ndarray]) -> dict[str, object]:
-    """train_gpu.py's model: the two-stream pass over memory (with and without bi_data) and the LM loss."""
+def pretraining_graph(modeling, v1, x: dict[str, np.ndarray], config: dict, variants: dict) -> dict[str, object]:
+    """train_gpu.py's model: the two-stream pass over memory (each of `variants`) and the LM loss."""
     init = v1.initializers.random_normal(stddev=0.02)
-    common = dict(n_token=CONFIG["n_token"], n_layer=CONFIG["n_layer"], d_model=CONFIG["d_model"],
-                  n_head=CONFIG["n_head"], d_head=CONFIG["d_head"], d_inner=CONFIG["d_inner"],
-                  ff_activation=CONFIG["ff_activation"], untie_r=CONFIG["untie_r"], is_training=False,
-                  use_tpu=False, dropout=0.0, dropatt=0.0, initializer=init, scope="transformer")
+    common = dict(**config, is_training=False, use_tpu=False, dropout=0.0, dropatt=0.0, initializer=init,
+                  scope="transformer")
     c = {k: v1.constant(v) for k, v in x.items()}
-    mems = [c["mems"][i] for i in range(CONFIG["n_layer"])]
+    mems = [c["mems"][i] for i in range(config["n_layer"])]
     out: dict[str, object] = {}
     with v1.variable_scope("model", reuse=v1.AUTO_REUSE):
-        for tag, run in VARIANTS.items():
+        for tag, run in variants.items():
             g, new_mems, table = modeling.transformer_xl(
                 inp_k=c["input_ids"], seg_id=c["seg_id"], input_mask=c["input_mask"], mems=mems,
                 perm_mask=c["perm_mask"], target_mapping=c["target_mapping"], inp_q=c["inp_q"],
                 mem_len=MEM_LEN, reuse_len=REUSE_LEN, **run, **common)
             out["query_stream" + tag] = g
             out["new_mems" + tag] = v1.stack(new_mems)
-            out["lm_loss" + tag] = modeling.lm_loss(g, c["target"], CONFIG["n_token"], CONFIG["d_model"], init,
+            out["lm_loss" + tag] = modeling.lm_loss(g, c["target"], config["n_token"], config["d_model"], init,
                                                     lookup_table=table, tie_weight=True, bi_data=run["bi_data"])
             # the gradient of the summed loss for every variable of the pretrained checkpoint
             names = [v for v in v1.trainable_variables() if v.op.name.startswith(CHECKPOINTS["pretrained"][0])]
@@ -183,6 +184,23 @@ CHECKPOINTS = {
 }
 
 
+def run_and_save(v1, real_tf, outputs: dict, checkpoints: dict, rng: np.random.Generator, out: Path) -> dict:
+    """Random weights for the default graph's variables, `outputs` computed, each of `checkpoints` saved."""
+    with v1.Session() as sess:
+        v1.Variable(7, name="global_step", dtype=real_tf.int64, trainable=False)  # as in every TF run's checkpoint
+        sess.run(v1.global_variables_initializer())
+        for var in v1.trainable_variables():  # weights far from init, so that a swapped or transposed one shows
+            base = 1.0 if var.name.endswith("gamma:0") else 0.0
+            var.load((base + rng.normal(scale=0.3, size=var.shape.as_list())).astype(np.float32), sess)
+        values = sess.run(outputs)
+        variables = {v.op.name: v for v in v1.global_variables()}
+        for sub, (prefixes, name, step_no) in checkpoints.items():
+            saver = v1.train.Saver([v for n, v in variables.items() if n.startswith(prefixes)])
+            with chdir(out / sub):  # a relative prefix: TF's `checkpoint` file then names it relatively
+                saver.save(sess, name, global_step=step_no, write_meta_graph=False, write_state=step_no is not None)
+    return values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--xlnet-repo", required=True, help="checkout of zihangdai/xlnet (its modeling.py)")
@@ -201,20 +219,14 @@ def main() -> None:
         (out / sub / "xlnet_config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")  # the release's format
     rng = np.random.default_rng(0)
     x = inputs(rng)
-    outputs = {**pretraining_graph(modeling, v1, x),
+    outputs = {**pretraining_graph(modeling, v1, x, CONFIG, VARIANTS),
                **finetuning_graphs(function_builder, v1, x, out / "pretrained" / "xlnet_config.json")}
-    with v1.Session() as sess:
-        v1.Variable(7, name="global_step", dtype=real_tf.int64, trainable=False)  # as in every TF run's checkpoint
-        sess.run(v1.global_variables_initializer())
-        for var in v1.trainable_variables():  # weights far from init, so that a swapped or transposed one shows
-            base = 1.0 if var.name.endswith("gamma:0") else 0.0
-            var.load((base + rng.normal(scale=0.3, size=var.shape.as_list())).astype(np.float32), sess)
-        values = sess.run(outputs)
-        variables = {v.op.name: v for v in v1.global_variables()}
-        for sub, (prefixes, name, step_no) in CHECKPOINTS.items():
-            saver = v1.train.Saver([v for n, v in variables.items() if n.startswith(prefixes)])
-            with chdir(out / sub):  # a relative prefix: TF's `checkpoint` file then names it relatively
-                saver.save(sess, name, global_step=step_no, write_meta_graph=False, write_state=step_no is not None)
+    values = run_and_save(v1, real_tf, outputs, CHECKPOINTS, rng, out)
+    with v1.Graph().as_default():  # the shared-bias variant in a graph of its own (its r_*_bias have no layer axis)
+        tied = pretraining_graph(modeling, v1, x, TIED_CONFIG, {"_tied": VARIANTS[""]})
+        (out / "pretrained_tied").mkdir()
+        (out / "pretrained_tied" / "xlnet_config.json").write_text(json.dumps(TIED_CONFIG, indent=2) + "\n")
+        values.update(run_and_save(v1, real_tf, tied, {"pretrained_tied": CHECKPOINTS["pretrained"]}, rng, out))
     np.savez_compressed(out / "expected.npz", **x, **values)
     print(f"wrote {out}: {sorted(values)}; tensorflow {real_tf.__version__}")
 
