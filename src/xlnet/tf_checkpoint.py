@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import google_crc32c
 import torch
 from torch import Tensor, nn
 
@@ -37,8 +36,9 @@ BODY, LM_BIAS, SUMMARY = "model/transformer/", "model/lm_loss/bias", "model/sequ
 # the original config's keys -> ours
 CONFIG_KEYS = {"n_token": "vocab_size", "d_model": "d_model", "n_layer": "n_layer", "n_head": "n_head",
                "d_head": "d_head", "d_inner": "d_inner", "ff_activation": "ff_activation", "untie_r": "untie_r"}
-# training state that a converted model does not need: the step counter and optimizer slots
-TRAINING_STATE = re.compile(r"(^|/)(global_step|beta[12]_power)$|/(Adam(_\d+)?|adam_[mv]|Momentum)$")
+# not weights, never read: the step counter, optimizer slots, TF 2's object graph (a string tensor)
+NOT_WEIGHTS = re.compile(r"(^|/)(global_step|beta[12]_power)$|/(Adam(_\d+)?|adam_[mv]|Momentum)$"
+                         r"|^_CHECKPOINTABLE_OBJECT_GRAPH$")
 
 
 # ---------------------------------------------------------------------------------------------- formats
@@ -77,6 +77,14 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
         yield field, value
 
 
+def crc32c(data: bytes) -> int:
+    try:
+        import google_crc32c  # a declared dependency; an install from before it lacks it
+    except ImportError:
+        raise XLNetError("reading TensorFlow checkpoints needs google-crc32c: pip install google-crc32c") from None
+    return google_crc32c.value(data)
+
+
 def unmasked_crc(masked: int) -> int:
     """LevelDB and TF store CRC32C rotated and offset ("masked"), so that CRCs of CRCs stay well spread."""
     rot = (masked - 0xA282EAD8) & 0xFFFFFFFF
@@ -91,7 +99,7 @@ def _block(data: bytes, handle: bytes, path: Path) -> bytes:
     if end + BLOCK_TRAILER_LEN > len(data):
         raise XLNetError(f"{path}: truncated (a block ends past the end of the file)")
     kind, crc = data[end], int.from_bytes(data[end + 1:end + 5], "little")
-    if google_crc32c.value(data[offset:end + 1]) != unmasked_crc(crc):
+    if crc32c(data[offset:end + 1]) != unmasked_crc(crc):
         raise XLNetError(f"{path}: corrupt (CRC32C of the block at byte {offset} differs)")
     if kind != 0:
         raise XLNetError(f"{path}: compressed index blocks (type {kind}) are not supported")
@@ -193,7 +201,7 @@ def _read_tensor(f: Any, path: Path, name: str, entry: BundleEntry) -> Tensor:
     raw = f.read(entry.size)
     if len(raw) != entry.size:
         raise XLNetError(f"{path}: truncated (tensor {name} ends past the end of the file)")
-    if entry.crc is not None and google_crc32c.value(raw) != unmasked_crc(entry.crc):
+    if entry.crc is not None and crc32c(raw) != unmasked_crc(entry.crc):
         raise XLNetError(f"{path}: corrupt (CRC32C of tensor {name} differs)")
     if not raw:
         return torch.empty(entry.shape, dtype=dtype)
@@ -335,7 +343,7 @@ def load_tf_model(src: str | Path, config_path: str | Path | None = None) -> tup
     prefix = checkpoint_prefix(src)
     config = read_tf_config(Path(config_path) if config_path else prefix.parent / TF_CONFIG)
     source = prefix.with_name(prefix.name + ".index")
-    tensors = read_bundle(prefix, keep=lambda name: not TRAINING_STATE.search(name))  # optimizer slots: 2x the model
+    tensors = read_bundle(prefix, keep=lambda name: not NOT_WEIGHTS.search(name))  # optimizer slots: 2x the model
     weights = body_weights(tensors, config, source)
     architecture, head = head_weights(tensors, config, source)
     model = ARCHITECTURES[architecture](config)
