@@ -50,7 +50,7 @@ def convert_from_tf(src: str | Path, dst: str | Path, config: str | Path | None 
     model, notes = load_tf_model(src, config)
     print_notes(notes)
     beside = checkpoint_prefix(src).parent
-    tok = Tokenizer.load(tokenizer) if tokenizer else Tokenizer.load(beside) if (beside / MODEL_FILE).is_file() else None
+    tok = Tokenizer.load(tokenizer or beside) if tokenizer or (beside / MODEL_FILE).is_file() else None
     if tok is None:
         print(f"xlnet convert: warning: no tokenizer exported: {beside} has no {MODEL_FILE} (--tokenizer names one)",
               file=sys.stderr)
