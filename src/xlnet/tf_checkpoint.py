@@ -232,7 +232,7 @@ def checkpoint_prefix(src: Path) -> Path:
 
 
 def read_tf_config(path: Path) -> XLNetConfig:
-    """The original xlnet_config.json (n_token, d_model, n_layer, n_head, d_head, d_inner, ff_activation, untie_r)."""
+    """The original xlnet_config.json: n_token, d_model, n_layer, n_head, d_head, d_inner, ff_activation, untie_r."""
     if not path.is_file():
         raise XLNetError(f"{path}: not found (the original XLNet config, beside the checkpoint; --tf-config names "
                          "another)")
@@ -240,11 +240,10 @@ def read_tf_config(path: Path) -> XLNetConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise XLNetError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or set(data) != set(CONFIG_KEYS):
-        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
-        raise XLNetError(f"{path}: not an original XLNet config (expected the keys {', '.join(sorted(CONFIG_KEYS))}; "
-                         f"found {keys})")
-    ours = {CONFIG_KEYS[k]: v for k, v in data.items()}
+    missing = sorted(set(CONFIG_KEYS) - set(data)) if isinstance(data, dict) else sorted(CONFIG_KEYS)
+    if missing:  # other keys are ignored, as the original's XLNetConfig ignores them
+        raise XLNetError(f"{path}: not an original XLNet config (no {', '.join(missing)})")
+    ours = {ours: data[key] for key, ours in CONFIG_KEYS.items()}
     if data["ff_activation"] not in ("gelu", "relu"):
         raise XLNetError(f"{path}: ff_activation {data['ff_activation']!r} is not one of the original's (gelu, relu)")
     # the original's gelu is the tanh approximation (HF's port computes the exact one, 1e-4 away at float32)
