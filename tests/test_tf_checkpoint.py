@@ -150,12 +150,13 @@ def test_spiece_model_beside_the_checkpoint_travels(tmp_path):
     assert (tmp_path / "out" / MODEL_FILE).read_bytes() == (tok_dir / MODEL_FILE).read_bytes()
 
 
-def test_moved_run_directory_and_explicit_prefix(tmp_path):
+def test_moved_run_directory_and_explicit_prefix_or_file(tmp_path):
     """TF's `checkpoint` file may name the run's old absolute path: the same file name beside it is used."""
     src = copy_fixture(tmp_path, CLASSIFIER)
     (src / "checkpoint").write_text('model_checkpoint_path: "/gone/run/model.ckpt-7"\n')
     assert checkpoint_prefix(src) == src / "model.ckpt-7"
-    assert checkpoint_prefix(src / "model.ckpt-7") == src / "model.ckpt-7"
+    for name in ("model.ckpt-7", "model.ckpt-7.index", "model.ckpt-7.data-00000-of-00001"):  # prefix, or a file of it
+        assert checkpoint_prefix(src / name) == src / "model.ckpt-7"
     shutil.copyfile(src / "model.ckpt-7.index", src / "model.ckpt-9.index")
     (src / "checkpoint").unlink()
     with pytest.raises(Exception, match="2 checkpoints .*name one by its prefix"):

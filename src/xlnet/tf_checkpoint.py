@@ -211,7 +211,11 @@ def _read_tensor(f: Any, path: Path, name: str, entry: BundleEntry) -> Tensor:
 # ---------------------------------------------------------------------------------------------- XLNet
 def checkpoint_prefix(src: Path) -> Path:
     """The checkpoint in `src`: a prefix (`src`.index exists), or a directory with TF's `checkpoint` state file
-    (its newest checkpoint, also when the run directory has moved since) or exactly one `*.index`."""
+    (its newest checkpoint, also when the run directory has moved since) or exactly one `*.index`. One of the
+    checkpoint's own files (PREFIX.index, .meta, .data-*) names its prefix too."""
+    own_file = re.fullmatch(r"(.+)\.(index|meta|data-\d{5}-of-\d{5})", src.name)
+    if own_file and src.is_file():
+        src = src.with_name(own_file.group(1))
     if src.with_name(src.name + ".index").is_file():
         return src
     if not src.is_dir():
