@@ -1,4 +1,5 @@
-"""`xlnet convert`: move checkpoints between our directories and Hugging Face XLNet directories.
+"""`xlnet convert`: move checkpoints between our directories and Hugging Face XLNet directories, and bring in the
+original TensorFlow checkpoints (read by xlnet/tf_checkpoint.py).
 
 Tensor names are shared, so conversion validates the weights against the config by loading them into the
 head class the config names, then writes them back out in the source's dtype: HF -> ours -> HF is bit-identical.
@@ -65,6 +66,7 @@ def check_destination(src: Path, dst: Path) -> None:
 
 
 def write_converted(model: torch.nn.Module, tok: Tokenizer | None, src: Path, dst: Path, to_hf: bool) -> Path:
+    """`model` and `tok` into `dst`, in our format or HF's, together or not at all."""
     if tok is not None and tok.vocab_size > model.config.vocab_size:
         raise XLNetError(f"{tok.model_path}: tokenizer has {tok.vocab_size} pieces but the model in {src} only "
                          f"{model.config.vocab_size}")
@@ -162,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dst", help="destination directory (replaced atomically if it holds a model)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory to export with the weights (default: SRC's spiece.model, else the "
-                             "one its pretraining run recorded)")
+                             "one its pretraining run recorded; --from-tf: the spiece.model beside the checkpoint)")
     parser.add_argument("--tf-config", default=None,
                         help="--from-tf: the original xlnet_config.json (default: beside the checkpoint)")
 
