@@ -29,6 +29,7 @@ from xlnet.evaluate import evaluate_predictions
 from xlnet.finetune import (HEADS, FinetuneConfig, build_model, build_optimizer, evaluate_model, finetune,
                              read_meta, resolve_config)
 from xlnet.model import XLNetLMHeadModel
+from xlnet.tokenizer import CLS_ID
 
 TINY = dict(vocab_size=8000, d_model=32, n_layer=2, n_head=2, d_head=16, d_inner=64)
 WORDS = ("river stone quiet bright garden window simple morning yellow music paper letter silver winter "
@@ -736,7 +737,7 @@ def test_predict_trims_in_length_order_and_returns_rows_in_order(lm_dir, tmp_pat
 
     class Reader(torch.nn.Module):
         def forward(self, input_ids, cls_index, attention_mask, **kw):
-            assert (input_ids.gather(1, cls_index[:, None]) == T.special_ids()[0]).all()  # still at <cls>
+            assert (input_ids.gather(1, cls_index[:, None]) == CLS_ID).all()  # still at <cls>
             top = input_ids.float().topk(2, dim=-1)
             return SimpleNamespace(logits=None, start_top_log_probs=top.values, start_top_index=top.indices,
                                    end_top_log_probs=top.values, end_top_index=top.indices.flip(-1),

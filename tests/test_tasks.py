@@ -9,8 +9,9 @@ import torch
 
 from xlnet import tasks as T
 from xlnet.errors import XLNetError
+from xlnet.tokenizer import CLS_ID, PAD_ID, SEP_ID, truncate_longest_first
 
-CLS, SEP, PAD = T.special_ids()
+CLS, SEP, PAD = CLS_ID, SEP_ID, PAD_ID
 
 
 class FakeTokenizer:
@@ -264,9 +265,12 @@ def test_featurize_text_layout():
     # row 1: A = alph a beta gamm a delt a (7 pieces), B = epsi lon zeta (3); budget 8 - 3 specials = 5.
     # Longest-first pops A while A > B, B on a tie (the original _truncate_seq_pair):
     # 7,3 -> 6,3 -> 5,3 -> 4,3 -> 3,3 (total 6) -> 3,2 (total 5).
-    a_ids, b_ids = T._truncate_pair(tok.encode("alpha beta gamma delta"), tok.encode("epsilon zeta"), 5)
+    a_ids, b_ids = tok.encode("alpha beta gamma delta"), tok.encode("epsilon zeta")
+    truncate_longest_first(a_ids, b_ids, 5)
     assert (len(a_ids), len(b_ids)) == (3, 2)
-    assert T._truncate_pair([1, 2], [3, 4], 3) == ([1, 2], [3])  # a tie: B loses its last token
+    a_ids, b_ids = [1, 2], [3, 4]
+    truncate_longest_first(a_ids, b_ids, 3)
+    assert (a_ids, b_ids) == ([1, 2], [3])  # a tie: B loses its last token
     assert ids[1].tolist() == a_ids + [SEP] + b_ids + [SEP, CLS] and mask[1].sum().item() == 8
     assert out["labels"].tolist() == [0, 1]
     reg = T.featurize_text([T.TextExample("0", "x", None, 2.5, "x:1")], tok, T.get_task("stsb"), 6)

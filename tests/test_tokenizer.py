@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -276,3 +277,37 @@ def test_train_on_a_directory(tmp_path, capsys):
     (tmp_path / "bare").mkdir()
     code, err = _cli(["tokenizer", "train", "--input", str(tmp_path / "bare"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "bare" in err and len(err.strip().splitlines()) == 1, err
+
+
+# What the original XLNet code makes of text with the embedded spiece.model (tests/data/make_original_inputs.py ran
+# zihangdai/xlnet's prepro_utils and classifier_utils): the oracle for cleanup, splitting and the input layout.
+ORIGINAL = json.loads((Path(__file__).parent / "data" / "original_inputs.json").read_text(encoding="utf-8"))
+
+
+def original_tokenizer(lowercase: bool) -> Tokenizer:
+    """The embedded model with the original's cleanup: run_classifier's preprocess_text(text, lower=uncased),
+    which strips accents (keep_accents False) and collapses spaces."""
+    tok = Tokenizer.load(Path(__file__).parents[1] / ORIGINAL["spiece_model"])
+    return dataclasses.replace(tok, lowercase=lowercase, strip_accents=True, remove_space=True)
+
+
+@pytest.mark.parametrize("case", ORIGINAL["encoded"], ids=lambda c: f"{'uncased' if c['lower'] else 'cased'}:"
+                                                              f"{c['text'][:24]}")
+def test_encode_equals_the_original_prepro_utils(case):
+    """Accents (composed and decomposed), `` '' quotes, runs of spaces, ligatures, and the "9," re-split."""
+    assert original_tokenizer(case["lower"]).encode(case["text"]) == case["ids"]
+
+
+@pytest.mark.parametrize("case", ORIGINAL["classifier_features"], ids=lambda c: c["text_a"][:24])
+def test_build_inputs_equal_the_original_classifier_features(case):
+    """convert_single_example: A <sep> B <sep> <cls>, segment ids 0/1/2, truncation longest-first with B losing
+    on a tie, left padding. Padding differs only in values nothing reads (masked keys, unread rows): the original
+    pads with id 0 and segment 4, ours (as HF's tokenizer) with <pad> and segment 3."""
+    tok = original_tokenizer(False)
+    b = tok.encode(case["text_b"]) if case["text_b"] else None
+    ours = build_inputs(tok.encode(case["text_a"]), b, ORIGINAL["max_seq_length"])
+    assert ours["attention_mask"] == [1 - m for m in case["input_mask"]]
+    real = [i for i, m in enumerate(case["input_mask"]) if m == 0]
+    assert [ours["input_ids"][i] for i in real] == [case["input_ids"][i] for i in real]
+    assert [ours["token_type_ids"][i] for i in real] == [case["segment_ids"][i] for i in real]
+    assert all(ours["input_ids"][i] == PAD_ID for i in range(len(ours["input_ids"])) if i not in real)

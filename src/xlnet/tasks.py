@@ -21,20 +21,9 @@ import torch
 
 from xlnet.errors import XLNetError
 from xlnet.fileio import atomic_write, text_lines
+from xlnet.tokenizer import CLS_ID, PAD_ID, SEG_A, SEG_B, SEG_CLS, SEG_PAD, SEP_ID, build_inputs
 
-# Token-type (segment) ids of XLNet; fixed by the pretrained checkpoints.
-SEG_A, SEG_B, SEG_CLS, SEG_PAD = 0, 1, 2, 3
 IGNORE_INDEX = -100  # label of positions the loss must skip (PyTorch's cross-entropy default)
-
-
-def special_ids() -> tuple[int, int, int]:
-    """(CLS_ID, SEP_ID, PAD_ID) from xlnet.tokenizer; the literal fallback mirrors the values it defines
-    (XLNet's SentencePiece layout) so this module still works while the tokenizer module is absent."""
-    try:
-        from xlnet.tokenizer import CLS_ID, PAD_ID, SEP_ID
-    except ImportError:
-        CLS_ID, SEP_ID, PAD_ID = 3, 4, 5
-    return CLS_ID, SEP_ID, PAD_ID
 
 
 # ============================================================================ registry
@@ -339,39 +328,12 @@ def read_text_examples(spec: TaskSpec, path: str | os.PathLike, labels: Sequence
 # ============================================================================ layout helpers
 
 
-def _truncate_pair(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
-    """Drop tokens from the end of the longer segment until both fit (BERT/XLNet's longest-first rule; on a tie
-    B loses a token, as in the original `_truncate_seq_pair`)."""
-    a = list(a)
-    b = None if b is None else list(b)
-    while len(a) + (len(b) if b is not None else 0) > budget:
-        if b is not None and len(b) >= len(a):
-            b.pop()
-        else:
-            a.pop()
-    return a, b
-
-
 def layout(a: Sequence[int], b: Sequence[int] | None, max_len: int, pad: bool = True) -> dict[str, list[int]]:
-    """`A <sep> [B <sep>] <cls>`, truncated longest-first to max_len and padded on the left."""
-    cls_id, sep_id, pad_id = special_ids()
-    n_special = 3 if b is not None else 2
-    if max_len <= n_special:
+    """`A <sep> [B <sep>] <cls>`, truncated longest-first to max_len and padded on the left (tokenizer.build_inputs,
+    with room for at least one text token)."""
+    if max_len <= (3 if b is not None else 2):
         raise XLNetError(f"max_seq_len {max_len} leaves no room for text")
-    a, b = _truncate_pair(list(a), None if b is None else list(b), max_len - n_special)
-    ids = a + [sep_id]
-    types = [SEG_A] * (len(a) + 1)
-    if b is not None:
-        ids += b + [sep_id]
-        types += [SEG_B] * (len(b) + 1)
-    ids.append(cls_id)
-    types.append(SEG_CLS)
-    n_pad = max_len - len(ids) if pad else 0
-    return {
-        "input_ids": [pad_id] * n_pad + ids,
-        "token_type_ids": [SEG_PAD] * n_pad + types,
-        "attention_mask": [0] * n_pad + [1] * len(ids),
-    }
+    return build_inputs(a, b, max_len, pad)
 
 
 def _stack(rows: Sequence[Mapping[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -761,13 +723,12 @@ def _example_windows(ei: int, ex: SquadExample, tok: Any, max_seq_len: int, doc_
 
 def _window_row(para: list[int], q_ids: list[int], max_seq_len: int) -> dict[str, Any]:
     """The left-padded `paragraph <sep> question <sep> <cls>` row, marked unanswerable (answer at <cls>)."""
-    cls_id, sep_id, pad_id = special_ids()
-    ids = para + [sep_id] + q_ids + [sep_id, cls_id]
+    ids = para + [SEP_ID] + q_ids + [SEP_ID, CLS_ID]
     types = [SEG_A] * (len(para) + 1) + [SEG_B] * (len(q_ids) + 1) + [SEG_CLS]
     p_mask = [0] * len(para) + [1] * (len(q_ids) + 2) + [0]
     n_pad = max_seq_len - len(ids)
     cls_index = max_seq_len - 1
-    return {"input_ids": [pad_id] * n_pad + ids, "token_type_ids": [SEG_PAD] * n_pad + types,
+    return {"input_ids": [PAD_ID] * n_pad + ids, "token_type_ids": [SEG_PAD] * n_pad + types,
             "attention_mask": [0] * n_pad + [1] * len(ids), "p_mask": [1] * n_pad + p_mask,
             "cls_index": cls_index, "start_positions": cls_index, "end_positions": cls_index,
             "is_impossible": 1.0}

@@ -366,9 +366,11 @@ def _read_dir_flags(path: Path) -> dict[str, bool]:
 
 
 # ----------------------------------------------------------------------------------------------- layout
-def _truncate_longest_first(a: list[int], b: list[int] | None, budget: int) -> None:
+def truncate_longest_first(a: list[int], b: list[int] | None, budget: int) -> None:
+    """Drop tokens from the end of the longer segment, in place, until both fit; on a tie B loses one (the
+    original `_truncate_seq_pair`: tests/data/original_inputs.json)."""
     while len(a) + (len(b) if b is not None else 0) > budget:
-        if b is not None and len(b) > len(a):
+        if b is not None and len(b) >= len(a):
             b.pop()
         else:
             a.pop()
@@ -383,7 +385,7 @@ def build_inputs(a_ids: Sequence[int], b_ids: Sequence[int] | None = None, max_l
     if max_len is not None:
         if max_len < n_special:
             raise ValueError(f"max_len {max_len} leaves no room for {n_special} special tokens")
-        _truncate_longest_first(a, b, max_len - n_special)
+        truncate_longest_first(a, b, max_len - n_special)
     ids = a + [SEP_ID]
     types = [SEG_A] * len(ids)
     if b is not None:
