@@ -72,7 +72,11 @@ def main() -> None:
                          "segment_ids": f.segment_ids})
     data = {"spiece_model": str(SPIECE.relative_to(ROOT)), "max_seq_length": MAX_SEQ_LENGTH, "encoded": encoded,
             "classifier_features": features}
-    Path(args.out).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    one = partial(json.dumps, ensure_ascii=False)  # a record per line: readable diffs
+    lines = [f' "{k}": {one(v)},' for k, v in data.items() if not isinstance(v, list)]
+    for key in ("encoded", "classifier_features"):
+        lines += [f' "{key}": [', ",\n".join("  " + one(r) for r in data[key]), " ],"]
+    Path(args.out).write_text("{\n" + "\n".join(lines).rstrip(",") + "\n}\n", encoding="utf-8")
     print(f"wrote {args.out}: {len(encoded)} encodings, {len(features)} classifier features")
 
 
