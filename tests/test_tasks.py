@@ -268,9 +268,9 @@ def test_featurize_text_layout():
     a_ids, b_ids = tok.encode("alpha beta gamma delta"), tok.encode("epsilon zeta")
     truncate_longest_first(a_ids, b_ids, 5)
     assert (len(a_ids), len(b_ids)) == (3, 2)
-    a_ids, b_ids = [1, 2], [3, 4]
-    truncate_longest_first(a_ids, b_ids, 3)
-    assert (a_ids, b_ids) == ([1, 2], [3])  # a tie: B loses its last token
+    tie_a, tie_b = [1, 2], [3, 4]
+    truncate_longest_first(tie_a, tie_b, 3)
+    assert (tie_a, tie_b) == ([1, 2], [3])  # a tie: B loses its last token
     assert ids[1].tolist() == a_ids + [SEP] + b_ids + [SEP, CLS] and mask[1].sum().item() == 8
     assert out["labels"].tolist() == [0, 1]
     reg = T.featurize_text([T.TextExample("0", "x", None, 2.5, "x:1")], tok, T.get_task("stsb"), 6)
