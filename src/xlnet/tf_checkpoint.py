@@ -250,7 +250,7 @@ def read_tf_config(path: Path) -> XLNetConfig:
     ours = {ours: data[key] for key, ours in CONFIG_KEYS.items()}
     if data["ff_activation"] not in ("gelu", "relu"):
         raise XLNetError(f"{path}: ff_activation {data['ff_activation']!r} is not one of the original's (gelu, relu)")
-    # the original's gelu is the tanh approximation (HF's port computes the exact one, 1e-4 away at float32)
+    # the original's gelu is the tanh approximation (HF's configs say gelu and compute the exact one)
     ours["ff_activation"] = "gelu_new" if data["ff_activation"] == "gelu" else "relu"
     return XLNetConfig.from_dict(ours, source=str(path))
 
