@@ -1,6 +1,8 @@
 """Metrics on hand-computed cases (arithmetic in the comments); library cross-checks only if installed."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -192,3 +194,18 @@ def test_conll_f1():
     assert s["f1"] == pytest.approx(4 / 7)
     # tokens equal: 3 of 4, then 0 of 2 -> 3/6
     assert s["token_accuracy"] == pytest.approx(0.5)
+
+
+def test_squad_v2_scores_equal_the_original_squad_utils():
+    """tests/data/original_squad_scores.json: the original XLNet code's squad_utils.py (the official SQuAD 2.0
+    script with XLNet's threshold search) on a synthetic dev set with ties among the no-answer probabilities,
+    golds that normalize to "", and predictions that do."""
+    case = json.loads((Path(__file__).parent / "data" / "original_squad_scores.json").read_text(encoding="utf-8"))
+    ours = M.squad_v2_scores(case["dataset"], case["predictions"], case["na_probs"])
+    assert ours.pop("missing") == 0
+    assert ours.keys() == case["scores"].keys()
+    for key, value in case["scores"].items():
+        assert ours[key] == pytest.approx(value, abs=1e-9), key
+    # run_squad.py's has_ans_exact / has_ans_f1 (find_best_thresh_v2; a 0-1 scale): HasAns with nothing abstained
+    assert (ours["HasAns_exact"], ours["HasAns_f1"]) == pytest.approx((100 * case["has_ans_exact"],
+                                                                       100 * case["has_ans_f1"]))
