@@ -1,9 +1,10 @@
 """`xlnet convert --from-tf`: original (TensorFlow) XLNet checkpoints, against the original code's own outputs.
 
-tests/data/tf_xlnet holds checkpoints written by TensorFlow's Saver from the original implementation's graph
-(zihangdai/xlnet modeling.py; tests/data/make_tf_checkpoint.py made them) and what that graph computed: the
-two-stream pretraining pass with memory, padding and segments (with and without bi_data; causal with
-same_length and clamp_len) and the inference outputs of the original fine-tuning heads (GLUE, SQuAD, RACE)."""
+tests/data/tf_xlnet holds checkpoints written by TensorFlow's Saver from the original implementation's graphs
+(zihangdai/xlnet modeling.py and function_builder.py; tests/data/make_tf_checkpoint.py made them) and what those
+graphs computed: the two-stream pretraining pass with memory, padding and segments (with and without bi_data;
+causal with same_length and clamp_len; untie_r false with relu), with every variable's gradient, and the inference
+outputs of the original fine-tuning heads (GLUE, SQuAD, RACE)."""
 
 from __future__ import annotations
 
