@@ -44,6 +44,13 @@ def batch_first(e: dict[str, torch.Tensor], two_stream: bool) -> dict:
     return kw
 
 
+def reconfigured(model: torch.nn.Module, **changes) -> torch.nn.Module:
+    """The same weights in a model whose config has `changes` (the run's settings, not in a TF config), eval mode."""
+    ours = type(model)(dataclasses.replace(model.config, **changes)).eval()
+    ours.load_state_dict(model.state_dict())
+    return ours
+
+
 def copy_fixture(tmp_path: Path, which: Path) -> Path:
     return Path(shutil.copytree(which, tmp_path / which.name))
 
@@ -62,9 +69,7 @@ def test_pretrained_checkpoint_computes_what_the_original_code_computed(expected
     # the original's gelu is the tanh approximation
     assert (model.config.ff_activation, model.config.untie_r) == (("relu", False) if tag == "_tied" else
                                                                   ("gelu_new", True))
-    config = dataclasses.replace(model.config, mem_len=4, reuse_len=4, attn_impl=impl, **VARIANTS[tag])
-    ours = type(model)(config).eval()
-    ours.load_state_dict(model.state_dict())
+    ours = reconfigured(model, mem_len=4, reuse_len=4, attn_impl=impl, **VARIANTS[tag])
     out = ours(expected["input_ids"].T.long(), **batch_first(expected, two_stream=True))
     torch.testing.assert_close(out.last_hidden_state.detach().transpose(0, 1), expected["query_stream" + tag], **TOL)
     torch.testing.assert_close(torch.stack([m.transpose(0, 1) for m in out.mems]), expected["new_mems" + tag], **TOL)
@@ -74,7 +79,7 @@ def test_pretrained_checkpoint_computes_what_the_original_code_computed(expected
     loss.sum().backward()
     tf_grads = {k.split(":", 1)[1]: v for k, v in expected.items() if k.startswith(f"grad{tag}:")}
     want = {"lm_loss.bias": tf_grads.pop("model/lm_loss/bias"),
-            **body_weights(tf_grads, config, PRETRAINED)}
+            **body_weights(tf_grads, ours.config, PRETRAINED)}
     assert not tf_grads and set(want) | {"lm_loss.weight"} == set(ours.state_dict())  # (tied to the embedding)
     for name, param in ours.named_parameters():  # a bias shared by the layers: once, its gradient summed
         torch.testing.assert_close(param.grad, want[name], **TOL, msg=lambda m: f"{name}: {m}")
@@ -105,9 +110,7 @@ def test_classifier_through_the_cli_then_to_hugging_face(expected, tmp_path, cap
 def finetuned(which: str, **config) -> torch.nn.Module:
     model, notes = load_tf_model(DATA / which)
     assert len(notes) == 1 and "no mask_emb" in notes[0], notes
-    ours = type(model)(dataclasses.replace(model.config, **config)).eval()
-    ours.load_state_dict(model.state_dict())
-    return ours
+    return reconfigured(model, **config)
 
 
 def test_squad_checkpoint_decodes_as_the_original(expected):

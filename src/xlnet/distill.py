@@ -136,7 +136,7 @@ def hard_label_loss(logits: Tensor, labels: Tensor, kind: str) -> Tensor:
         per_row = (logits.squeeze(-1) - labels.float().where(known, 0.0)).pow(2)
     else:
         per_row = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="none")
-    return masked_mean(per_row, known.flatten() if kind != "regression" else known)
+    return masked_mean(per_row, known.flatten())
 
 
 def masked_mean(values: Tensor, keep: Tensor) -> Tensor:

@@ -48,9 +48,10 @@ def convert_from_tf(src: str | Path, dst: str | Path, config: str | Path | None 
 
     src, dst = Path(src), Path(dst)
     check_destination(src, dst)
-    model, notes = load_tf_model(src, config)
+    prefix = checkpoint_prefix(src)
+    model, notes = load_tf_model(prefix, config)
     print_notes(notes)
-    beside = checkpoint_prefix(src).parent
+    beside = prefix.parent
     tok = Tokenizer.load(tokenizer or beside) if tokenizer or (beside / MODEL_FILE).is_file() else None
     if tok is None:
         print(f"xlnet convert: warning: no tokenizer exported: {beside} has no {MODEL_FILE} (--tokenizer names one)",

@@ -11,7 +11,7 @@ and `model/{classification,regression}_<task>/logit/`, run_squad.py's `start_log
 
 from __future__ import annotations
 
-import json
+import math
 import re
 import struct
 import sys
@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from xlnet.config import XLNetConfig
+from xlnet.config import XLNetConfig, read_config_json
 from xlnet.errors import XLNetError
 
 TF_CONFIG = "xlnet_config.json"
@@ -192,10 +192,7 @@ def _read_tensor(f: Any, path: Path, name: str, entry: BundleEntry) -> Tensor:
     if dtype is None or entry.sliced:
         what = "a partitioned variable" if entry.sliced else f"of TF dtype {entry.dtype}"
         raise XLNetError(f"{path}: tensor {name} is {what}, which is not supported")
-    numel = 1
-    for n in entry.shape:
-        numel *= n
-    if entry.size != numel * dtype.itemsize:
+    if entry.size != math.prod(entry.shape) * dtype.itemsize:
         raise XLNetError(f"{path}: tensor {name} has {entry.size} bytes for shape {entry.shape}")
     f.seek(entry.offset)
     raw = f.read(entry.size)
@@ -240,11 +237,8 @@ def read_tf_config(path: Path) -> XLNetConfig:
     if not path.is_file():
         raise XLNetError(f"{path}: not found (the original XLNet config, beside the checkpoint; --tf-config names "
                          "another)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise XLNetError(f"{path}: not valid JSON ({e})") from None
-    missing = sorted(set(CONFIG_KEYS) - set(data)) if isinstance(data, dict) else sorted(CONFIG_KEYS)
+    data, _ = read_config_json(path)
+    missing = sorted(set(CONFIG_KEYS) - set(data))
     if missing:  # other keys are ignored, as the original's XLNetConfig ignores them
         raise XLNetError(f"{path}: not an original XLNet config (no {', '.join(missing)})")
     ours = {ours: data[key] for key, ours in CONFIG_KEYS.items()}
@@ -311,7 +305,8 @@ def _summary(tensors: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
 
 def head_weights(tensors: dict[str, Tensor], config: XLNetConfig, source: Path) -> tuple[str, dict[str, Tensor]]:
     """The head class and its tensors (popped from `tensors`): run_squad's start/end/answer-class layers,
-    run_race's summary and choice logit, run_classifier's summary and logit layer, else the LM head's bias."""
+    run_race's summary and choice logit, run_classifier's summary and logit layer (config.num_labels set from its
+    rows), else the LM head's bias."""
     if "start_logits/dense/kernel" in tensors:
         return "XLNetForQuestionAnswering", {
             **_dense(tensors, "start_logits/dense", "start_logits.dense", source),
