@@ -1,10 +1,13 @@
-"""`xlnet convert --from-tf`: original (TensorFlow) XLNet checkpoints, against the original code's own outputs.
+"""`xlnet convert --from-tf` / `--to-tf`: original (TensorFlow) XLNet checkpoints, against the original code's own
+outputs and TensorFlow's own files.
 
 tests/data/tf_xlnet holds checkpoints written by TensorFlow's Saver from the original implementation's graphs
 (zihangdai/xlnet modeling.py and function_builder.py; tests/data/make_tf_checkpoint.py made them) and what those
 graphs computed: the two-stream pretraining pass with memory, padding and segments (with and without bi_data;
 causal with same_length and clamp_len; untie_r false with relu), with every variable's gradient, and the inference
-outputs of the original fine-tuning heads (GLUE, SQuAD, RACE)."""
+outputs of the original fine-tuning heads (GLUE, SQuAD, RACE). The writer's oracle is those files themselves:
+TF's bytes, reproduced. (tests/data/check_tf_export.py runs the original graphs on our exports, outside these
+tests, as TensorFlow is not a dependency: every output equal.)"""
 
 from __future__ import annotations
 
@@ -20,9 +23,12 @@ import torch.nn.functional as F
 
 from xlnet.checkpoint import load_model
 from xlnet.cli import main
+from xlnet.heads import ARCHITECTURES
 from xlnet.tf_checkpoint import (NOT_WEIGHTS, body_weights, checkpoint_prefix, load_tf_model, read_bundle,
-                                 unmasked_crc)
+                                 read_table, table_bytes, unmasked_crc, write_bundle)
 from xlnet.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+
+from helpers import tiny_config
 
 DATA = Path(__file__).parent / "data" / "tf_xlnet"
 PRETRAINED, CLASSIFIER = DATA / "pretrained", DATA / "classifier"
@@ -216,3 +222,126 @@ def test_bad_checkpoints_fail_with_one_line(tmp_path, capsys, damage, message):
 def test_tf_config_flag_needs_from_tf(tmp_path, capsys):
     assert main(["convert", "--to-hf", str(PRETRAINED), str(tmp_path / "x"), "--tf-config", "c.json"]) != 0
     assert "--tf-config goes with --from-tf" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- --to-tf
+FIXTURES = {"pretrained": "xlnet_model.ckpt", "pretrained_tied": "xlnet_model.ckpt", "classifier": "model.ckpt-7",
+            "squad": "model.ckpt-11", "race": "model.ckpt-13"}
+
+
+def files(prefix: Path) -> tuple[bytes, bytes]:
+    return tuple(prefix.with_name(prefix.name + ext).read_bytes() for ext in (".index", ".data-00000-of-00001"))
+
+
+@pytest.mark.parametrize("which", list(FIXTURES))
+def test_writer_reproduces_tensorflows_files_byte_for_byte(tmp_path, which):
+    """The index (table blocks, restart points, the index block's shortened key, footer; BundleEntryProtos with
+    CRCs) and the data shard: what TF's Saver wrote, to the byte (global_step included)."""
+    src = DATA / which / FIXTURES[which]
+    write_bundle(tmp_path / "x.ckpt", read_bundle(src))
+    assert files(tmp_path / "x.ckpt") == files(src)
+
+
+@pytest.mark.parametrize("block_size", [1, 100, 4096])
+def test_tables_of_many_blocks_read_back(tmp_path, block_size):
+    """Blocks split as LevelDB splits them (TF's reader read such a table of 3,500 variables in 512-byte blocks);
+    keys sharing prefixes across restart points; a key that is a prefix of the next (no shorter separator); UTF-8."""
+    rng = np.random.default_rng(0)
+    items = {f"model/transformer/layer_{i}/ff/layer_{j}/kernel".encode(): rng.bytes(int(rng.integers(0, 40)))
+             for i in range(40) for j in range(1, 5)}
+    items.update({"a/é".encode(): b"1", "a/é/b".encode(): b"", b"a/z": b"2"})
+    (tmp_path / "t").write_bytes(table_bytes(sorted(items.items()), block_size))
+    assert read_table(tmp_path / "t") == {k.decode(): v for k, v in items.items()}
+
+
+def test_pretrained_round_trip_through_ours_is_byte_identical(tmp_path, capsys):
+    """TF -> ours -> TF for the release's layout: the same two files, plus xlnet_config.json and TF's state file."""
+    assert main(["convert", "--from-tf", str(PRETRAINED), str(tmp_path / "ours")]) == 0
+    assert main(["convert", "--to-tf", str(tmp_path / "ours"), str(tmp_path / "tf")]) == 0
+    err = capsys.readouterr().err
+    assert "--mem_len=0 --attn_type=bi --bi_data=False --same_length=False" in err
+    assert files(tmp_path / "tf" / "xlnet_model.ckpt") == files(PRETRAINED / "xlnet_model.ckpt")
+    assert (tmp_path / "tf" / "xlnet_config.json").read_text() == (PRETRAINED / "xlnet_config.json").read_text()
+    assert checkpoint_prefix(tmp_path / "tf") == tmp_path / "tf" / "xlnet_model.ckpt"
+
+
+@pytest.mark.parametrize("which", ["pretrained_tied", "classifier", "squad", "race"])
+def test_finetuned_round_trip_keeps_every_variable(tmp_path, capsys, which):
+    """Every weight the original saved comes back equal, under its name; fine-tuned checkpoints gain the fresh
+    mask_emb (unused by their graphs); the step counter is not written. A Hugging Face directory exports alike."""
+    src = DATA / which
+    assert main(["convert", "--from-tf", str(src), str(tmp_path / "ours")]) == 0
+    assert main(["convert", "--to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    for start in ("ours", "hf"):
+        task = ["--tf-task", "demo"] if which == "classifier" else []
+        assert main(["convert", "--to-tf", str(tmp_path / start), str(tmp_path / f"tf-{start}"), *task]) == 0
+        got = read_bundle(tmp_path / f"tf-{start}" / "xlnet_model.ckpt")
+        want = read_bundle(checkpoint_prefix(src), keep=lambda name: not NOT_WEIGHTS.search(name))
+        assert set(got) - set(want) == (set() if which == "pretrained_tied" else {"model/transformer/mask_emb/mask_emb"})
+        assert set(want) <= set(got)
+        for name, value in want.items():
+            assert torch.equal(got[name], value), name
+    if which == "classifier":
+        assert "model/classification_demo/ (run_classifier.py finds it with --cls_scope=demo)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("architecture, num_labels", [("XLNetLMHeadModel", 2), ("XLNetForSequenceClassification", 1),
+                                                      ("XLNetForSequenceClassification", 3),
+                                                      ("XLNetForQuestionAnswering", 2), ("XLNetForMultipleChoice", 2)])
+def test_our_models_survive_the_original_format(tmp_path, capsys, architecture, num_labels):
+    """Ours -> TF -> ours: the same tensors and outputs, shared biases (untie_r false) and a regression head
+    (run_classifier's regression_<task> scope) included."""
+    model = ARCHITECTURES[architecture](tiny_config(num_labels=num_labels, untie_r=num_labels != 3,
+                                                    ff_activation="gelu_new")).eval()
+    model.save_pretrained(tmp_path / "ours")
+    assert main(["convert", "--to-tf", str(tmp_path / "ours"), str(tmp_path / "tf"), "--tf-task", "STS-B"]) == 0
+    if num_labels == 1:
+        assert "model/regression_sts-b/ (run_classifier.py finds it with --task_name=sts-b)" in capsys.readouterr().err
+    back, _ = load_tf_model(tmp_path / "tf")
+    assert type(back).__name__ == architecture and back.config.untie_r == model.config.untie_r
+    assert back.config.num_labels == model.config.num_labels or architecture != "XLNetForSequenceClassification"
+    want = model.state_dict()
+    assert set(back.state_dict()) == set(want)
+    for name, value in back.state_dict().items():
+        assert torch.equal(value, want[name]), name
+    ids = torch.randint(0, model.config.vocab_size, (2, 3, 7) if architecture == "XLNetForMultipleChoice" else (2, 7))
+    with torch.no_grad():
+        got, want_out = vars(reconfigured(back, attn_impl="reference")(ids)), vars(model(ids))
+    outputs = [k for k, v in want_out.items() if isinstance(v, torch.Tensor)]
+    assert outputs and all(torch.equal(got[k], want_out[k]) for k in outputs), outputs
+
+
+def test_notes_and_refusals(tmp_path, capsys):
+    """What the original cannot hold is said in one line: exact gelu (written as the original's tanh gelu),
+    a token-classification head (body only), silu (refused, nothing written); --tf-task needs --to-tf; a
+    destination that is not a previous export is left alone."""
+    for name, config in [("gelu", tiny_config(ff_activation="gelu")), ("silu", tiny_config(ff_activation="silu"))]:
+        ARCHITECTURES["XLNetForTokenClassification"](config).save_pretrained(tmp_path / name)
+    assert main(["convert", "--to-tf", str(tmp_path / "gelu"), str(tmp_path / "tf")]) == 0
+    err = capsys.readouterr().err
+    assert "gelu (exact) is written as the original's gelu" in err and "no token-classification head" in err
+    assert main(["convert", "--to-tf", str(tmp_path / "gelu"), str(tmp_path / "tf")]) == 0  # replaces its own output
+    capsys.readouterr()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    for args, message in [(["silu", "out"], "silu has no counterpart"), (["gelu", "mine"], "mine: exists and is not"),
+                          (["gelu", "out", "--tf-task", "x"], None)]:
+        argv = ["convert", "--to-tf", str(tmp_path / args[0]), str(tmp_path / args[1]), *args[2:]]
+        if message is None:  # --tf-task without --to-tf
+            argv[1], message = "--to-hf", "--tf-task goes with --to-tf"
+        assert main(argv) != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists() and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_tokenizer_goes_with_the_export(tmp_path, capsys):
+    """spiece.model beside the checkpoint, as released; a lowercasing tokenizer says --uncased."""
+    text = tmp_path / "text.txt"
+    text.write_text("The Cat sat on the mat\nthe dog ate the cat food\n" * 50)
+    tok_dir = train_tokenizer([text], tmp_path / "tok", vocab_size=30, lowercase=True)
+    ARCHITECTURES["XLNetLMHeadModel"](tiny_config()).save_pretrained(tmp_path / "ours")
+    assert main(["convert", "--to-tf", str(tmp_path / "ours"), str(tmp_path / "tf"), "--tokenizer", str(tok_dir)]) == 0
+    assert (tmp_path / "tf" / MODEL_FILE).read_bytes() == (tok_dir / MODEL_FILE).read_bytes()
+    assert "--uncased=True" in capsys.readouterr().err

@@ -26,7 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "finetune": ("xlnet.finetune", "fine-tune on GLUE / SQuAD / RACE / CoNLL / CSV / JSONL tasks"),
     "distill": ("xlnet.distill", "compress a fine-tuned model into a shallower one (patient knowledge distillation)"),
     "evaluate": ("xlnet.evaluate", "score predictions or a fine-tuned model with the official metrics"),
-    "convert": ("xlnet.interop", "convert checkpoints to and from Hugging Face XLNet directories, and from the "
+    "convert": ("xlnet.interop", "convert checkpoints to and from Hugging Face XLNet directories and the "
                                   "original TensorFlow checkpoints"),
 }
 

@@ -1,5 +1,5 @@
-"""`xlnet convert`: move checkpoints between our directories and Hugging Face XLNet directories, and bring in the
-original TensorFlow checkpoints (read by xlnet/tf_checkpoint.py).
+"""`xlnet convert`: move checkpoints between our directories and Hugging Face XLNet directories, and to and from the
+original TensorFlow checkpoints (xlnet/tf_checkpoint.py reads and writes their format).
 
 Tensor names are shared, so conversion validates the weights against the config by loading them into the
 head class the config names, then writes them back out in the source's dtype: HF -> ours -> HF is bit-identical.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from xlnet.checkpoint import MODEL_DIR, load_model, read_weights
 from xlnet.errors import XLNetError
-from xlnet.fileio import atomic_dir, check_replaceable, sha256_file
+from xlnet.fileio import DirKind, atomic_dir, check_replaceable, sha256_file
 from xlnet.tokenizer import MODEL_FILE, SPECIAL_PIECES, Tokenizer, write_settings
 
 HF_TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -59,18 +59,47 @@ def convert_from_tf(src: str | Path, dst: str | Path, config: str | Path | None 
     return write_converted(model, tok, src, dst, to_hf=False)
 
 
-def check_destination(src: Path, dst: Path) -> None:
+def convert_to_tf(src: str | Path, dst: str | Path, task: str | None = None,
+                  tokenizer: str | Path | None = None) -> Path:
+    """`src` (ours or HF's) laid out as the original release (xlnet/tf_checkpoint.py's save_tf_model) for the
+    original scripts' --init_checkpoint, with the tokenizer's spiece.model. `task` names a classifier's scope
+    (default: the task it was fine-tuned on)."""
+    from xlnet.finetune import read_meta
+    from xlnet.tf_checkpoint import TF_DIR, print_notes, save_tf_model
+
+    src, dst = Path(src), Path(dst)
+    check_destination(src, dst, TF_DIR)
+    model = load_model(src, strict=True)
+    tok = source_tokenizer(src, tokenizer)
+    check_vocab(tok, model, src)
+    with atomic_dir(dst, replaces=TF_DIR) as tmp:
+        notes = save_tf_model(model, tmp, task or read_meta(src).get("task") or "xlnet")
+        if tok is not None:
+            shutil.copyfile(tok.model_path, tmp / MODEL_FILE)
+            if tok.lowercase:
+                notes.append("the tokenizer lowercases: pass --uncased=True to the original scripts")
+            if not tok.strip_accents:
+                notes.append("the tokenizer keeps accents; the original scripts strip them")
+    print_notes(notes)
+    return dst
+
+
+def check_destination(src: Path, dst: Path, kind: DirKind = MODEL_DIR) -> None:
     """Before any load: never convert only to refuse the destination."""
     if src.resolve() == dst.resolve():
         raise XLNetError(f"{dst}: destination must differ from the source")
-    check_replaceable(dst, MODEL_DIR)
+    check_replaceable(dst, kind)
+
+
+def check_vocab(tok: Tokenizer | None, model: torch.nn.Module, src: Path) -> None:
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
+        raise XLNetError(f"{tok.model_path}: tokenizer has {tok.vocab_size} pieces but the model in {src} only "
+                         f"{model.config.vocab_size}")
 
 
 def write_converted(model: torch.nn.Module, tok: Tokenizer | None, src: Path, dst: Path, to_hf: bool) -> Path:
     """`model` and `tok` into `dst`, in our format or HF's, together or not at all."""
-    if tok is not None and tok.vocab_size > model.config.vocab_size:
-        raise XLNetError(f"{tok.model_path}: tokenizer has {tok.vocab_size} pieces but the model in {src} only "
-                         f"{model.config.vocab_size}")
+    check_vocab(tok, model, src)
     with atomic_dir(dst, replaces=MODEL_DIR) as tmp:  # weights and tokenizer appear together or not at all
         model.save_pretrained(tmp, hf=to_hf)  # type: ignore[operator]  # replaces `tmp`, still our temp name
         if tok is not None:
@@ -161,6 +190,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     direction.add_argument("--from-tf", action="store_true",
                            help="SRC is an original (TensorFlow) XLNet checkpoint: a directory with xlnet_config.json "
                                 "and the checkpoint (e.g. the released xlnet_cased_L-12_H-768_A-12), or its prefix")
+    direction.add_argument("--to-tf", action="store_true",
+                           help="write DST as an original (TensorFlow) XLNet checkpoint directory, as released: "
+                                "xlnet_model.ckpt.*, xlnet_config.json, spiece.model (for the original scripts' "
+                                "--init_checkpoint)")
     parser.add_argument("src", help="source model directory")
     parser.add_argument("dst", help="destination directory (replaced atomically if it holds a model)")
     parser.add_argument("--tokenizer", default=None,
@@ -168,14 +201,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one its pretraining run recorded; --from-tf: the spiece.model beside the checkpoint)")
     parser.add_argument("--tf-config", default=None,
                         help="--from-tf: the original xlnet_config.json (default: beside the checkpoint)")
+    parser.add_argument("--tf-task", default=None,
+                        help="--to-tf, a classifier: the task in its scope, model/classification_<task>/ "
+                             "(default: the task it was fine-tuned on, else xlnet)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.tf_config and not args.from_tf:
         raise XLNetError("--tf-config goes with --from-tf")
+    if args.tf_task and not args.to_tf:
+        raise XLNetError("--tf-task goes with --to-tf")
     if args.from_tf:
         dst = convert_from_tf(args.src, args.dst, config=args.tf_config, tokenizer=args.tokenizer)
+    elif args.to_tf:
+        dst = convert_to_tf(args.src, args.dst, task=args.tf_task, tokenizer=args.tokenizer)
     else:
         dst = convert(args.src, args.dst, to_hf=args.to_hf, tokenizer=args.tokenizer)
-    print(f"wrote {'Hugging Face' if args.to_hf else 'xlnet'} checkpoint to {dst}")
+    kind = "TensorFlow (original XLNet)" if args.to_tf else "Hugging Face" if args.to_hf else "xlnet"
+    print(f"wrote {kind} checkpoint to {dst}")
     return 0

@@ -11,6 +11,7 @@ and `model/{classification,regression}_<task>/logit/`, run_squad.py's `start_log
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import struct
@@ -24,8 +25,11 @@ from torch import Tensor, nn
 
 from xlnet.config import XLNetConfig, read_config_json
 from xlnet.errors import XLNetError
+from xlnet.fileio import DirKind
 
 TF_CONFIG = "xlnet_config.json"
+TF_PREFIX = "xlnet_model.ckpt"  # the release's checkpoint name
+TF_DIR = DirKind(TF_PREFIX + ".index", "an original XLNet checkpoint directory")
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_LEN = 48  # two block handles padded to 40 bytes, then the magic number
 BLOCK_TRAILER_LEN = 5  # compression type, masked CRC32C
@@ -205,6 +209,118 @@ def _read_tensor(f: Any, path: Path, name: str, entry: BundleEntry) -> Tensor:
     return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry.shape)
 
 
+def masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _put_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, value: int | bytes, fixed32: bool = False) -> bytes:
+    """One protobuf field: bytes length-delimited, an int as a varint (or fixed32)."""
+    if isinstance(value, bytes):
+        return _put_varint(number << 3 | 2) + _put_varint(len(value)) + value
+    if fixed32:
+        return _put_varint(number << 3 | 5) + value.to_bytes(4, "little")
+    return _put_varint(number << 3) + _put_varint(value)
+
+
+def _entry_proto(dtype: int, shape: tuple[int, ...], offset: int, size: int, crc: int) -> bytes:
+    """A BundleEntryProto for a whole tensor in shard 0 (proto3: zero-valued scalars are left out)."""
+    dims = b"".join(_field(2, _field(1, d) if d else b"") for d in shape)
+    optional = b"".join(_field(k, v) for k, v in ((4, offset), (5, size)) if v)
+    return _field(1, dtype) + _field(2, dims) + optional + _field(6, crc, fixed32=True)
+
+
+class _BlockBuilder:
+    """A table block: keys prefix-compressed against the previous one, a full key every `restart_interval`, the
+    restart offsets at the end."""
+
+    def __init__(self, restart_interval: int = 16) -> None:
+        self.buf, self.restarts, self.last, self.interval = bytearray(), [0], b"", restart_interval
+        self.count = 0
+
+    def add(self, key: bytes, value: bytes) -> None:
+        shared = 0
+        if self.count % self.interval:
+            while shared < min(len(key), len(self.last)) and key[shared] == self.last[shared]:
+                shared += 1
+        elif self.count:
+            self.restarts.append(len(self.buf))
+        self.buf += _put_varint(shared) + _put_varint(len(key) - shared) + _put_varint(len(value))
+        self.buf += key[shared:] + value
+        self.last, self.count = key, self.count + 1
+
+    def size(self) -> int:
+        return len(self.buf) + 4 * len(self.restarts) + 4
+
+    def finish(self) -> bytes:
+        return bytes(self.buf) + struct.pack(f"<{len(self.restarts) + 1}I", *self.restarts, len(self.restarts))
+
+
+def _short_key(last: bytes, following: bytes | None) -> bytes:
+    """The index's key for a data block: a shortest key >= the block's `last` key and < the `following` block's
+    first (LevelDB's bytewise comparator's choice, so that the index is the bytes TF writes)."""
+    n = 0
+    while following is not None and n < min(len(last), len(following)) and last[n] == following[n]:
+        n += 1
+    if following is None:  # the last block: any key past `last`
+        n = next((i for i, byte in enumerate(last) if byte != 0xFF), len(last))
+    if n < len(last) and last[n] < 0xFF and (following is None or n < len(following) and last[n] + 1 < following[n]):
+        return last[:n] + bytes([last[n] + 1])
+    return last
+
+
+def table_bytes(items: list[tuple[bytes, bytes]], block_size: int = 256 << 10) -> bytes:
+    """A LevelDB-format table of `items` (sorted by key): data blocks that end once past `block_size` bytes
+    (TF's size for bundle indexes: one block for any XLNet), an empty metaindex, the index (a key between each
+    block and the next, and its handle), the footer. Uncompressed, as TF writes bundles."""
+    out = bytearray()
+
+    def put(block: _BlockBuilder) -> bytes:
+        raw = block.finish()
+        handle = _put_varint(len(out)) + _put_varint(len(raw))
+        out.extend(raw + b"\0" + struct.pack("<I", masked_crc(raw + b"\0")))
+        return handle
+
+    index, block, pending = _BlockBuilder(restart_interval=1), _BlockBuilder(), None
+    for key, value in items:
+        if pending:  # the previous block's index entry waits for this key, its upper bound
+            index.add(_short_key(pending[0], key), pending[1])
+            pending = None
+        block.add(key, value)
+        if block.size() >= block_size:
+            pending, block = (key, put(block)), _BlockBuilder()
+    if block.count:
+        pending = (block.last, put(block))
+    if pending:
+        index.add(_short_key(pending[0], None), pending[1])
+    handles = put(_BlockBuilder()) + put(index)
+    return bytes(out) + handles.ljust(FOOTER_LEN - 8, b"\0") + struct.pack("<Q", TABLE_MAGIC)
+
+
+def write_bundle(prefix: Path, tensors: dict[str, Tensor]) -> None:
+    """`tensors` as checkpoint `prefix`: one data shard in name order, then the index (TF's BundleWriter layout;
+    every tensor with its masked CRC32C). Call inside a temporary directory: the files are not atomic."""
+    codes = {dtype: code for code, dtype in DTYPES.items()}
+    entries = [(b"", _field(1, 1) + _field(3, _field(1, 1)))]  # header: one shard, little-endian, version 1
+    with open(prefix.with_name(prefix.name + ".data-00000-of-00001"), "wb") as f:
+        for name in sorted(tensors):
+            raw = tensors[name].detach().cpu().contiguous().numpy().tobytes()
+            entry = _entry_proto(codes[tensors[name].dtype], tuple(tensors[name].shape), f.tell(), len(raw),
+                                 masked_crc(raw))
+            entries.append((name.encode(), entry))
+            f.write(raw)
+    prefix.with_name(prefix.name + ".index").write_bytes(table_bytes(entries))
+
+
 # ---------------------------------------------------------------------------------------------- XLNet
 def checkpoint_prefix(src: Path) -> Path:
     """The checkpoint in `src`: a prefix (`src`.index exists), or a directory with TF's `checkpoint` state file
@@ -255,30 +371,66 @@ def _pick(tensors: dict[str, Tensor], name: str, source: Path) -> Tensor:
     return tensors.pop(name)
 
 
-def body_weights(tensors: dict[str, Tensor], config: XLNetConfig, source: Path) -> dict[str, Tensor]:
-    """Our `transformer.*` tensors from the original's `model/transformer/*` (popped from `tensors`). Dense
-    kernels are [in, out] in TF, [out, in] in torch; the attention kernels are [d_model, n_head, d_head] in both;
-    r_w/r_r/r_s_bias carry a layer axis when untie_r; seg_embed always does."""
-    def take(name: str) -> Tensor:
-        return _pick(tensors, BODY + name, source)
+# (TF name, our name, transposed): tf.layers.dense kernels are [in, out], torch Linear weights [out, in]
+Mapping = list[tuple[str, str, bool]]
+SHARED = ("r_w_bias", "r_r_bias", "r_s_bias", "seg_embed")  # model/transformer/<name>: a layer axis when per layer
+MASK_EMB = (BODY + "mask_emb/mask_emb", "mask_emb")
 
-    out = {"transformer.word_embedding.weight": take("word_embedding/lookup_table")}
-    if BODY + "mask_emb/mask_emb" in tensors:  # absent from fine-tuned checkpoints: no query stream there
-        out["transformer.mask_emb"] = take("mask_emb/mask_emb")
-    biases = {name: take(name) for name in ("r_w_bias", "r_r_bias", "r_s_bias", "seg_embed")}
+
+def _dense(scope: str, ours: str, bias: bool = True) -> Mapping:
+    return [(f"{scope}/kernel", f"{ours}.weight", True)] + ([(f"{scope}/bias", f"{ours}.bias", False)] if bias else [])
+
+
+def _layer_norm(scope: str, ours: str) -> Mapping:
+    return [(f"{scope}/LayerNorm/gamma", f"{ours}.weight", False), (f"{scope}/LayerNorm/beta", f"{ours}.bias", False)]
+
+
+def body_map(config: XLNetConfig) -> Mapping:
+    """The word embedding and every layer's own tensors; our names are the body module's (`transformer.` in a
+    head class). The attention kernels are [d_model, n_head, d_head] in both."""
+    m = [("word_embedding/lookup_table", "word_embedding.weight", False)]
     for i in range(config.n_layer):
-        tf, ours = f"layer_{i}/", f"transformer.layer.{i}."
-        for name in "qkvor":
-            out[f"{ours}rel_attn.{name}"] = take(f"{tf}rel_attn/{name}/kernel")
-        for block, norm in (("rel_attn", "rel_attn.layer_norm"), ("ff", "ff.layer_norm")):
-            out[f"{ours}{norm}.weight"] = take(f"{tf}{block}/LayerNorm/gamma")
-            out[f"{ours}{norm}.bias"] = take(f"{tf}{block}/LayerNorm/beta")
-        for j in (1, 2):
-            out[f"{ours}ff.layer_{j}.weight"] = take(f"{tf}ff/layer_{j}/kernel").T.contiguous()
-            out[f"{ours}ff.layer_{j}.bias"] = take(f"{tf}ff/layer_{j}/bias")
-        for name, value in biases.items():
-            per_layer = config.untie_r or name == "seg_embed"
-            out[f"{ours}rel_attn.{name}"] = _layer_slice(value, i, per_layer, name, config, source)
+        tf, ours = f"layer_{i}/", f"layer.{i}."
+        m += [(f"{tf}rel_attn/{name}/kernel", f"{ours}rel_attn.{name}", False) for name in "qkvor"]
+        m += _layer_norm(f"{tf}rel_attn", f"{ours}rel_attn.layer_norm") + _layer_norm(f"{tf}ff", f"{ours}ff.layer_norm")
+        m += _dense(f"{tf}ff/layer_1", f"{ours}ff.layer_1") + _dense(f"{tf}ff/layer_2", f"{ours}ff.layer_2")
+    return [(BODY + tf, ours, transposed) for tf, ours, transposed in m]
+
+
+def head_map(architecture: str, classifier_scope: str = "") -> Mapping:
+    """The head's tensors: run_squad's start/end/answer-class layers, run_race's summary and choice logit,
+    run_classifier's summary and `model/<classifier_scope>/logit`, the pretrained LM head's bias (its weight is the
+    word embedding). The original has no token-classification head: empty, as for the bare body."""
+    summary = _dense(SUMMARY.rstrip("/"), "sequence_summary.summary")
+    return {
+        "XLNetForQuestionAnswering": _dense("start_logits/dense", "start_logits.dense")
+        + _dense("end_logits/dense_0", "end_logits.dense_0") + _layer_norm("end_logits", "end_logits.LayerNorm")
+        + _dense("end_logits/dense_1", "end_logits.dense_1") + _dense("answer_class/dense_0", "answer_class.dense_0")
+        + _dense("answer_class/dense_1", "answer_class.dense_1", bias=False),
+        "XLNetForMultipleChoice": summary + _dense("logits/dense", "logits_proj"),
+        "XLNetForSequenceClassification": summary + _dense(f"model/{classifier_scope}/logit", "logits_proj"),
+        "XLNetLMHeadModel": [(LM_BIAS, "lm_loss.bias", False)],
+    }.get(architecture, [])
+
+
+def _take(tensors: dict[str, Tensor], mapping: Mapping, source: Path, prefix: str = "") -> dict[str, Tensor]:
+    """Our tensors named by `mapping`, popped from the original's `tensors`."""
+    return {prefix + ours: _pick(tensors, tf, source).T.contiguous() if transposed else _pick(tensors, tf, source)
+            for tf, ours, transposed in mapping}
+
+
+def body_weights(tensors: dict[str, Tensor], config: XLNetConfig, source: Path) -> dict[str, Tensor]:
+    """Our `transformer.*` tensors from the original's `model/transformer/*` (popped from `tensors`);
+    r_w/r_r/r_s_bias carry a layer axis when untie_r, seg_embed always does. Fine-tuned checkpoints have no
+    mask_emb (no query stream in their graphs)."""
+    out = {}
+    for name in SHARED:  # first: a config with another n_layer shows here, by the missing layer axis
+        value, per_layer = _pick(tensors, BODY + name, source), config.untie_r or name == "seg_embed"
+        for i in range(config.n_layer):
+            out[f"transformer.layer.{i}.rel_attn.{name}"] = _layer_slice(value, i, per_layer, name, config, source)
+    out.update(_take(tensors, body_map(config), source, "transformer."))
+    if MASK_EMB[0] in tensors:
+        out.update(_take(tensors, [(*MASK_EMB, False)], source, "transformer."))
     return out
 
 
@@ -289,46 +441,27 @@ def _layer_slice(value: Tensor, i: int, per_layer: bool, name: str, config: XLNe
     return value[i] if per_layer else value
 
 
-def _dense(tensors: dict[str, Tensor], scope: str, ours: str, source: Path, bias: bool = True) -> dict[str, Tensor]:
-    """tf.layers.dense's kernel [in, out] and bias as torch Linear's weight [out, in] and bias."""
-    out = {f"{ours}.weight": _pick(tensors, f"{scope}/kernel", source).T.contiguous()}
-    if bias:
-        out[f"{ours}.bias"] = _pick(tensors, f"{scope}/bias", source)
-    return out
-
-
-def _summary(tensors: dict[str, Tensor], source: Path) -> dict[str, Tensor]:
+def head_weights(tensors: dict[str, Tensor], config: XLNetConfig, source: Path) -> tuple[str, dict[str, Tensor]]:
+    """The head class the checkpoint's variables name and its tensors (popped from `tensors`); for a classifier
+    config.num_labels is set from its logit layer. Without any head's variables: the LM head (its bias if any)."""
     if "model/sequnece_summary/summary_bias" in tensors:
         raise XLNetError(f"{source}: summary_type 'attn' is not supported (the heads here read the last token)")
-    return _dense(tensors, SUMMARY.rstrip("/"), "sequence_summary.summary", source)
-
-
-def head_weights(tensors: dict[str, Tensor], config: XLNetConfig, source: Path) -> tuple[str, dict[str, Tensor]]:
-    """The head class and its tensors (popped from `tensors`): run_squad's start/end/answer-class layers,
-    run_race's summary and choice logit, run_classifier's summary and logit layer (config.num_labels set from its
-    rows), else the LM head's bias."""
-    if "start_logits/dense/kernel" in tensors:
-        return "XLNetForQuestionAnswering", {
-            **_dense(tensors, "start_logits/dense", "start_logits.dense", source),
-            **_dense(tensors, "end_logits/dense_0", "end_logits.dense_0", source),
-            "end_logits.LayerNorm.weight": _pick(tensors, "end_logits/LayerNorm/gamma", source),
-            "end_logits.LayerNorm.bias": _pick(tensors, "end_logits/LayerNorm/beta", source),
-            **_dense(tensors, "end_logits/dense_1", "end_logits.dense_1", source),
-            **_dense(tensors, "answer_class/dense_0", "answer_class.dense_0", source),
-            **_dense(tensors, "answer_class/dense_1", "answer_class.dense_1", source, bias=False)}
-    if "logits/dense/kernel" in tensors:
-        return "XLNetForMultipleChoice", {**_summary(tensors, source),
-                                          **_dense(tensors, "logits/dense", "logits_proj", source)}
     scopes = sorted({m.group(1) for name in tensors
                      if (m := re.match(r"model/((?:classification|regression)_[^/]+)/logit/kernel$", name))})
     if len(scopes) > 1:
         raise XLNetError(f"{source}: {len(scopes)} classifier heads ({', '.join(scopes)}); convert needs one")
-    if scopes:
+    if "start_logits/dense/kernel" in tensors:
+        architecture = "XLNetForQuestionAnswering"
+    elif "logits/dense/kernel" in tensors:
+        architecture = "XLNetForMultipleChoice"
+    elif scopes:
+        architecture = "XLNetForSequenceClassification"
         config.num_labels = tensors[f"model/{scopes[0]}/logit/kernel"].shape[1]
-        return "XLNetForSequenceClassification", {**_summary(tensors, source),
-                                                  **_dense(tensors, f"model/{scopes[0]}/logit", "logits_proj", source)}
-    bias = tensors.pop(LM_BIAS, None)
-    return "XLNetLMHeadModel", {} if bias is None else {"lm_loss.bias": bias}
+    else:
+        architecture = "XLNetLMHeadModel"
+        if LM_BIAS not in tensors:
+            return architecture, {}
+    return architecture, _take(tensors, head_map(architecture, scopes[0] if scopes else ""), source)
 
 
 def load_tf_model(src: str | Path, config_path: str | Path | None = None) -> tuple[nn.Module, list[str]]:
@@ -357,6 +490,71 @@ def load_tf_model(src: str | Path, config_path: str | Path | None = None) -> tup
         notes.append(f"{len(left)} variable(s) not converted: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''}")
     load_into(model, {**weights, **head}, source)
     return model, notes
+
+
+def tf_config(config: XLNetConfig) -> tuple[dict[str, Any], list[str]]:
+    """The original xlnet_config.json for `config`, and notes on what the original computes otherwise."""
+    if config.ff_activation == "silu":
+        raise XLNetError("ff_activation silu has no counterpart in the original XLNet code (gelu, relu)")
+    notes = []
+    if config.ff_activation == "gelu":
+        notes.append("ff_activation gelu (exact) is written as the original's gelu, the tanh approximation (gelu_new): "
+                     "each activation moves by at most 4.7e-4")
+    if config.layer_norm_eps != 1e-12:
+        notes.append(f"layer_norm_eps {config.layer_norm_eps:g}: the original's layer norm uses 1e-12")
+    out = {key: getattr(config, name) for key, name in CONFIG_KEYS.items()}
+    out["ff_activation"] = "relu" if config.ff_activation == "relu" else "gelu"
+    return out, notes
+
+
+def tf_tensors(model: nn.Module, classifier_scope: str) -> tuple[dict[str, Tensor], list[str]]:
+    """The original's variables for `model` (any of our head classes) in float32, and notes: a classifier's logit
+    layer goes under `model/<classifier_scope>/`."""
+    config: XLNetConfig = getattr(model, "config")
+    body = getattr(model, "transformer", model)
+    state = {k: v.detach().float() for k, v in body.state_dict().items()}
+    heads = {k: v.detach().float() for k, v in model.state_dict().items()}
+    architecture = type(model).__name__
+    mapping = body_map(config) + [(*MASK_EMB, False)]
+    out = {tf: state[ours].T.contiguous() if transposed else state[ours] for tf, ours, transposed in mapping}
+    for name in SHARED:
+        layers = [state[f"layer.{i}.rel_attn.{name}"] for i in range(config.n_layer)]
+        out[BODY + name] = torch.stack(layers) if config.untie_r or name == "seg_embed" else layers[0]
+    out.update({tf: heads[ours].T.contiguous() if transposed else heads[ours]
+                for tf, ours, transposed in head_map(architecture, classifier_scope)})
+    notes = []
+    if architecture == "XLNetForTokenClassification":
+        notes.append("the original code has no token-classification head: only the body is written")
+    return out, notes
+
+
+def classifier_scope(config: XLNetConfig, task: str) -> str:
+    """run_classifier.py's scope for a task: classification_<task>, regression_<task> for one output."""
+    return f"{'regression' if config.num_labels == 1 else 'classification'}_{task.lower()}"
+
+
+def save_tf_model(model: nn.Module, directory: Path, task: str = "xlnet") -> list[str]:
+    """`model` as the original release lays a model out in `directory` (to be made atomic by the caller):
+    xlnet_model.ckpt.{index,data-00000-of-00001}, TF's `checkpoint` state file, xlnet_config.json. Returns notes,
+    among them the run settings the original takes as flags, not from its config."""
+    config: XLNetConfig = getattr(model, "config")
+    scope = classifier_scope(config, task)
+    tensors, notes = tf_tensors(model, scope)
+    tf_cfg, cfg_notes = tf_config(config)
+    write_bundle(directory / TF_PREFIX, tensors)
+    (directory / "checkpoint").write_text(f'model_checkpoint_path: "{TF_PREFIX}"\n'
+                                          f'all_model_checkpoint_paths: "{TF_PREFIX}"\n', encoding="utf-8")
+    (directory / TF_CONFIG).write_text(json.dumps(tf_cfg, indent=2) + "\n", encoding="utf-8")
+    flags = {"dropout": config.dropout, "dropatt": config.dropatt, "clamp_len": config.clamp_len}
+    if type(model).__name__ == "XLNetLMHeadModel":
+        flags.update(mem_len=config.mem_len, attn_type=config.attn_type, bi_data=config.bi_data,
+                     same_length=config.same_length)
+    if type(model).__name__ == "XLNetForSequenceClassification":
+        flag = "--task_name" if config.num_labels == 1 else "--cls_scope"
+        notes.append(f"the classifier is under model/{scope}/ (run_classifier.py finds it with {flag}="
+                     f"{scope.split('_', 1)[1]})")
+    notes.append("run settings the original takes as flags: " + " ".join(f"--{k}={v}" for k, v in flags.items()))
+    return cfg_notes + notes
 
 
 def print_notes(notes: list[str]) -> None:
