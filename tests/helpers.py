@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from xlnet.config import XLNetConfig
+from xlnet.tokenizer import Tokenizer
 
 TOL = 1e-5  # max abs difference allowed in float32
 B, L, P, V = 4, 9, 3, 61  # batch, length, prediction slots, vocab
@@ -126,3 +127,10 @@ def record_scalar_reads(monkeypatch) -> list[tuple[str, int]]:
 
     monkeypatch.setattr(TR, "PendingScalars", Recording)
     return events
+
+
+def original_tokenizer(lowercase: bool = False) -> Tokenizer:
+    """The embedded spiece.model with the original XLNet scripts' cleanup: preprocess_text(text, lower=uncased),
+    which strips accents (keep_accents False) and collapses spaces (tests/data/make_original_*.py's oracle)."""
+    tok = Tokenizer.load(Path(__file__).parents[1] / "src" / "xlnet" / "assets" / "tokenizer")
+    return dataclasses.replace(tok, lowercase=lowercase, strip_accents=True, remove_space=True)

@@ -3,6 +3,7 @@
 import gzip
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 from xlnet import tasks as T
 from xlnet.errors import XLNetError
 from xlnet.tokenizer import CLS_ID, PAD_ID, SEP_ID, truncate_longest_first
+
+from helpers import original_tokenizer
 
 CLS, SEP, PAD = CLS_ID, SEP_ID, PAD_ID
 
@@ -470,3 +473,60 @@ def test_squad_decoding_synthetic(tmp_path):
     out = tmp_path / "pred.json"
     T.write_squad_predictions(preds, {"q1": 0.1, "q2": 0.9}, out, tmp_path / "na.json")
     assert json.loads(out.read_text()) == preds and json.loads((tmp_path / "na.json").read_text())["q2"] == 0.9
+
+
+# The original run_squad.py's windows and decoding on a small SQuAD 2.0 set, with the embedded spiece.model
+# (tests/data/make_original_squad_features.py ran zihangdai/xlnet's code).
+ORIGINAL_SQUAD = json.loads((Path(__file__).parent / "data" / "original_squad_features.json").read_text("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def original_squad(tmp_path_factory):
+    """Our windows of the oracle's data, with the original's text cleanup (accents stripped)."""
+    path = tmp_path_factory.mktemp("squad") / "train.json"
+    path.write_text(json.dumps(ORIGINAL_SQUAD["dataset"]), encoding="utf-8")
+    return T.featurize_squad(T.read_squad(path), original_tokenizer(), ORIGINAL_SQUAD["max_seq_length"],
+                             ORIGINAL_SQUAD["doc_stride"], ORIGINAL_SQUAD["max_query_length"])
+
+
+def test_squad_windows_equal_the_original_run_squad(original_squad):
+    """convert_examples_to_features in training mode, window by window: the ids, segments, p_mask, <cls>, answer
+    positions (out-of-window answers at <cls>), max-context flags, and each paragraph token's span of the context
+    (the original aligns pieces to characters by a longest common subsequence, ours by SentencePiece's offsets:
+    equal up to the whitespace around a token). The original pads on the right, ours on the left: compared
+    without padding."""
+    feats, t = original_squad, original_squad.tensors
+    assert [(w.qid, w.example_index) for w in feats.windows] == [(o["qid"], o["example_index"])
+                                                                  for o in ORIGINAL_SQUAD["features"]]
+    for w, (win, o) in enumerate(zip(feats.windows, ORIGINAL_SQUAD["features"])):
+        pad = int((t["attention_mask"][w] == 0).sum())
+        real = lambda name: t[name][w][pad:].long().tolist()  # noqa: E731
+        assert (real("input_ids"), real("token_type_ids"), real("p_mask")) == (o["input_ids"], o["segment_ids"],
+                                                                               o["p_mask"]), o["qid"]
+        positions = [int(t[k][w]) - pad for k in ("cls_index", "start_positions", "end_positions")]
+        assert positions == [o["cls_index"], o["start_position"], o["end_position"]], o["qid"]
+        assert bool(t["is_impossible"][w]) == o["is_impossible"]
+        n = o["paragraph_len"]
+        assert [win.max_context[pad + k] for k in range(n)] == o["token_is_max_context"]
+        context = feats.examples[win.example_index].context
+        ours = [context[slice(*win.token_to_char[pad + k])].strip() for k in range(n)]
+        assert ours == [context[s:e + 1].strip() for s, e in zip(o["tok_start_to_orig_index"],
+                                                                 o["tok_end_to_orig_index"])], o["qid"]
+
+
+def test_squad_decoding_equals_the_original_write_predictions(original_squad):
+    """The original's answers and null log-odds from the same beam outputs (its [start, end] layout, indices of
+    its right-padded windows): answers that cross accents, ligatures and runs of spaces, spans too long, starts
+    in windows that do not own them. The null score is the minimum answer-class logit over windows; ours
+    returns its sigmoid."""
+    feats, beam = original_squad, ORIGINAL_SQUAD["beam"]
+    pads = (feats.tensors["attention_mask"] == 0).sum(1, keepdim=True)
+    as_tensor = lambda key, dtype: torch.tensor([r[key] for r in beam], dtype=dtype)  # noqa: E731
+    predictions, na_probs = T.squad_predictions(
+        feats, as_tensor("start_top_log_probs", torch.float64), as_tensor("start_top_index", torch.long) + pads,
+        as_tensor("end_top_log_probs", torch.float64), as_tensor("end_top_index", torch.long) + pads,
+        as_tensor("cls_logits", torch.float64), n_best=ORIGINAL_SQUAD["n_best"],
+        max_answer_len=ORIGINAL_SQUAD["max_answer_length"], end_layout="tf")
+    assert predictions == ORIGINAL_SQUAD["answers"]
+    odds = {q: torch.logit(torch.tensor(p, dtype=torch.float64)).item() for q, p in na_probs.items()}
+    assert odds == pytest.approx(ORIGINAL_SQUAD["null_log_odds"], abs=1e-6)  # (float32 logits)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import io
 import json
@@ -14,6 +13,7 @@ import sentencepiece as spm
 
 from xlnet import cli
 from xlnet.errors import XLNetError
+from helpers import original_tokenizer
 from xlnet.tokenizer import (CLS_ID, EOD_ID, PAD_ID, SEP_ID, SPECIAL_PIECES, Tokenizer, batch_inputs, build_inputs,
                              preprocess_text, train_tokenizer)
 
@@ -282,13 +282,6 @@ def test_train_on_a_directory(tmp_path, capsys):
 # What the original XLNet code makes of text with the embedded spiece.model (tests/data/make_original_inputs.py ran
 # zihangdai/xlnet's prepro_utils and classifier_utils): the oracle for cleanup, splitting and the input layout.
 ORIGINAL = json.loads((Path(__file__).parent / "data" / "original_inputs.json").read_text(encoding="utf-8"))
-
-
-def original_tokenizer(lowercase: bool) -> Tokenizer:
-    """The embedded model with the original's cleanup: run_classifier's preprocess_text(text, lower=uncased),
-    which strips accents (keep_accents False) and collapses spaces."""
-    tok = Tokenizer.load(Path(__file__).parents[1] / ORIGINAL["spiece_model"])
-    return dataclasses.replace(tok, lowercase=lowercase, strip_accents=True, remove_space=True)
 
 
 @pytest.mark.parametrize("case", ORIGINAL["encoded"], ids=lambda c: f"{'uncased' if c['lower'] else 'cased'}:"
