@@ -259,7 +259,7 @@ def test_pretrained_round_trip_through_ours_is_byte_identical(tmp_path, capsys):
     assert main(["convert", "--from-tf", str(PRETRAINED), str(tmp_path / "ours")]) == 0
     assert main(["convert", "--to-tf", str(tmp_path / "ours"), str(tmp_path / "tf")]) == 0
     err = capsys.readouterr().err
-    assert "--mem_len=0 --attn_type=bi --bi_data=False --same_length=False" in err
+    assert "--dropout=0.1 --dropatt=0.1 --clamp_len=-1 --mem_len=0 --bi_data=False --same_length=False" in err
     assert files(tmp_path / "tf" / "xlnet_model.ckpt") == files(PRETRAINED / "xlnet_model.ckpt")
     assert (tmp_path / "tf" / "xlnet_config.json").read_text() == (PRETRAINED / "xlnet_config.json").read_text()
     assert checkpoint_prefix(tmp_path / "tf") == tmp_path / "tf" / "xlnet_model.ckpt"
@@ -314,13 +314,16 @@ def test_our_models_survive_the_original_format(tmp_path, capsys, architecture, 
 
 def test_notes_and_refusals(tmp_path, capsys):
     """What the original cannot hold is said in one line: exact gelu (written as the original's tanh gelu),
-    a token-classification head (body only), silu (refused, nothing written); --tf-task needs --to-tf; a
+    a token-classification head (body only), causal attention (its scripts fix bi), silu (refused, nothing
+    written); --tf-task needs --to-tf; a
     destination that is not a previous export is left alone."""
-    for name, config in [("gelu", tiny_config(ff_activation="gelu")), ("silu", tiny_config(ff_activation="silu"))]:
+    for name, config in [("gelu", tiny_config(ff_activation="gelu", attn_type="uni")),
+                         ("silu", tiny_config(ff_activation="silu"))]:
         ARCHITECTURES["XLNetForTokenClassification"](config).save_pretrained(tmp_path / name)
     assert main(["convert", "--to-tf", str(tmp_path / "gelu"), str(tmp_path / "tf")]) == 0
     err = capsys.readouterr().err
     assert "gelu (exact) is written as the original's gelu" in err and "no token-classification head" in err
+    assert "attn_type uni: the original scripts always attend both ways" in err
     assert main(["convert", "--to-tf", str(tmp_path / "gelu"), str(tmp_path / "tf")]) == 0  # replaces its own output
     capsys.readouterr()
     (tmp_path / "mine").mkdir()

@@ -547,8 +547,9 @@ def save_tf_model(model: nn.Module, directory: Path, task: str = "xlnet") -> lis
     (directory / TF_CONFIG).write_text(json.dumps(tf_cfg, indent=2) + "\n", encoding="utf-8")
     flags = {"dropout": config.dropout, "dropatt": config.dropatt, "clamp_len": config.clamp_len}
     if type(model).__name__ == "XLNetLMHeadModel":
-        flags.update(mem_len=config.mem_len, attn_type=config.attn_type, bi_data=config.bi_data,
-                     same_length=config.same_length)
+        flags.update(mem_len=config.mem_len, bi_data=config.bi_data, same_length=config.same_length)
+    if config.attn_type == "uni":
+        notes.append("attn_type uni: the original scripts always attend both ways (xlnet.py fixes attn_type bi)")
     if type(model).__name__ == "XLNetForSequenceClassification":
         flag = "--task_name" if config.num_labels == 1 else "--cls_scope"
         notes.append(f"the classifier is under model/{scope}/ (run_classifier.py finds it with {flag}="
