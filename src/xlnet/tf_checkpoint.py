@@ -313,7 +313,7 @@ def write_bundle(prefix: Path, tensors: dict[str, Tensor]) -> None:
     entries = [(b"", _field(1, 1) + _field(3, _field(1, 1)))]  # header: one shard, little-endian, version 1
     with open(prefix.with_name(prefix.name + ".data-00000-of-00001"), "wb") as f:
         for name in sorted(tensors):
-            raw = tensors[name].detach().cpu().contiguous().numpy().tobytes()
+            raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
             entry = _entry_proto(codes[tensors[name].dtype], tuple(tensors[name].shape), f.tell(), len(raw),
                                  masked_crc(raw))
             entries.append((name.encode(), entry))
@@ -413,10 +413,14 @@ def head_map(architecture: str, classifier_scope: str = "") -> Mapping:
     }.get(architecture, [])
 
 
+def _orient(t: Tensor, transposed: bool) -> Tensor:
+    """A dense kernel between TF's [in, out] and torch's [out, in] (either way: its own inverse)."""
+    return t.T.contiguous() if transposed else t
+
+
 def _take(tensors: dict[str, Tensor], mapping: Mapping, source: Path, prefix: str = "") -> dict[str, Tensor]:
     """Our tensors named by `mapping`, popped from the original's `tensors`."""
-    return {prefix + ours: _pick(tensors, tf, source).T.contiguous() if transposed else _pick(tensors, tf, source)
-            for tf, ours, transposed in mapping}
+    return {prefix + ours: _orient(_pick(tensors, tf, source), transposed) for tf, ours, transposed in mapping}
 
 
 def body_weights(tensors: dict[str, Tensor], config: XLNetConfig, source: Path) -> dict[str, Tensor]:
@@ -511,17 +515,17 @@ def tf_tensors(model: nn.Module, classifier_scope: str) -> tuple[dict[str, Tenso
     """The original's variables for `model` (any of our head classes) in float32, and notes: a classifier's logit
     layer goes under `model/<classifier_scope>/`."""
     config: XLNetConfig = getattr(model, "config")
-    body = getattr(model, "transformer", model)
-    state = {k: v.detach().float() for k, v in body.state_dict().items()}
-    heads = {k: v.detach().float() for k, v in model.state_dict().items()}
-    architecture = type(model).__name__
-    mapping = body_map(config) + [(*MASK_EMB, False)]
-    out = {tf: state[ours].T.contiguous() if transposed else state[ours] for tf, ours, transposed in mapping}
+    state, architecture = model.state_dict(), type(model).__name__
+    body = "transformer." if hasattr(model, "transformer") else ""  # a bare XLNetModel's names have no prefix
+
+    def get(name: str, transposed: bool = False) -> Tensor:
+        return _orient(state[name].detach().float(), transposed)
+
+    out = {tf: get(body + ours, transposed) for tf, ours, transposed in body_map(config) + [(*MASK_EMB, False)]}
     for name in SHARED:
-        layers = [state[f"layer.{i}.rel_attn.{name}"] for i in range(config.n_layer)]
+        layers = [get(f"{body}layer.{i}.rel_attn.{name}") for i in range(config.n_layer)]
         out[BODY + name] = torch.stack(layers) if config.untie_r or name == "seg_embed" else layers[0]
-    out.update({tf: heads[ours].T.contiguous() if transposed else heads[ours]
-                for tf, ours, transposed in head_map(architecture, classifier_scope)})
+    out.update({tf: get(ours, transposed) for tf, ours, transposed in head_map(architecture, classifier_scope)})
     notes = []
     if architecture == "XLNetForTokenClassification":
         notes.append("the original code has no token-classification head: only the body is written")
