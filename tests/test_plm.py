@@ -2,12 +2,15 @@
 
 The `_ref_*` helpers are literal loop-by-loop restatements of the reference algorithms (written here as
 oracles) that draw random numbers in the same order as the vectorized code, so the two must agree exactly.
+The reference itself is the oracle too: tests/data/original_plm.npz holds what zihangdai/xlnet's data_utils
+computed (its span sampler on recorded random draws, its record parser with recorded permutations).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import signal
 import sys
 import threading
@@ -215,6 +218,76 @@ def test_make_plm_batch_rejects_too_many_targets():
     ids = np.full((1, 16), 20)
     with pytest.raises(XLNetError):
         make_plm_batch(ids, np.zeros_like(ids), np.ones((1, 16), bool), reuse_len=8, num_predict=4)
+
+
+# ------------------------------------------------------------------- the original data_utils as the oracle
+ORIGINAL = Path(__file__).parent / "data" / "original_plm.npz"  # tests/data/make_original_plm.py made it
+
+
+@pytest.fixture(scope="module")
+def original() -> dict[str, np.ndarray]:
+    with np.load(ORIGINAL, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+class Replay:
+    """A generator that gives our sampler the draws the original code was given: uniforms as recorded, an
+    integer below n as floor(u * n), each permutation as recorded; a top-up picks the first free positions."""
+
+    def __init__(self, uniforms=(), permutations=()) -> None:
+        self.u, self.perms, self.used, self.picked = list(uniforms), list(permutations), 0, []
+
+    def random(self) -> float:
+        self.used += 1
+        return float(self.u[self.used - 1])
+
+    def integers(self, n: int) -> int:
+        return int(self.random() * n)
+
+    def permutation(self, n: int) -> np.ndarray:
+        assert len(self.perms[0]) == n
+        return self.perms.pop(0)
+
+    def choice(self, pool: np.ndarray, size: int, replace: bool = False) -> np.ndarray:
+        self.picked = list(pool[:size])
+        return pool[:size]
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_span_sampling_equals_the_original_sample_mask(original, case):
+    """The spans data_utils._sample_mask chose from the same draws (its n-gram lengths, contexts, word starts
+    read from piece text by its _is_start_piece, reversal for backward rows); then exactly the goal, as its
+    top-up gives. Real ids from the embedded corpus and tokenizer."""
+    from xlnet.tokenizer import Tokenizer
+
+    word_start = Tokenizer.load(Path(__file__).parents[1] / "src/xlnet/assets/tokenizer").word_start_table()
+    seg, (_, goal, reverse) = original[f"span{case}_seg"], original[f"span{case}_case"]
+    rng = Replay(original[f"span{case}_uniforms"])
+    mask = sample_span_mask(seg, word_start, int(goal), rng, reverse=bool(reverse))
+    assert rng.used == len(original[f"span{case}_uniforms"])  # no draw more or less in the span loop
+    spans = mask.copy()
+    picked = np.asarray(rng.picked, dtype=int)
+    spans[len(seg) - 1 - picked if reverse else picked] = False
+    assert np.array_equal(spans, original[f"span{case}_spans"])
+    assert mask.sum() == original[f"span{case}_mask"].sum() == goal
+
+
+@pytest.mark.parametrize("record", range(12))
+def test_factorization_masks_equal_the_original_parser(original, record):
+    """get_dataset's record parser with the same permutations: two _local_perm parts (perm_size 8 and 16) joined
+    by its ones/zeros blocks, <sep>/<cls> never targets, the num_predict slots in position order with padding;
+    perm_mask, target_mapping, targets, target_mask, input_k, input_q."""
+    r = {k[len(f"rec{record}_"):]: v for k, v in original.items() if k.startswith(f"rec{record}_")}
+    batch = make_plm_batch(r["input"][None], r["seg_id_in"][None], r["is_masked"][None], reuse_len=16,
+                           num_predict=12, perm_size=int(r["perm_size"]),
+                           rng=[Replay(permutations=[r["sigma0"], r["sigma1"]])])  # one generator per row
+    for ours, theirs in [("perm_mask", "perm_mask"), ("target_mapping", "target_mapping"),
+                         ("target_mask", "target_mask"), ("input_ids", "input_k"), ("is_masked", "input_q"),
+                         ("token_type_ids", "seg_id")]:
+        assert np.array_equal(batch[ours][0].numpy().astype(np.float64), r[f"out_{theirs}"].astype(np.float64)), ours
+    slots = r["out_target_mask"].astype(bool)
+    assert np.array_equal(batch["labels"][0].numpy()[slots], r["out_target"][slots])
+    assert (batch["labels"][0].numpy()[~slots] == -100).all()
 
 
 # ------------------------------------------------------------------------------ batch properties

@@ -1,0 +1,157 @@
+"""Write tests/data/original_plm.npz: the original XLNet code's span sampling and factorization masks.
+
+The oracle for xlnet/data/plm.py is data_utils.py of https://github.com/zihangdai/xlnet (Apache-2.0; not copied
+here), run on token ids from the embedded corpus and tokenizer:
+
+- `_sample_mask`: its random draws come from a recorded stream of uniforms (np.random.choice and randint in its
+  namespace are replaced by functions reading the stream, as our sampler reads its generator: an index by the
+  cumulative probabilities, an integer as floor(u * n)). Recorded: the uniforms its span loop drew, the spans it
+  chose (the mask before its top-up with random single tokens, whose draws differ from ours by design) and the
+  final mask.
+- the record parser inside `get_dataset` (two `_local_perm` calls, the ones/zeros blocks, num_predict slots),
+  taken out of its closure and run eagerly on serialized records, with tf.random_shuffle replaced by a recorded
+  permutation of the index rows. Recorded: each record, its two permutations and every output.
+
+Run once with the original's dependencies, as tests/data/make_tf_checkpoint.py:
+    /tmp/tfenv/bin/python tests/data/make_original_plm.py --xlnet-repo PATH/TO/xlnet
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+SPIECE = ROOT / "src" / "xlnet" / "assets" / "tokenizer" / "spiece.model"
+CORPUS = ROOT / "src" / "xlnet" / "assets" / "corpus"
+SPAN_CASES = [(64, 10, False), (64, 10, True), (128, 21, False), (128, 21, True), (40, 40, False), (96, 1, False),
+              (96, 5, True), (256, 42, False)] + [(12, 12, False)] * 4 + [(16, 16, True)] * 4
+# (segment length, goal, reverse); the short ones end their span loops at the segment's end
+SEQ_LEN, REUSE_LEN, NUM_PREDICT, N_RECORDS = 32, 16, 12, 12
+
+
+class Stream:
+    """np.random's choice / randint for the original code, reading recorded uniforms."""
+
+    def __init__(self, uniforms: np.ndarray) -> None:
+        self.u, self.used, self.top_up_from, self.span_draws = uniforms, 0, None, None
+
+    def _next(self) -> float:
+        self.used += 1
+        return float(self.u[self.used - 1])
+
+    def choice(self, a, p=None):
+        if p is None:  # np.random.choice(n): uniform over range(n)
+            return int(self._next() * a)
+        return a[int(np.searchsorted(np.cumsum(p), self._next(), side="right"))]
+
+    def randint(self, n):
+        if self.top_up_from is None:  # the span loop is over: the mask so far is its spans
+            self.top_up_from, self.span_draws = sys._getframe(1).f_locals["mask"].copy(), self.used
+        return int(self._next() * n)
+
+
+def corpus_ids(sp, preprocess_text, encode_ids, n: int) -> np.ndarray:
+    ids: list[int] = []
+    for path in sorted(CORPUS.rglob("*.txt*")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                ids += encode_ids(sp, preprocess_text(line.strip()))
+                if len(ids) >= n:
+                    return np.array(ids[:n], np.int64)
+    raise SystemExit("corpus too short")
+
+
+def spans(data_utils, sp, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    real_np = data_utils.np
+    for c, (length, goal, reverse) in enumerate(SPAN_CASES):
+        seg = ids[c * 50: c * 50 + length]
+        stream = Stream(rng.random(64 * length))  # the top-up rejects masked positions: many draws
+        data_utils.np = types.SimpleNamespace(**{k: getattr(real_np, k) for k in dir(real_np) if not k.startswith("__")})
+        data_utils.np.random = stream
+        try:
+            mask = data_utils._sample_mask(sp, seg, reverse=reverse, max_gram=5, goal_num_predict=goal)
+        finally:
+            data_utils.np = real_np
+        span_mask = mask if stream.top_up_from is None else stream.top_up_from
+        if reverse:  # the original flipped its own copy of the mask before the top-up
+            span_mask = span_mask[::-1] if stream.top_up_from is not None else span_mask
+        draws = stream.used if stream.span_draws is None else stream.span_draws
+        out.update({f"span{c}_seg": seg, f"span{c}_uniforms": stream.u[:draws],
+                    f"span{c}_spans": np.asarray(span_mask, bool), f"span{c}_mask": np.asarray(mask, bool),
+                    f"span{c}_case": np.array([length, goal, int(reverse)])})
+    return out
+
+
+def records(tf, data_utils, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The parser of get_dataset, out of its closure, on serialized records."""
+    code = next(c for c in data_utils.get_dataset.__code__.co_consts if getattr(c, "co_name", "") == "parser")
+    cells = dict(seq_len=SEQ_LEN, reuse_len=REUSE_LEN, perm_size=None, num_predict=NUM_PREDICT, use_bfloat16=False)
+    out: dict[str, np.ndarray] = {}
+    for r in range(N_RECORDS):
+        perm_size = (8, 16)[r % 2]
+        cells["perm_size"] = perm_size
+        parser = types.FunctionType(code, data_utils.__dict__, "parser",
+                                    closure=tuple(types.CellType(cells[n]) for n in code.co_freevars))
+        inp = ids[200 + r * 40: 200 + r * 40 + SEQ_LEN + 1].copy()
+        inp[[REUSE_LEN + 5, SEQ_LEN - 2]] = data_utils.SEP_ID  # A <sep> B <sep> <cls> after the reused part
+        inp[SEQ_LEN - 1] = data_utils.CLS_ID
+        target = inp[1:]  # the next token, as create_tfrecords writes it
+        inp = inp[:SEQ_LEN]
+        seg = np.r_[np.zeros(REUSE_LEN + 6), np.ones(SEQ_LEN - REUSE_LEN - 7), [2]].astype(np.int64)
+        is_masked = np.zeros(SEQ_LEN, bool)
+        is_masked[rng.choice(SEQ_LEN, NUM_PREDICT - r % 3, replace=False)] = True  # <sep>/<cls> may be among them
+        sigmas = [rng.permutation(perm_size) for _ in range(2)]
+        queue = list(sigmas)
+        tf.random_shuffle = lambda x: tf.gather(x, queue.pop(0))
+        feature = lambda v: tf.train.Feature(int64_list=tf.train.Int64List(value=list(map(int, v))))  # noqa: E731
+        example = tf.train.Example(features=tf.train.Features(feature={
+            "input": feature(inp), "target": feature(target), "seg_id": feature(seg), "label": feature([r % 2]),
+            "is_masked": feature(is_masked)}))
+        got = parser(example.SerializeToString())
+        assert not queue
+        out.update({f"rec{r}_{k}": v for k, v in dict(input=inp, seg_id_in=seg, is_masked=is_masked,
+                                                       sigma0=sigmas[0], sigma1=sigmas[1],
+                                                       perm_size=np.array(perm_size)).items()})
+        out.update({f"rec{r}_out_{k}": np.asarray(v) for k, v in got.items()})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--xlnet-repo", required=True)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "original_plm.npz"))
+    args = parser.parse_args()
+    import tensorflow as real_tf  # eager: the parser runs op by op
+
+    shim = types.ModuleType("tensorflow")
+    shim.__getattr__ = lambda name: getattr(real_tf.compat.v1, name)  # type: ignore[attr-defined]
+    shim.logging = types.SimpleNamespace(info=lambda *a, **k: None)
+    shim.keras = types.SimpleNamespace(backend=types.SimpleNamespace(is_sparse=lambda v: isinstance(
+        v, real_tf.SparseTensor)))
+    sys.modules["tensorflow"] = shim
+    sys.path.insert(0, args.xlnet_repo)
+    import sentencepiece as spm
+
+    import data_utils  # the original XLNet code
+    from prepro_utils import encode_ids, preprocess_text
+
+    data_utils.FLAGS = types.SimpleNamespace(mask_alpha=6, mask_beta=1)  # its defaults (set in its __main__)
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(SPIECE))
+    ids = corpus_ids(sp, preprocess_text, encode_ids, 1000)
+    rng = np.random.default_rng(0)
+    arrays = {**spans(data_utils, sp, ids, rng), **records(shim, data_utils, ids, rng)}
+    np.savez_compressed(args.out, **arrays)
+    print(f"wrote {args.out}: {len(SPAN_CASES)} span cases, {N_RECORDS} records")
+
+
+if __name__ == "__main__":
+    main()
