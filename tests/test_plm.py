@@ -3,7 +3,8 @@
 The `_ref_*` helpers are literal loop-by-loop restatements of the reference algorithms (written here as
 oracles) that draw random numbers in the same order as the vectorized code, so the two must agree exactly.
 The reference itself is the oracle too: tests/data/original_plm.npz holds what zihangdai/xlnet's data_utils
-computed (its span sampler on recorded random draws, its record parser with recorded permutations).
+computed (its A/B split and span sampler on recorded random draws, its record parser with recorded
+permutations).
 """
 
 from __future__ import annotations
@@ -241,8 +242,9 @@ class Replay:
         self.used += 1
         return float(self.u[self.used - 1])
 
-    def integers(self, n: int) -> int:
-        return int(self.random() * n)
+    def integers(self, low: int, high: int | None = None, endpoint: bool = False) -> int:
+        low, high = (0, low) if high is None else (low, high)
+        return low + int(self.random() * (high - low + int(endpoint)))
 
     def permutation(self, n: int) -> np.ndarray:
         assert len(self.perms[0]) == n
@@ -270,6 +272,19 @@ def test_span_sampling_equals_the_original_sample_mask(original, case):
     spans[len(seg) - 1 - picked if reverse else picked] = False
     assert np.array_equal(spans, original[f"span{case}_spans"])
     assert mask.sum() == original[f"span{case}_mask"].sum() == goal
+
+
+@pytest.mark.parametrize("case", range(19))
+def test_segment_split_equals_the_original_split_a_and_b(original, case):
+    """A ends at a sentence boundary (or B is a random sentence-aligned span of the stream, label 0), both cut
+    from the right to fit: the original's [begin, end) of A and B, its label, and as many draws, on the
+    embedded corpus' sentence ids. (Its 20th case starts too near the stream's end and returns None; the
+    sampler never asks for that: a row's last step leaves seq_len tokens.)"""
+    begin, tot_len, draws, *want = original["split_cases"][case]
+    sent = original["split_sent_ids"]
+    rng = Replay(original["split_uniforms"][case])
+    a0, a1, b0, b1, is_next = split_a_b(len(sent), sentence_boundaries(sent), int(begin), int(tot_len), rng, 0.5)
+    assert [a0, a1, b0, b1, int(is_next)] == list(want) and rng.used == draws
 
 
 @pytest.mark.parametrize("record", range(12))

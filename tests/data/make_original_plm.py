@@ -8,6 +8,7 @@ here), run on token ids from the embedded corpus and tokenizer:
   cumulative probabilities, an integer as floor(u * n)). Recorded: the uniforms its span loop drew, the spans it
   chose (the mask before its top-up with random single tokens, whose draws differ from ours by design) and the
   final mask.
+- `_split_a_and_b`: Python's random in its namespace reads a recorded stream the same way.
 - the record parser inside `get_dataset` (two `_local_perm` calls, the ones/zeros blocks, num_predict slots),
   taken out of its closure and run eagerly on serialized records, with tf.random_shuffle replaced by a recorded
   permutation of the index rows. Recorded: each record, its two permutations and every output.
@@ -33,6 +34,8 @@ SPAN_CASES = [(64, 10, False), (64, 10, True), (128, 21, False), (128, 21, True)
               (96, 5, True), (256, 42, False)] + [(12, 12, False)] * 4 + [(16, 16, True)] * 4
 # (segment length, goal, reverse); the short ones end their span loops at the segment's end
 SEQ_LEN, REUSE_LEN, NUM_PREDICT, N_RECORDS = 32, 16, 12, 12
+# (begin, tot_len) for _split_a_and_b: across sentence boundaries, single-sentence stretches, near the stream's end
+SPLIT_CASES = [(b, t) for t in (13, 29, 125) for b in (0, 37, 150, 411, 600, 870)] + [(960, 29), (990, 13)]
 
 
 class Stream:
@@ -56,16 +59,41 @@ class Stream:
         return int(self._next() * n)
 
 
-def corpus_ids(sp, preprocess_text, encode_ids, n: int) -> np.ndarray:
+def corpus_ids(sp, preprocess_text, encode_ids, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n ids of the embedded corpus and their sentence ids (flipping at each line, as _create_data)."""
     ids: list[int] = []
-    for path in sorted(CORPUS.rglob("*.txt*")):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                ids += encode_ids(sp, preprocess_text(line.strip()))
-                if len(ids) >= n:
-                    return np.array(ids[:n], np.int64)
+    sent: list[bool] = []
+    with gzip.open(CORPUS / "corpus.txt.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            piece_ids = encode_ids(sp, preprocess_text(line.strip()))
+            flag = not sent[-1] if sent else True
+            ids += piece_ids
+            sent += [flag] * len(piece_ids)
+            if len(ids) >= n:
+                return np.array(ids[:n], np.int64), np.array(sent[:n], bool)
     raise SystemExit("corpus too short")
+
+
+def splits(data_utils, ids: np.ndarray, sent: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """_split_a_and_b (extend_target, as create_tfrecords calls it) with Python's random read from the stream:
+    random() a uniform, choice(seq) and randint(a, b) by floor(u * n). Recorded per case: begin, tot_len, the
+    uniforms, how many it drew, and A's and B's [begin, end) in the stream (A and B are views of it), label;
+    -1s where it returns None (too close to the stream's end)."""
+    real_random, rows = data_utils.random, []
+    uniforms = rng.random((len(SPLIT_CASES), 4))
+    for (begin, tot_len), u in zip(SPLIT_CASES, uniforms):
+        stream = Stream(u)
+        data_utils.random = types.SimpleNamespace(random=stream._next, choice=lambda seq: seq[stream.choice(len(seq))],
+                                                  randint=lambda a, b: a + stream.choice(b - a + 1))
+        try:
+            got = data_utils._split_a_and_b(ids, sent, begin, tot_len, extend_target=True)
+        finally:
+            data_utils.random = real_random
+        start = lambda view: (view.__array_interface__["data"][0] - ids.__array_interface__["data"][0]) // 8  # noqa
+        spans = [-1] * 5 if got is None else [start(got[0]), start(got[0]) + len(got[0]), start(got[1]),
+                                              start(got[1]) + len(got[1]), got[2]]
+        rows.append([begin, tot_len, stream.used, *spans])
+    return {"split_cases": np.array(rows, np.int64), "split_uniforms": uniforms, "split_sent_ids": sent}
 
 
 def spans(data_utils, sp, ids: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -146,11 +174,12 @@ def main() -> None:
     data_utils.FLAGS = types.SimpleNamespace(mask_alpha=6, mask_beta=1)  # its defaults (set in its __main__)
     sp = spm.SentencePieceProcessor()
     sp.Load(str(SPIECE))
-    ids = corpus_ids(sp, preprocess_text, encode_ids, 1000)
+    ids, sent = corpus_ids(sp, preprocess_text, encode_ids, 1000)
     rng = np.random.default_rng(0)
-    arrays = {**spans(data_utils, sp, ids, rng), **records(shim, data_utils, ids, rng)}
+    arrays = {**spans(data_utils, sp, ids, rng), **records(shim, data_utils, ids, rng),
+              **splits(data_utils, ids, sent, rng)}
     np.savez_compressed(args.out, **arrays)
-    print(f"wrote {args.out}: {len(SPAN_CASES)} span cases, {N_RECORDS} records")
+    print(f"wrote {args.out}: {len(SPAN_CASES)} span cases, {N_RECORDS} records, {len(SPLIT_CASES)} splits")
 
 
 if __name__ == "__main__":
