@@ -44,19 +44,19 @@ class Stream:
     def __init__(self, uniforms: np.ndarray) -> None:
         self.u, self.used, self.top_up_from, self.span_draws = uniforms, 0, None, None
 
-    def _next(self) -> float:
+    def uniform(self) -> float:
         self.used += 1
         return float(self.u[self.used - 1])
 
     def choice(self, a, p=None):
         if p is None:  # np.random.choice(n): uniform over range(n)
-            return int(self._next() * a)
-        return a[int(np.searchsorted(np.cumsum(p), self._next(), side="right"))]
+            return int(self.uniform() * a)
+        return a[int(np.searchsorted(np.cumsum(p), self.uniform(), side="right"))]
 
     def randint(self, n):
         if self.top_up_from is None:  # the span loop is over: the mask so far is its spans
             self.top_up_from, self.span_draws = sys._getframe(1).f_locals["mask"].copy(), self.used
-        return int(self._next() * n)
+        return int(self.uniform() * n)
 
 
 def corpus_ids(sp, preprocess_text, encode_ids, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +83,7 @@ def splits(data_utils, ids: np.ndarray, sent: np.ndarray, rng: np.random.Generat
     uniforms = rng.random((len(SPLIT_CASES), 4))
     for (begin, tot_len), u in zip(SPLIT_CASES, uniforms):
         stream = Stream(u)
-        data_utils.random = types.SimpleNamespace(random=stream._next, choice=lambda seq: seq[stream.choice(len(seq))],
+        data_utils.random = types.SimpleNamespace(random=stream.uniform, choice=lambda seq: seq[stream.choice(len(seq))],
                                                   randint=lambda a, b: a + stream.choice(b - a + 1))
         try:
             got = data_utils._split_a_and_b(ids, sent, begin, tot_len, extend_target=True)
