@@ -21,7 +21,7 @@ import torch
 
 from xlnet.errors import XLNetError
 from xlnet.fileio import atomic_write, text_lines
-from xlnet.tokenizer import CLS_ID, PAD_ID, SEG_A, SEG_B, SEG_CLS, SEG_PAD, SEP_ID, build_inputs
+from xlnet.tokenizer import build_inputs
 
 IGNORE_INDEX = -100  # label of positions the loss must skip (PyTorch's cross-entropy default)
 
@@ -722,16 +722,13 @@ def _example_windows(ei: int, ex: SquadExample, tok: Any, max_seq_len: int, doc_
 
 
 def _window_row(para: list[int], q_ids: list[int], max_seq_len: int) -> dict[str, Any]:
-    """The left-padded `paragraph <sep> question <sep> <cls>` row, marked unanswerable (answer at <cls>)."""
-    ids = para + [SEP_ID] + q_ids + [SEP_ID, CLS_ID]
-    types = [SEG_A] * (len(para) + 1) + [SEG_B] * (len(q_ids) + 1) + [SEG_CLS]
-    p_mask = [0] * len(para) + [1] * (len(q_ids) + 2) + [0]
-    n_pad = max_seq_len - len(ids)
+    """The left-padded `paragraph <sep> question <sep> <cls>` row (`layout`; the window fits by construction),
+    marked unanswerable (answer at <cls>)."""
+    row: dict[str, Any] = layout(para, q_ids, max_seq_len)
+    n_pad = max_seq_len - (len(para) + len(q_ids) + 3)
     cls_index = max_seq_len - 1
-    return {"input_ids": [PAD_ID] * n_pad + ids, "token_type_ids": [SEG_PAD] * n_pad + types,
-            "attention_mask": [0] * n_pad + [1] * len(ids), "p_mask": [1] * n_pad + p_mask,
-            "cls_index": cls_index, "start_positions": cls_index, "end_positions": cls_index,
-            "is_impossible": 1.0}
+    return {**row, "p_mask": [1] * n_pad + [0] * len(para) + [1] * (len(q_ids) + 2) + [0],
+            "cls_index": cls_index, "start_positions": cls_index, "end_positions": cls_index, "is_impossible": 1.0}
 
 
 def _as_numpy(x: Any) -> np.ndarray:

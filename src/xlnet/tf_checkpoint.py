@@ -81,6 +81,24 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
         yield field, value
 
 
+def _put_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, value: int | bytes, fixed32: bool = False) -> bytes:
+    """One protobuf field: bytes length-delimited, an int as a varint (or fixed32)."""
+    if isinstance(value, bytes):
+        return _put_varint(number << 3 | 2) + _put_varint(len(value)) + value
+    if fixed32:
+        return _put_varint(number << 3 | 5) + value.to_bytes(4, "little")
+    return _put_varint(number << 3) + _put_varint(value)
+
+
 def crc32c(data: bytes) -> int:
     try:
         import google_crc32c  # a declared dependency; an install from before it lacks it
@@ -93,6 +111,11 @@ def unmasked_crc(masked: int) -> int:
     """LevelDB and TF store CRC32C rotated and offset ("masked"), so that CRCs of CRCs stay well spread."""
     rot = (masked - 0xA282EAD8) & 0xFFFFFFFF
     return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
+
+
+def masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def _block(data: bytes, handle: bytes, path: Path) -> bytes:
@@ -166,6 +189,13 @@ class BundleEntry:
                 f["sliced"] = True
         return cls(**f)
 
+    def encode(self) -> bytes:
+        """`parse`'s inverse for a whole tensor (proto3: zero-valued scalars are left out)."""
+        dims = b"".join(_field(2, _field(1, d) if d else b"") for d in self.shape)
+        ints = b"".join(_field(k, v) for k, v in ((3, self.shard), (4, self.offset), (5, self.size)) if v)
+        crc = b"" if self.crc is None else _field(6, self.crc, fixed32=True)
+        return _field(1, self.dtype) + _field(2, dims) + ints + crc
+
 
 def read_bundle(prefix: Path, keep: Callable[[str], bool] = lambda name: True) -> dict[str, Tensor]:
     """The tensors of checkpoint `prefix` whose names `keep` accepts, each verified against its CRC32C."""
@@ -207,36 +237,6 @@ def _read_tensor(f: Any, path: Path, name: str, entry: BundleEntry) -> Tensor:
     if not raw:
         return torch.empty(entry.shape, dtype=dtype)
     return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry.shape)
-
-
-def masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _put_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _field(number: int, value: int | bytes, fixed32: bool = False) -> bytes:
-    """One protobuf field: bytes length-delimited, an int as a varint (or fixed32)."""
-    if isinstance(value, bytes):
-        return _put_varint(number << 3 | 2) + _put_varint(len(value)) + value
-    if fixed32:
-        return _put_varint(number << 3 | 5) + value.to_bytes(4, "little")
-    return _put_varint(number << 3) + _put_varint(value)
-
-
-def _entry_proto(dtype: int, shape: tuple[int, ...], offset: int, size: int, crc: int) -> bytes:
-    """A BundleEntryProto for a whole tensor in shard 0 (proto3: zero-valued scalars are left out)."""
-    dims = b"".join(_field(2, _field(1, d) if d else b"") for d in shape)
-    optional = b"".join(_field(k, v) for k, v in ((4, offset), (5, size)) if v)
-    return _field(1, dtype) + _field(2, dims) + optional + _field(6, crc, fixed32=True)
 
 
 class _BlockBuilder:
@@ -314,9 +314,9 @@ def write_bundle(prefix: Path, tensors: dict[str, Tensor]) -> None:
     with open(prefix.with_name(prefix.name + ".data-00000-of-00001"), "wb") as f:
         for name in sorted(tensors):
             raw = tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-            entry = _entry_proto(codes[tensors[name].dtype], tuple(tensors[name].shape), f.tell(), len(raw),
-                                 masked_crc(raw))
-            entries.append((name.encode(), entry))
+            entry = BundleEntry(codes[tensors[name].dtype], tuple(tensors[name].shape), shard=0, offset=f.tell(),
+                                size=len(raw), crc=masked_crc(raw), sliced=False)
+            entries.append((name.encode(), entry.encode()))
             f.write(raw)
     prefix.with_name(prefix.name + ".index").write_bytes(table_bytes(entries))
 
