@@ -17,8 +17,8 @@ import types
 from functools import partial
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SPIECE = ROOT / "src" / "xlnet" / "assets" / "tokenizer" / "spiece.model"
+from make_tf_checkpoint import ROOT, SPIECE, v1_shim  # TF 1's API under TF 2; our tokenizer
+
 TEXTS = [
     "I was born in 2000, and this is falsé.",
     "I was born in 92000, and 1,000,000 people came; 7, 8, 9,",
@@ -50,7 +50,6 @@ def main() -> None:
     parser.add_argument("--xlnet-repo", required=True)
     parser.add_argument("--out", default=str(Path(__file__).parent / "original_inputs.json"))
     args = parser.parse_args()
-    from make_tf_checkpoint import v1_shim  # TF 1's API under TF 2 (classifier_utils logs through tf.logging)
 
     sys.modules["tensorflow"] = v1_shim()[2]
     sys.path.insert(0, args.xlnet_repo)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-SPIECE = ROOT / "src" / "xlnet" / "assets" / "tokenizer" / "spiece.model"
+from make_tf_checkpoint import ROOT, SPIECE, v1_shim  # TF 1's API under TF 2; our tokenizer
+
 CORPUS = ROOT / "src" / "xlnet" / "assets" / "corpus"
 SPAN_CASES = [(64, 10, False), (64, 10, True), (128, 21, False), (128, 21, True), (40, 40, False), (96, 1, False),
               (96, 5, True), (256, 42, False)] + [(12, 12, False)] * 4 + [(16, 16, True)] * 4
@@ -157,13 +157,7 @@ def main() -> None:
     parser.add_argument("--xlnet-repo", required=True)
     parser.add_argument("--out", default=str(Path(__file__).parent / "original_plm.npz"))
     args = parser.parse_args()
-    import tensorflow as real_tf  # eager: the parser runs op by op
-
-    shim = types.ModuleType("tensorflow")
-    shim.__getattr__ = lambda name: getattr(real_tf.compat.v1, name)  # type: ignore[attr-defined]
-    shim.logging = types.SimpleNamespace(info=lambda *a, **k: None)
-    shim.keras = types.SimpleNamespace(backend=types.SimpleNamespace(is_sparse=lambda v: isinstance(
-        v, real_tf.SparseTensor)))
+    shim = v1_shim(graph=False)[2]  # eager: the parser runs op by op
     sys.modules["tensorflow"] = shim
     sys.path.insert(0, args.xlnet_repo)
     import sentencepiece as spm

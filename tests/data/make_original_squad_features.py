@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SPIECE = ROOT / "src" / "xlnet" / "assets" / "tokenizer" / "spiece.model"
+from make_tf_checkpoint import ROOT, SPIECE, v1_shim  # TF 1's API under TF 2; our tokenizer
+
 MAX_SEQ_LENGTH, DOC_STRIDE, MAX_QUERY_LENGTH = 40, 8, 12
 N_BEST, MAX_ANSWER_LENGTH, TOP = 5, 6, 5  # write_predictions' n_best_size, max_answer_length; start/end_n_top
 PARAGRAPHS = [
@@ -93,12 +93,8 @@ def main() -> None:
     parser.add_argument("--xlnet-repo", required=True)
     parser.add_argument("--out", default=str(Path(__file__).parent / "original_squad_features.json"))
     args = parser.parse_args()
-    from make_tf_checkpoint import v1_shim  # TF 1's API under TF 2 (run_squad logs through tf.logging)
 
-    shim = v1_shim()[2]
-    shim.gfile = shim.io.gfile
-    shim.gfile.Open = open
-    sys.modules["tensorflow"] = shim
+    sys.modules["tensorflow"] = v1_shim()[2]
     sys.path.insert(0, args.xlnet_repo)
     import sentencepiece as spm
     from absl import flags

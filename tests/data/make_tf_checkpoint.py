@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[2]
+SPIECE = ROOT / "src" / "xlnet" / "assets" / "tokenizer" / "spiece.model"  # the embedded tokenizer
 CONFIG = dict(n_token=37, d_model=12, n_layer=2, n_head=3, d_head=4, d_inner=20, ff_activation="gelu",
               untie_r=True)
 BSZ, QLEN, MLEN, NUM_PREDICT, MEM_LEN, REUSE_LEN, N_CLASS = 2, 6, 3, 2, 4, 4, 3
@@ -53,11 +55,14 @@ TIED_CONFIG = {**CONFIG, "untie_r": False, "ff_activation": "relu"}
 START_N_TOP, END_N_TOP = 2, 2  # at most the unmasked positions (3): no ties among masked ones in top-k
 
 
-def v1_shim():
-    """A `tensorflow` module for the original code: tf.compat.v1 plus stand-ins for tf.layers / tf.contrib."""
+def v1_shim(graph: bool = True):
+    """A `tensorflow` module for the original code: tf.compat.v1 plus stand-ins for what TF 2 dropped (tf.layers,
+    tf.contrib, tf.gfile, tf.keras without Keras installed). graph=False keeps eager execution (ops run as
+    called)."""
     import tensorflow as real_tf
     v1 = real_tf.compat.v1
-    v1.disable_eager_execution()
+    if graph:
+        v1.disable_eager_execution()
 
     def dense(inputs, units, activation=None, kernel_initializer=None, name=None, use_bias=True):
         with v1.variable_scope(name, default_name="dense"):
@@ -85,6 +90,9 @@ def v1_shim():
     shim.layers = types.SimpleNamespace(dense=dense, dropout=dropout)
     shim.contrib = types.SimpleNamespace(layers=types.SimpleNamespace(layer_norm=layer_norm))
     shim.logging = types.SimpleNamespace(info=lambda *a, **k: None)
+    shim.gfile = types.SimpleNamespace(Open=open, GFile=open)
+    is_sparse = lambda v: isinstance(v, real_tf.SparseTensor)  # noqa: E731
+    shim.keras = types.SimpleNamespace(backend=types.SimpleNamespace(is_sparse=is_sparse))
     return real_tf, v1, shim
 
 
