@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from make_tf_checkpoint import (CHECKPOINTS, CONFIG, TIED_CONFIG, VARIANTS, finetuning_graphs, pretraining_graph,
-                                v1_shim)
+from make_tf_checkpoint import (CHECKPOINTS, CONFIG, TIED_CONFIG, VARIANTS, finetuning_graphs, original_code,
+                                pretraining_graph)
 
 DATA = Path(__file__).parent / "tf_xlnet"
 # the outputs each checkpoint's variables compute (expected.npz's keys, by prefix)
@@ -64,9 +64,7 @@ def main() -> None:
     parser.add_argument("--xlnet-repo", required=True, help="checkout of zihangdai/xlnet (its modeling.py)")
     parser.add_argument("--xlnet", default="xlnet", help="our CLI")
     args = parser.parse_args()
-    real_tf, v1, shim = v1_shim()
-    sys.modules["tensorflow"] = shim
-    sys.path.insert(0, args.xlnet_repo)
+    real_tf, v1, _ = original_code(args.xlnet_repo)
     import function_builder  # the original XLNet code
     import modeling
 

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import types
 from functools import partial
 from pathlib import Path
 
-from make_tf_checkpoint import ROOT, SPIECE, v1_shim  # TF 1's API under TF 2; our tokenizer
+from make_tf_checkpoint import ROOT, SPIECE, embedded_spiece, original_code  # TF 1's API under TF 2
 
 TEXTS = [
     "I was born in 2000, and this is falsé.",
@@ -51,15 +50,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "original_inputs.json"))
     args = parser.parse_args()
 
-    sys.modules["tensorflow"] = v1_shim()[2]
-    sys.path.insert(0, args.xlnet_repo)
-    import sentencepiece as spm
+    original_code(args.xlnet_repo)
 
     import classifier_utils  # the original XLNet code
     from prepro_utils import encode_ids, preprocess_text
 
-    sp = spm.SentencePieceProcessor()
-    sp.Load(str(SPIECE))
+    sp = embedded_spiece()
     encoded = [{"text": text, "lower": lower, "ids": encode_ids(sp, preprocess_text(text, lower=lower))}
                for lower in (False, True) for text in TEXTS]
     tokenize_fn = partial(lambda text: encode_ids(sp, preprocess_text(text, lower=False)))

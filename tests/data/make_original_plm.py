@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from make_tf_checkpoint import ROOT, SPIECE, v1_shim  # TF 1's API under TF 2; our tokenizer
+from make_tf_checkpoint import ROOT, embedded_spiece, original_code  # TF 1's API under TF 2
 
 CORPUS = ROOT / "src" / "xlnet" / "assets" / "corpus"
 SPAN_CASES = [(64, 10, False), (64, 10, True), (128, 21, False), (128, 21, True), (40, 40, False), (96, 1, False),
@@ -157,17 +157,13 @@ def main() -> None:
     parser.add_argument("--xlnet-repo", required=True)
     parser.add_argument("--out", default=str(Path(__file__).parent / "original_plm.npz"))
     args = parser.parse_args()
-    shim = v1_shim(graph=False)[2]  # eager: the parser runs op by op
-    sys.modules["tensorflow"] = shim
-    sys.path.insert(0, args.xlnet_repo)
-    import sentencepiece as spm
+    shim = original_code(args.xlnet_repo, graph=False)[2]  # eager: the parser runs op by op
 
     import data_utils  # the original XLNet code
     from prepro_utils import encode_ids, preprocess_text
 
     data_utils.FLAGS = types.SimpleNamespace(mask_alpha=6, mask_beta=1)  # its defaults (set in its __main__)
-    sp = spm.SentencePieceProcessor()
-    sp.Load(str(SPIECE))
+    sp = embedded_spiece()
     ids, sent = corpus_ids(sp, preprocess_text, encode_ids, 1000)
     rng = np.random.default_rng(0)
     arrays = {**spans(data_utils, sp, ids, rng), **records(shim, data_utils, ids, rng),

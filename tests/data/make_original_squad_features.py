@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-from make_tf_checkpoint import ROOT, SPIECE, v1_shim  # TF 1's API under TF 2; our tokenizer
+from make_tf_checkpoint import ROOT, SPIECE, embedded_spiece, original_code  # TF 1's API under TF 2
 
 MAX_SEQ_LENGTH, DOC_STRIDE, MAX_QUERY_LENGTH = 40, 8, 12
 N_BEST, MAX_ANSWER_LENGTH, TOP = 5, 6, 5  # write_predictions' n_best_size, max_answer_length; start/end_n_top
@@ -94,16 +93,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "original_squad_features.json"))
     args = parser.parse_args()
 
-    sys.modules["tensorflow"] = v1_shim()[2]
-    sys.path.insert(0, args.xlnet_repo)
-    import sentencepiece as spm
+    original_code(args.xlnet_repo)
     from absl import flags
 
     import run_squad  # the original XLNet code
 
     flags.FLAGS(["run_squad"])  # the defaults: cased (our embedded tokenizer is cased)
-    sp = spm.SentencePieceProcessor()
-    sp.Load(str(SPIECE))
+    sp = embedded_spiece()
     dataset = squad_json()
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(dataset, f)

@@ -96,6 +96,23 @@ def v1_shim(graph: bool = True):
     return real_tf, v1, shim
 
 
+def original_code(xlnet_repo: str, graph: bool = True):
+    """Make zihangdai/xlnet's modules importable (from `xlnet_repo`) against v1_shim's `tensorflow`."""
+    real_tf, v1, shim = v1_shim(graph)
+    sys.modules["tensorflow"] = shim
+    sys.path.insert(0, xlnet_repo)
+    return real_tf, v1, shim
+
+
+def embedded_spiece():
+    """The embedded tokenizer's SentencePiece model, as the original scripts load theirs."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(SPIECE))
+    return sp
+
+
 def inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Time-major arrays, as the original takes them ([len, bsz] ...)."""
     ids = rng.integers(0, CONFIG["n_token"], size=(QLEN, BSZ)).astype(np.int32)
@@ -214,9 +231,7 @@ def main() -> None:
     parser.add_argument("--xlnet-repo", required=True, help="checkout of zihangdai/xlnet (its modeling.py)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "tf_xlnet"))
     args = parser.parse_args()
-    real_tf, v1, shim = v1_shim()
-    sys.modules["tensorflow"] = shim
-    sys.path.insert(0, args.xlnet_repo)
+    real_tf, v1, _ = original_code(args.xlnet_repo)
     import function_builder  # the original XLNet code
     import modeling
 
