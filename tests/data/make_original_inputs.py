@@ -10,13 +10,12 @@ classifier_utils' imports, sentencepiece), as tests/data/make_tf_checkpoint.py:
 
 from __future__ import annotations
 
-import argparse
 import json
 import types
 from functools import partial
 from pathlib import Path
 
-from make_tf_checkpoint import ROOT, SPIECE, embedded_spiece, original_code  # TF 1's API under TF 2
+from make_tf_checkpoint import ROOT, SPIECE, embedded_spiece, generator_args, original_code
 
 TEXTS = [
     "I was born in 2000, and this is falsé.",
@@ -45,10 +44,7 @@ MAX_SEQ_LENGTH = 16
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--xlnet-repo", required=True)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "original_inputs.json"))
-    args = parser.parse_args()
+    args = generator_args(__doc__, "original_inputs.json")
 
     original_code(args.xlnet_repo)
 

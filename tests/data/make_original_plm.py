@@ -19,15 +19,13 @@ Run once with the original's dependencies, as tests/data/make_tf_checkpoint.py:
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 
-from make_tf_checkpoint import ROOT, embedded_spiece, original_code  # TF 1's API under TF 2
+from make_tf_checkpoint import ROOT, embedded_spiece, generator_args, original_code
 
 CORPUS = ROOT / "src" / "xlnet" / "assets" / "corpus"
 SPAN_CASES = [(64, 10, False), (64, 10, True), (128, 21, False), (128, 21, True), (40, 40, False), (96, 1, False),
@@ -83,7 +81,8 @@ def splits(data_utils, ids: np.ndarray, sent: np.ndarray, rng: np.random.Generat
     uniforms = rng.random((len(SPLIT_CASES), 4))
     for (begin, tot_len), u in zip(SPLIT_CASES, uniforms):
         stream = Stream(u)
-        data_utils.random = types.SimpleNamespace(random=stream.uniform, choice=lambda seq: seq[stream.choice(len(seq))],
+        data_utils.random = types.SimpleNamespace(random=stream.uniform,
+                                                  choice=lambda seq: seq[stream.choice(len(seq))],
                                                   randint=lambda a, b: a + stream.choice(b - a + 1))
         try:
             got = data_utils._split_a_and_b(ids, sent, begin, tot_len, extend_target=True)
@@ -102,8 +101,8 @@ def spans(data_utils, sp, ids: np.ndarray, rng: np.random.Generator) -> dict[str
     for c, (length, goal, reverse) in enumerate(SPAN_CASES):
         seg = ids[c * 50: c * 50 + length]
         stream = Stream(rng.random(64 * length))  # the top-up rejects masked positions: many draws
-        data_utils.np = types.SimpleNamespace(**{k: getattr(real_np, k) for k in dir(real_np) if not k.startswith("__")})
-        data_utils.np.random = stream
+        numpy_names = {k: getattr(real_np, k) for k in dir(real_np) if not k.startswith("__")}
+        data_utils.np = types.SimpleNamespace(**{**numpy_names, "random": stream})
         try:
             mask = data_utils._sample_mask(sp, seg, reverse=reverse, max_gram=5, goal_num_predict=goal)
         finally:
@@ -153,10 +152,7 @@ def records(tf, data_utils, ids: np.ndarray, rng: np.random.Generator) -> dict[s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--xlnet-repo", required=True)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "original_plm.npz"))
-    args = parser.parse_args()
+    args = generator_args(__doc__, "original_plm.npz")
     shim = original_code(args.xlnet_repo, graph=False)[2]  # eager: the parser runs op by op
 
     import data_utils  # the original XLNet code

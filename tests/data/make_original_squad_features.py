@@ -1,11 +1,11 @@
 """Write tests/data/original_squad_features.json: the original XLNet code's SQuAD windows, with our tokenizer.
 
-The oracle for `xlnet finetune --task squad2`'s featurization is run_squad.py itself (https://github.com/zihangdai/xlnet,
-Apache-2.0; not copied here): read_squad_examples and convert_examples_to_features in training mode (its
-character alignment of pieces to the context by a longest common subsequence, the doc-stride windows, the
-`paragraph <sep> question <sep> <cls>` layout, answer positions, max-context flags), on a small SQuAD 2.0 set made
-here: accents, ligatures, runs of spaces, `` '' quotes, "1,000," numbers that the original re-splits, an answer
-inside a word, answers at window edges and outside a window, unanswerable questions. Then its decoding:
+The oracle for `xlnet finetune --task squad2`'s featurization is run_squad.py itself
+(https://github.com/zihangdai/xlnet, Apache-2.0; not copied here): read_squad_examples and
+convert_examples_to_features in training mode (its character alignment of pieces to the context by a longest common
+subsequence, the doc-stride windows, the `paragraph <sep> question <sep> <cls>` layout, answer positions,
+max-context flags), on a small SQuAD 2.0 set made here: accents, ligatures, runs of spaces, `` '' quotes, "1,000,"
+numbers that the original re-splits, an answer inside a word, answers at window edges and outside a window, unanswerable questions. Then its decoding:
 write_predictions over the evaluation windows with random beam outputs (recorded, with the original's answer texts
 and null log-odds). The random token indices avoid each window's last paragraph token, which the original never
 predicts (an off-by-one ours does not copy) and padding. Run once with the original's dependencies, as
@@ -15,12 +15,11 @@ tests/data/make_tf_checkpoint.py:
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
-from make_tf_checkpoint import ROOT, SPIECE, embedded_spiece, original_code  # TF 1's API under TF 2
+from make_tf_checkpoint import ROOT, SPIECE, embedded_spiece, generator_args, original_code
 
 MAX_SEQ_LENGTH, DOC_STRIDE, MAX_QUERY_LENGTH = 40, 8, 12
 N_BEST, MAX_ANSWER_LENGTH, TOP = 5, 6, 5  # write_predictions' n_best_size, max_answer_length; start/end_n_top
@@ -88,10 +87,7 @@ def decoding(run_squad, sp, dataset: dict, FLAGS) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--xlnet-repo", required=True)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "original_squad_features.json"))
-    args = parser.parse_args()
+    args = generator_args(__doc__, "original_squad_features.json")
 
     original_code(args.xlnet_repo)
     from absl import flags

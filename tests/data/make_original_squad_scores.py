@@ -11,11 +11,12 @@ has_ans_exact / has_ans_f1. Run once with numpy installed:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
 from pathlib import Path
+
+from make_tf_checkpoint import generator_args
 
 WORDS = ("the a an river stone quiet bright garden window music paper letter silver winter market forest little "
          "ocean gentle north").split()
@@ -60,10 +61,7 @@ def synthetic(seed: int = 0, n_questions: int = 48) -> tuple[list[dict], dict[st
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--xlnet-repo", required=True)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "original_squad_scores.json"))
-    args = parser.parse_args()
+    args = generator_args(__doc__, "original_squad_scores.json")
     sys.path.insert(0, args.xlnet_repo)
     import squad_utils as su  # the original XLNet code
 

@@ -96,6 +96,15 @@ def v1_shim(graph: bool = True):
     return real_tf, v1, shim
 
 
+def generator_args(doc: str, out: str) -> argparse.Namespace:
+    """A fixture generator's command line: --xlnet-repo (a checkout of zihangdai/xlnet), --out (default
+    tests/data/<out>)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--xlnet-repo", required=True, help="checkout of zihangdai/xlnet")
+    parser.add_argument("--out", default=str(Path(__file__).parent / out))
+    return parser.parse_args()
+
+
 def original_code(xlnet_repo: str, graph: bool = True):
     """Make zihangdai/xlnet's modules importable (from `xlnet_repo`) against v1_shim's `tensorflow`."""
     real_tf, v1, shim = v1_shim(graph)
@@ -227,10 +236,7 @@ def run_and_save(v1, real_tf, outputs: dict, checkpoints: dict, rng: np.random.G
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--xlnet-repo", required=True, help="checkout of zihangdai/xlnet (its modeling.py)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "tf_xlnet"))
-    args = parser.parse_args()
+    args = generator_args(__doc__, "tf_xlnet")
     real_tf, v1, _ = original_code(args.xlnet_repo)
     import function_builder  # the original XLNet code
     import modeling
