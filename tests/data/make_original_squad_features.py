@@ -5,7 +5,8 @@ The oracle for `xlnet finetune --task squad2`'s featurization is run_squad.py it
 convert_examples_to_features in training mode (its character alignment of pieces to the context by a longest common
 subsequence, the doc-stride windows, the `paragraph <sep> question <sep> <cls>` layout, answer positions,
 max-context flags), on a small SQuAD 2.0 set made here: accents, ligatures, runs of spaces, `` '' quotes, "1,000,"
-numbers that the original re-splits, an answer inside a word, answers at window edges and outside a window, unanswerable questions. Then its decoding:
+numbers that the original re-splits, an answer inside a word, answers at window edges and outside a window,
+unanswerable questions. Then its decoding:
 write_predictions over the evaluation windows with random beam outputs (recorded, with the original's answer texts
 and null log-odds). The random token indices avoid each window's last paragraph token, which the original never
 predicts (an off-by-one ours does not copy) and padding. Run once with the original's dependencies, as
