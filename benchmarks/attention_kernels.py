@@ -1,15 +1,17 @@
-"""The attention core alone: the Triton kernel against the SDPA path, forward + backward, on one GPU.
+"""The attention core alone: the Triton kernel and flex_attention against the SDPA path, forward + backward, on
+one GPU.
 
     python benchmarks/attention_kernels.py            # base shapes, bf16, dropout 0.1
     TRITON_INTERPRET=1 python benchmarks/attention_kernels.py --device cpu --quick   # smoke run, no GPU
 
-Both take what a layer's fast_attend hands its core: q + u, k, v, the distance table T = scaled (q + v)·Rᵀ,
+Each takes what a layer's fast_attend hands its core: q + u, k, v, the distance table T = scaled (q + v)·Rᵀ,
 the segment coefficient and ids, the additive mask. "sdpa" is the production CUDA path (the masked position
 bias built from T by the rel-shift view or the row windows, plus the segment term, then the memory-efficient
-kernel with its bias gradient flowing back into T); "triton" is triton_attention. Rows: the content stream
-(L queries) and the query stream (P target slots at random positions). Time: median of 10 forward + backward
-calls after 3 warm-ups (the first calls also autotune the Triton kernels); error: the largest relative
-gradient difference (q, k, v, T, coef) between the two at dropout 0.
+kernel with its bias gradient flowing back into T); "triton" is triton_attention; "flex" (CUDA only: no
+backward on CPU) is flex_attention.flex_core, compiled with the fold of segments and mask into T. Rows: the
+content stream (L queries) and the query stream (P target slots at random positions). Time: median of 10
+forward + backward calls after 3 warm-ups (the first calls also autotune the Triton kernels, or compile flex);
+error: the largest relative gradient difference (q, k, v, T, coef) against sdpa at dropout 0.
 """
 
 from __future__ import annotations
@@ -60,6 +62,14 @@ def triton_core(x: dict, p: float, scale: float) -> torch.Tensor:
                             x["seg_q"], x["seg_k"], x["mask"], p, scale)
 
 
+def flex_fused(x: dict, p: float, scale: float) -> torch.Tensor:
+    from xlnet.flex_attention import flex_core, fold_into_table
+
+    same = (x["seg_q"][:, None, :, None] == x["seg_k"][:, None, None, :]).to(x["qc"].dtype)
+    table = fold_into_table(x["table"], x["c0"], (x["coef"], same), x["mask"], x["klen"])
+    return flex_core(x["qc"], x["k"], x["v"], table, x["c0"], p, scale)
+
+
 LEAVES = ("qc", "k", "v", "table", "coef")
 
 
@@ -107,6 +117,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also each core's top kernels (GPU) or operators (CPU)")
     ap.add_argument("--ablate", action="store_true",
                     help="also forward-only times, and the Triton kernels without dropout, segments or mask")
+    ap.add_argument("--cores", default="sdpa,triton,flex", help="comma-separated; flex only on CUDA")
     args = ap.parse_args()
     if args.quick:
         args.batch, args.heads, args.head_dim, args.seq, args.mem, args.targets = 2, 2, 16, 32, 16, 6
@@ -121,7 +132,10 @@ def main() -> None:
     for stream, lq in (("content", args.seq), ("query", args.targets)):
         x = inputs(args, lq, stream == "content", args.device)
         ref = grads(sdpa_core, x, 0.0, scale)
-        for core_name, core in (("sdpa", sdpa_core), ("triton", triton_core)):
+        cores = {"sdpa": sdpa_core, "triton": triton_core}
+        if args.device == "cuda":
+            cores["flex"] = torch.compile(flex_fused, dynamic=False)
+        for core_name, core in ((name, cores[name]) for name in args.cores.split(",") if name in cores):
             err = max(float((a.float() - b.float()).norm() / b.float().norm())
                       for a, b in zip(grads(core, x, 0.0, scale), ref))
             ms = timed(core, x, 0.1, scale, args.device, repeats)

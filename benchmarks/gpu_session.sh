@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
-# core, the real training loop, largest batch for XLNet-large. The default (`tests e2e e2e_step`, ~4-5 minutes):
-# the GPU tests (PendingScalars' pinned copy and event in the compiled pretraining run), then the real loop,
-# which since 2026-11-27 queues a step ahead of reading the last (7 ms a step behind the step before that,
-# 133k against 151k tokens/s), against the benchmark's step on the same model. Then `triton` (the core on real
+# and flex cores, the real training loop, largest batch for XLNet-large. The default (`tests flex`, sized for one
+# 600 s call): the GPU tests, then the flex core (2026-11-28, never yet run on a GPU): its GPU tests, the core
+# alone against SDPA and Triton, and compiled PLM / fine-tuning steps against the SDPA core and HF. Then `e2e
+# e2e_step` (the real loop, which since 2026-11-27 queues a step ahead of reading the last, against the
+# benchmark's step on the same model; 133k against 151k tokens/s before that change), `triton` (the core on real
 # kernels since its backward lost the dq kernel, 2026-11-28: dq is a matrix product over the stored dS; before,
-# the core alone took 1.2-1.36x SDPA's time) and `compile` (ours against HF in one process, not re-run since d067191). benchmarks/README.md has
-# what each ran on (`graph`, `kernels` and the loop in the fifth GPU session, `rows` and `cudagraphs` in the fourth).
-# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|e2e_inline|e2e_step|maxbatch]...
+# the core alone took 1.2-1.36x SDPA's time) and `compile` (ours against HF in one process, not re-run since
+# d067191). `e2e_flex`: the real loop on the flex core. benchmarks/README.md has what each ran on (`graph`,
+# `kernels` and the loop in the fifth GPU session, `rows` and `cudagraphs` in the fourth).
+# Logs and JSON go to $OUT (or ./gpu-out). Usage: bash benchmarks/gpu_session.sh [tests|flex|sdpa|bench|profile|compile|graph|rows|cores|cudagraphs|kernels|triton|triton_all|e2e|e2e_flex|e2e_inline|e2e_step|maxbatch]...
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
-steps=${*:-tests e2e e2e_step}
+steps=${*:-tests flex}
 # the attention core alone (attention_kernels.py, with its kernel profile and ablations) under a time limit
 kernels() { timeout "$1" python3 benchmarks/attention_kernels.py --profile --ablate > "$OUT/kernels.txt" 2>&1; }
 # `xlnet pretrain` itself at the benchmark shape and dropout (pretrain's default is 0), 60 steps; $1 names the
@@ -67,6 +69,17 @@ for s in $steps; do
            timeout 270 python3 benchmarks/throughput.py --device cuda --impls fast_compile_triton,fast_compile,hf_xlnet \
              --modes plm,finetune --steps 8 --json-out "$OUT/triton.json" > "$OUT/triton.txt" 2>&1
            grep '^[|#]' "$OUT/triton.txt" ;;
+    # the flex core (opt-in, XLNET_ATTN_CORE=flex): its GPU tests (compiled kernel against the reference in fp32,
+    # its hashed dropout against PyTorch, a compiled bf16 step against the SDPA core), the core alone against
+    # SDPA's (no profile or ablations), then compiled steps with the flex and SDPA cores interleaved in one process
+    # (its tests only when `tests`, which runs them too, is not in the same call)
+    flex) case " $steps " in *" tests "*) ;; *) timeout 150 python3 -m pytest -q -m gpu tests/test_flex_attention.py \
+             -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/flex_tests.txt" ;; esac
+           timeout 120 python3 benchmarks/attention_kernels.py --cores sdpa,flex > "$OUT/flex_kernels.txt" 2>&1
+           grep '^[|#]' "$OUT/flex_kernels.txt"
+           timeout 270 python3 benchmarks/throughput.py --device cuda --impls fast_compile_flex,fast_compile,hf_xlnet \
+             --modes plm,finetune --steps 8 --json-out "$OUT/flex.json" > "$OUT/flex.txt" 2>&1
+           grep '^[|#]' "$OUT/flex.txt" ;;
     triton_all) timeout 560 python3 -m pytest -q tests/test_triton_attention.py -p no:cacheprovider 2>&1 | tail -5 \
              | tee "$OUT/triton_all.txt" ;;
     # the real training loop (embedded corpus, base preset at the benchmark shape, compiled blocks, prefetched
@@ -79,6 +92,7 @@ for s in $steps; do
                 --vocab-size 8000 --no-memory --json-out "$OUT/e2e_step.json" > "$OUT/e2e_step.txt" 2>&1
               grep '^[|#]' "$OUT/e2e_step.txt" ;;
     e2e_inline) e2e e2e_inline --prefetch 0 ;;
+    e2e_flex) XLNET_ATTN_CORE=flex e2e e2e_flex ;;
     maxbatch) timeout 120 python3 benchmarks/max_batch.py --max-batch 128 --json-out "$OUT/maxbatch.json" > "$OUT/maxbatch.txt" 2>&1
              tail -6 "$OUT/maxbatch.txt" ;;
   esac

@@ -31,9 +31,10 @@ gradient and fused dropout; on CPU, SDPA's flash kernel takes no dropout and no 
 manual core even for inference) and "math" (the same bias from plain traceable ops, then softmax and the
 products: what torch.compile traces on CPU, inductor fusing the bias into the softmax). The non-manual cores
 compare segment ids instead of one-hots, so nothing in the forward waits on the device (torch.compile takes
-the whole model as one graph). A fourth, "triton" (triton_attention.py), fuses the position term, segments,
-mask, softmax and dropout in one kernel, for bidirectional tables; opt-in (1.4-1.9x slower than SDPA on an H200).
-$XLNET_ATTN_CORE forces a core on any device (benchmarks: A/B on one GPU).
+the whole model as one graph). Two more, for bidirectional tables and opt-in: "triton" (triton_attention.py)
+fuses the position term, segments, mask, softmax and dropout in one kernel (1.2-1.4x slower than SDPA on an
+H200); "flex" (flex_attention.py) folds segments and mask into the distance table and hands flex_attention a
+score_mod that reads it (CUDA only; not yet timed). $XLNET_ATTN_CORE forces a core (benchmarks: A/B on one GPU).
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ from torch import Tensor, nn
 from xlnet.errors import XLNetError
 
 NEG_INF = 1e30  # the reference's constant (model.NEG_INF)
-CORES = ("manual", "math", "sdpa", "triton")
+CORES = ("manual", "math", "sdpa", "triton", "flex")
+WINDOW_CORES = ("triton", "flex")  # read the bidirectional table's windows unclamped, as one block of rows
+CUDA_CORES = ("sdpa", "triton", "flex")  # flash-style kernels: rows that see no key go to them as zeros
 FORCED_CORE = os.environ.get("XLNET_ATTN_CORE", "")  # read once: torch.compile traces a constant
 
 
@@ -259,7 +262,7 @@ class FastInputs:
     """What every layer's fast attention shares within one forward (built once by `fast_inputs`)."""
 
     klen: int
-    core: str  # "manual" | "math" | "sdpa" | "triton" (pick_core)
+    core: str  # one of CORES (pick_core)
     rows: int  # query rows per block of the content stream's distance table (row_block; L: one block)
     windows: bool = True  # bidirectional table (R = K + L): every row's K distances lie inside it, unclamped
     mask_h: Tensor | None = None  # [B|1, 1, L, K] additive: mask_value where masked, else 0 (the scores' dtype)
@@ -299,10 +302,10 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
     score_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
     windows = rlen == klen + qlen
     core = pick_core(device, compiled)
-    if core == "triton" and not windows:  # its kernel reads unclamped windows
+    if core in WINDOW_CORES and not windows:
         core = "sdpa" if device.type == "cuda" else "math"
     # picked here, outside the compiled blocks, which read it as a constant (as the core)
-    rows = row_block(qlen, device) if windows and core != "triton" else qlen
+    rows = row_block(qlen, device) if windows and core not in WINDOW_CORES else qlen
     out = FastInputs(klen=klen, core=core, rows=rows, windows=windows,
                      mask_h=None if mask_h is None else additive_mask(mask_h[:, None], score_dtype))
     pos = None
@@ -315,7 +318,7 @@ def fast_inputs(qlen: int, mlen: int, rlen: int, mask_h: Tensor | None, mask_g: 
             rows = pos[:, :, None].expand(-1, -1, klen)
             mask_g = mask_g.expand(bsz, -1, -1).gather(1, rows)[:, None]
             out.mask_g = additive_mask(mask_g, score_dtype)
-            out.dead_g = mask_g.all(-1, keepdim=True) if core in ("sdpa", "triton") else None
+            out.dead_g = mask_g.all(-1, keepdim=True) if core in CUDA_CORES else None
     if token_type_ids is not None:
         keys = F.pad(token_type_ids, (mlen, 0), value=0)
         seg_g = None if pos is None else token_type_ids.gather(1, pos)
@@ -353,6 +356,9 @@ def pick_core(device: torch.device, compiled: bool = False) -> str:
         if FORCED_CORE == "triton" and not triton_usable(device):
             raise XLNetError("XLNET_ATTN_CORE=triton needs the triton package and a CUDA device "
                              "(or TRITON_INTERPRET=1)")
+        if FORCED_CORE == "flex" and device.type != "cuda":
+            raise XLNetError(f"XLNET_ATTN_CORE=flex needs a CUDA device (flex_attention has no backward on "
+                             f"{device.type} in torch {torch.__version__.split('+')[0]})")
         return FORCED_CORE
     if device.type == "cuda":
         return "sdpa"
@@ -462,10 +468,19 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     geom = (bsz, n_head, qlen // rows, *strides, klen)
     blocks = table.view(-1, rows, table.shape[-1])  # each (b, n, block)'s distance rows, in order
     qc, kc = qc.to(table.dtype), kc.to(table.dtype)  # under autocast the biases made them float32
-    if core == "triton":  # (only given the bidirectional table: fast_inputs)
+    if core in WINDOW_CORES:  # (only given the bidirectional table: fast_inputs)
+        # c0 [B|1, Lq]: the table column of key 0 for each row (key j at c0 + j)
+        c0 = (qlen - torch.arange(qlen, device=q.device))[None] if shift is None else shift[:, 0, :, 0]
+    if core == "flex":
+        from xlnet.flex_attention import flex_core, fold_into_table
+
+        table = table.view(n_head, bsz, qlen, -1).transpose(0, 1) if table.dim() == 4 else table.view(
+            bsz, n_head, qlen, -1)
+        table = fold_into_table(table, c0.expand(bsz, -1), seg, mask, klen)
+        return flex_core(qc, kc, v.to(qc.dtype), table, c0.expand(bsz, -1), p, scale).transpose(1, 2)
+    if core == "triton":
         from xlnet.triton_attention import triton_attention
 
-        c0 = (qlen - torch.arange(qlen, device=q.device))[None] if shift is None else shift[:, 0, :, 0]
         ids = (seg_q[:, 0, :, 0], seg_k[:, 0, 0, :]) if seg else (None, None)
         out = triton_attention(qc, kc, v.to(table.dtype), blocks, strides[:2], c0, seg[0] if seg else None, *ids,
                                mask, p, scale)  # (one block: rows = qlen)
