@@ -29,7 +29,7 @@ e2e() {
 for s in $steps; do
   case $s in
     # four workers (pytest-xdist, in the device image): the compiled runs' cold compiles are CPU-bound
-    tests) timeout 150 python3 -m pytest -q -m gpu tests -n 4 -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+    tests) timeout 200 python3 -m pytest -q -m gpu tests -n 4 -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
     bench) timeout 200 python3 benchmarks/throughput.py --device cuda --impls fast,hf_xlnet,hf_bert --steps 10 \
              --json-out "$OUT/bench.json" > "$OUT/bench.txt" 2>&1; tail -14 "$OUT/bench.txt" ;;
     sdpa) timeout 60 python3 benchmarks/sdpa_backends.py 2>&1 | tee "$OUT/sdpa.txt" | tail -12 ;;
@@ -77,7 +77,7 @@ for s in $steps; do
              -p no:cacheprovider 2>&1 | tail -3 | tee "$OUT/flex_tests.txt" ;; esac
            timeout 120 python3 benchmarks/attention_kernels.py --cores sdpa,flex > "$OUT/flex_kernels.txt" 2>&1
            grep '^[|#]' "$OUT/flex_kernels.txt"
-           timeout 270 python3 benchmarks/throughput.py --device cuda --impls fast_compile_flex,fast_compile,hf_xlnet \
+           timeout 240 python3 benchmarks/throughput.py --device cuda --impls fast_compile_flex,fast_compile,hf_xlnet \
              --modes plm,finetune --steps 8 --json-out "$OUT/flex.json" > "$OUT/flex.txt" 2>&1
            grep '^[|#]' "$OUT/flex.txt" ;;
     triton_all) timeout 560 python3 -m pytest -q tests/test_triton_attention.py -p no:cacheprovider 2>&1 | tail -5 \

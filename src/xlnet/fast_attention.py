@@ -59,19 +59,26 @@ FORCED_CORE = os.environ.get("XLNET_ATTN_CORE", "")  # read once: torch.compile 
 # dropout
 
 
+def drop_lanes(p: float) -> tuple[int, float]:
+    """Dropout p as 16-bit lanes: (drop, scale), a draw u in [0, 65536) is dropped iff u < drop = round(p·65536),
+    and survivors are scaled by the unbiased 1 / (1 - drop / 65536)."""
+    drop = min(max(round(p * 65536), 0), 65535)
+    return drop, 65536.0 / (65536 - drop)
+
+
 def keep_mask(like: Tensor, p: float) -> tuple[Tensor, float]:
     """A 0/1 keep mask in like's dtype with P(drop) = round(p * 65536) / 65536, and the unbiased survivor scale
     1 / (1 - p'). One 64-bit draw gives four 16-bit lanes, compared straight into a float tensor. Float, not
     bool: a product with it is one vectorized pass (torch.where on a bool mask takes about twice as long on CPU,
     forward and backward), and products fuse with what follows (`residual_dropout`, `fast_ffn`)."""
-    drop = min(max(round(p * 65536), 0), 65535)
+    drop, scale = drop_lanes(p)
     n = like.numel()
     # from int64's minimum with no upper bound: raw 64-bit draws (randint's bounded range costs a modulo each)
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=like.device).random_(-2**63, None)
     lanes = bits.view(torch.int16)[:n].view(like.shape)
     keep = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     torch.ge(lanes, drop - 32768, out=keep)  # compared straight into floats: one pass (convert + ge_ took 2.3x)
-    return keep, 65536.0 / (65536 - drop)
+    return keep, scale
 
 
 def draws_lanes(x: Tensor, p: float, training: bool) -> bool:

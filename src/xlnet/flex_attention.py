@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from xlnet.fast_attention import drop_lanes
+
 
 def fold_into_table(table: Tensor, c0: Tensor, seg: tuple[Tensor, ...], mask: Tensor | None, klen: int) -> Tensor:
     """The distance table [B, n, Lq, R] with the segment term and the mask added at the columns their scores read
@@ -45,7 +47,7 @@ def mix32(x: Tensor) -> Tensor:
 def flex_keep(seed: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor, shape: tuple[int, int, int],
               drop: int) -> Tensor:
     """Whether score (b, h, i, j) of a [B, n=shape[0], Lq=shape[1], K=shape[2]] call survives attention dropout:
-    the low 16 bits of the hashed flat index (xor the call's seed) against drop = round(p·65536), as keep_mask."""
+    the low 16 bits of the hashed flat index (xor the call's seed) against fast_attention.drop_lanes' threshold."""
     n_head, qlen, klen = shape
     return (mix32((((b * n_head + h) * qlen + i) * klen + j) ^ seed) & 0xFFFF) >= drop
 
@@ -73,8 +75,6 @@ def flex_core(qc: Tensor, kc: Tensor, v: Tensor, table: Tensor, c0: Tensor, p: f
     sets dropped scores to -inf returns (sum over kept of e^s·v) / Z_kept, the call without dropout Z_all, and
     the output is that times Z_kept / Z_all / (1 - p'), with the gradient through both log-sum-exps. The second
     call's values are cut to 16 dims (its output is unused)."""
-    from torch.nn.attention.flex_attention import AuxRequest
-
     flex = flex_fn(qc.device)
     bsz, n_head, qlen, _ = qc.shape
 
@@ -83,15 +83,24 @@ def flex_core(qc: Tensor, kc: Tensor, v: Tensor, table: Tensor, c0: Tensor, p: f
 
     if not p:
         return flex(qc, kc, v, score_mod=biased, scale=scale)
-    drop = min(max(round(p * 65536), 0), 65535)
+    drop, drop_scale = drop_lanes(p)
     seed = torch.randint(-2**31, 2**31 - 1, (1,), dtype=torch.int32, device=qc.device)
     shape = (n_head, qlen, kc.shape[2])
 
     def dropped(s: Tensor, b: Tensor, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
         return torch.where(flex_keep(seed[0], b, h, i, j, shape, drop), biased(s, b, h, i, j), float("-inf"))
 
-    lse = AuxRequest(lse=True)
-    out, kept = flex(qc, kc, v, score_mod=dropped, scale=scale, return_aux=lse)
-    _, full = flex(qc, kc, v[..., :16], score_mod=biased, scale=scale, return_aux=lse)
-    ratio = torch.exp(kept.lse - full.lse) * (65536.0 / (65536 - drop))  # float32; 0 where every key dropped
+    out, lse_kept = with_lse(flex, qc, kc, v, dropped, scale)
+    _, lse_all = with_lse(flex, qc, kc, v[..., :16], biased, scale)
+    ratio = torch.exp(lse_kept - lse_all) * drop_scale  # float32; 0 where every key dropped
     return (out * ratio[..., None]).to(out.dtype)
+
+
+def with_lse(flex, q: Tensor, k: Tensor, v: Tensor, score_mod, scale: float) -> tuple[Tensor, Tensor]:
+    """flex's output and its rows' log-sum-exp (return_aux from torch 2.9, return_lse before)."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return flex(q, k, v, score_mod=score_mod, scale=scale, return_lse=True)
+    out, aux = flex(q, k, v, score_mod=score_mod, scale=scale, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
