@@ -1,5 +1,5 @@
-"""Shared by the parity tests (test_model.py: ours vs HF; test_fast_attention.py: fast vs reference), and the
-two-process runs of the training verbs (torchrun on gloo)."""
+"""Shared by the parity tests (test_model.py: ours vs HF; test_fast_attention.py and the triton and flex cores'
+tests: fast vs reference), and the two-process runs of the training verbs (torchrun on gloo)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,60 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = TOL) 
     diff = (a.float() - b.float()).abs().max().item()
     assert diff <= tol, f"{what}: max abs diff {diff:.3g} (max {b.abs().max().item():.3g})"
     return diff
+
+
+def model_pair(cls, config: XLNetConfig, device: str = "cpu", seed: int = 0):
+    """The same weights twice, on device: the reference path and the fast path."""
+    torch.manual_seed(seed)
+    ref = cls(dataclasses.replace(config, attn_impl="reference")).to(device)
+    fast = cls(dataclasses.replace(config, attn_impl="fast")).to(device)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def assert_grads_close(ref, fast, rel: float = 1e-4) -> None:
+    """Every parameter gradient of fast equals ref's, relative to the gradient's own scale (some are ~1e-7,
+    segment embeddings, below any absolute tolerance); a parameter without one in ref has none or zero."""
+    grads = dict(fast.named_parameters())
+    checked = 0
+    for name, p in ref.named_parameters():
+        if p.grad is None:
+            assert grads[name].grad is None or grads[name].grad.abs().max() == 0, name
+            continue
+        assert grads[name].grad is not None, name
+        assert_close(grads[name].grad, p.grad, f"grad {name}", tol=rel * p.grad.abs().max().item() + 1e-12)
+        checked += 1
+    assert checked > 10
+
+
+def flat_grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def check_rows_that_see_no_key(core: str, device: str, monkeypatch) -> None:
+    """No memory: the query stream's first target in the factorization order sees no key (every score masked, a
+    uniform softmax on every path). The CUDA cores get such rows as zeros (FastInputs.dead_g): `core` gives the
+    reference's logits and the SDPA core's gradients, which differ from the reference's in those rows' score
+    gradients alone (the reference differentiates -1e30's rounding)."""
+    import xlnet.fast_attention as fa
+    from xlnet.model import XLNetLMHeadModel
+
+    ref, fast = model_pair(XLNetLMHeadModel, tiny_config(mem_len=12), device)
+    x = {k: v.to(device) for k, v in plm_inputs(padding=True).items()}
+    labels = x["input_ids"][:, :P]
+    r = ref(**x, labels=labels)
+    r.loss.backward()
+    grads = {}
+    for name in ("sdpa", core):
+        monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False, name=name: name)
+        fast.zero_grad()
+        f = fast(**x, labels=labels)
+        assert_close(f.logits, r.logits, f"logits, {name} core")
+        f.loss.backward()
+        grads[name] = flat_grads(fast)
+    assert_close(grads[core], grads["sdpa"], f"gradients, {core} core against sdpa core", tol=1e-6)
+    expected = flat_grads(ref)
+    assert 0 < (grads["sdpa"] - expected).norm() < 1e-2 * expected.norm()
 
 
 def plm_inputs(seed: int = 1, padding: bool = False, segments: bool = True, two_stream: bool = True,

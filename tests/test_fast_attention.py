@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, assert_close, plm_inputs, tiny_config  # noqa: E402
+from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, assert_close, assert_grads_close, flat_grads  # noqa: E402
+from helpers import model_pair as pair, plm_inputs, tiny_config
 from xlnet import training as T
-from xlnet.config import XLNetConfig
 from xlnet.errors import XLNetError
 from xlnet.fast_attention import FastDropout, dropout_linear, fast_dropout, residual_dropout
 from xlnet.heads import XLNetForSequenceClassification
@@ -20,13 +20,6 @@ from xlnet.model import XLNetLMHeadModel, XLNetModel
 
 
 
-def pair(cls, config: XLNetConfig, seed: int = 0):
-    """The same weights twice: reference and fast."""
-    torch.manual_seed(seed)
-    ref = cls(dataclasses.replace(config, attn_impl="reference"))
-    fast = cls(dataclasses.replace(config, attn_impl="fast"))
-    fast.load_state_dict(ref.state_dict())
-    return ref, fast
 
 
 def inputs(**kw) -> dict:
@@ -36,18 +29,6 @@ def inputs(**kw) -> dict:
 
 
 
-def assert_grads_close(ref, fast, rel: float = 1e-4) -> None:
-    grads = dict(fast.named_parameters())
-    checked = 0
-    for name, p in ref.named_parameters():
-        if p.grad is None:
-            assert grads[name].grad is None or grads[name].grad.abs().max() == 0, name
-            continue
-        assert grads[name].grad is not None, name
-        # relative to the gradient's own scale: some are ~1e-7 (segment embeddings), below any absolute tolerance
-        assert_close(grads[name].grad, p.grad, f"grad {name}", tol=rel * p.grad.abs().max().item() + 1e-12)
-        checked += 1
-    assert checked > 10
 
 
 CONFIGS = SHARED_CONFIGS
@@ -574,9 +555,9 @@ def test_sdpa_core_rows_that_see_no_key_do_not_depend_on_the_kernel(monkeypatch)
         out = fast(**x, labels=labels)
         assert_close(out.logits, ref(**x, labels=labels).logits, "logits")
         out.loss.backward()
-        runs.append(torch.cat([p.grad.flatten() for p in fast.parameters() if p.grad is not None]))
+        runs.append(flat_grads(fast))
     assert_close(runs[1], runs[0], "gradients, log-sum-exp kernel against torch's SDPA", tol=1e-6)
-    expected = torch.cat([p.grad.flatten() for p in ref.parameters() if p.grad is not None])
+    expected = flat_grads(ref)
     assert 0 < (runs[0] - expected).norm() < 1e-3 * expected.norm()
 
 

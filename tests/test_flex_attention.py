@@ -5,14 +5,13 @@ by a device check that these tests lift (`flex_on_cpu`); on a GPU the core runs 
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
 import pytest
 import torch
 
-from helpers import CONFIGS, B, P, assert_close, plm_inputs, tiny_config
-from xlnet.config import XLNetConfig
+from helpers import (CONFIGS, B, P, assert_close, assert_grads_close, check_rows_that_see_no_key, flat_grads,
+                     model_pair, plm_inputs, tiny_config)
 from xlnet.flex_attention import flex_core, flex_keep, fold_into_table
 from xlnet.heads import XLNetForSequenceClassification
 from xlnet.model import XLNetLMHeadModel
@@ -40,23 +39,10 @@ def force_flex(monkeypatch) -> None:
     monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "flex")
 
 
-def pair(cls, config: XLNetConfig):
-    torch.manual_seed(0)
-    ref = cls(dataclasses.replace(config, attn_impl="reference")).to(DEVICE)
-    fast = cls(dataclasses.replace(config, attn_impl="fast")).to(DEVICE)
-    fast.load_state_dict(ref.state_dict())
-    return ref, fast
 
 
-def grads_of(model) -> dict[str, torch.Tensor]:
-    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_grads_close(ref, fast, rel: float = 1e-4) -> None:
-    expected, got = grads_of(ref), grads_of(fast)
-    assert len(expected) > 10 and expected.keys() == got.keys()
-    for name, g in expected.items():
-        assert_close(got[name], g, f"grad {name}", tol=rel * g.abs().max().item() + 1e-12)
 
 
 def run_pair(variant: str, head: str, monkeypatch, **config) -> None:
@@ -65,7 +51,7 @@ def run_pair(variant: str, head: str, monkeypatch, **config) -> None:
     force_flex(monkeypatch)
     config = tiny_config(mem_len=12, **{**CONFIGS[variant], **config})
     lm = head == "lm"
-    ref, fast = pair(XLNetLMHeadModel if lm else XLNetForSequenceClassification, config)
+    ref, fast = model_pair(XLNetLMHeadModel if lm else XLNetForSequenceClassification, config, DEVICE)
     torch.manual_seed(3)
     mems = [torch.randn(B, 5, config.d_model, device=DEVICE) for _ in range(config.n_layer)]
     x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True, two_stream=lm).items()}
@@ -87,23 +73,7 @@ def test_flex_core_matches_reference(variant: str, head: str, flex_on_cpu, monke
 
 
 def test_flex_core_rows_that_see_no_key(flex_on_cpu, monkeypatch) -> None:
-    """No memory: the query stream's first target in the factorization order sees no key. Such rows reach flex
-    as zeros (FastInputs.dead_g), as they reach SDPA: the reference's logits, and the SDPA core's gradients."""
-    import xlnet.fast_attention as fa
-
-    ref, fast = pair(XLNetLMHeadModel, tiny_config(mem_len=12))
-    x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True).items()}
-    labels = x["input_ids"][:, :P]
-    r = ref(**x, labels=labels)
-    grads = {}
-    for core in ("sdpa", "flex"):
-        monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False, core=core: core)
-        fast.zero_grad()
-        f = fast(**x, labels=labels)
-        assert_close(f.logits, r.logits, f"logits, {core} core")
-        f.loss.backward()
-        grads[core] = torch.cat([g.flatten() for g in grads_of(fast).values()])
-    assert_close(grads["flex"], grads["sdpa"], "gradients, flex core against sdpa core", tol=1e-6)
+    check_rows_that_see_no_key("flex", DEVICE, monkeypatch)
 
 
 def random_call(lq: int, klen: int, d_head: int = 8, n_head: int = 3, bsz: int = 2, seed: int = 0):
@@ -256,7 +226,7 @@ def test_cuda_bf16_flex_step_close_to_sdpa_core(monkeypatch) -> None:
     import xlnet.fast_attention as fa
 
     config = tiny_config(mem_len=12, n_head=2, d_head=16)
-    _, fast = pair(XLNetLMHeadModel, config)
+    _, fast = model_pair(XLNetLMHeadModel, config, DEVICE)
     compile_blocks(fast)
     x = {k: v.cuda() for k, v in plm_inputs(padding=True).items()}
     mems = [torch.randn(B, 5, config.d_model, device="cuda") for _ in range(config.n_layer)]
@@ -268,7 +238,7 @@ def test_cuda_bf16_flex_step_close_to_sdpa_core(monkeypatch) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = fast(**x, labels=labels, mems=mems)
         out.loss.backward()
-        runs[core] = out.loss.float(), torch.cat([g.flatten() for g in grads_of(fast).values()])
+        runs[core] = out.loss.float(), flat_grads(fast)
     assert abs(runs["flex"][0] - runs["sdpa"][0]) < 2e-2 * runs["sdpa"][0]
     assert runs["flex"][1].isfinite().all()
     assert (runs["flex"][1] - runs["sdpa"][1]).norm() < 5e-2 * runs["sdpa"][1].norm()
@@ -282,7 +252,7 @@ def test_flex_core_traces_in_compiled_blocks(flex_on_cpu, monkeypatch) -> None:
     logits and gradients, and with dropatt a finite training step whose loss varies from call to call."""
     force_flex(monkeypatch)
     config = tiny_config(mem_len=12)
-    ref, fast = pair(XLNetLMHeadModel, config)
+    ref, fast = model_pair(XLNetLMHeadModel, config, DEVICE)
     compile_blocks(fast, backend="eager")
     mems = [torch.randn(B, 5, config.d_model, device=DEVICE) for _ in range(config.n_layer)]
     x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True).items()}
@@ -296,4 +266,4 @@ def test_flex_core_traces_in_compiled_blocks(flex_on_cpu, monkeypatch) -> None:
     fast.zero_grad()
     losses = [fast(**x, labels=labels, mems=mems).loss for _ in range(2)]
     losses[0].backward()
-    assert losses[0] != losses[1] and all(g.isfinite().all() for g in grads_of(fast).values())
+    assert losses[0] != losses[1] and flat_grads(fast).isfinite().all()

@@ -19,8 +19,8 @@ if not torch.cuda.is_available():
 os.environ.setdefault("XLNET_TRITON_AUTOTUNE", "0")  # on a GPU: one tile per kernel, not a timed trial per shape
 triton = pytest.importorskip("triton")
 
-from helpers import CONFIGS, B, P, assert_close, plm_inputs, tiny_config  # noqa: E402
-from xlnet.config import XLNetConfig  # noqa: E402
+from helpers import (CONFIGS, B, P, assert_close, assert_grads_close, check_rows_that_see_no_key, flat_grads,  # noqa: E402
+                     model_pair, plm_inputs, tiny_config)
 from xlnet.heads import XLNetForSequenceClassification  # noqa: E402
 from xlnet.model import XLNetLMHeadModel  # noqa: E402
 from xlnet.triton_attention import TILES, triton_attention  # noqa: E402
@@ -38,19 +38,8 @@ def poisoned_outputs(monkeypatch) -> None:
     monkeypatch.setattr(ta, "_new_output", lambda *args: real(*args).fill_(float("nan")))
 
 
-def pair(cls, config: XLNetConfig):
-    torch.manual_seed(0)
-    ref = cls(dataclasses.replace(config, attn_impl="reference")).to(DEVICE)
-    fast = cls(dataclasses.replace(config, attn_impl="fast")).to(DEVICE)
-    fast.load_state_dict(ref.state_dict())
-    return ref, fast
 
 
-def assert_grads_close(ref, fast, rel: float = 1e-4) -> None:
-    grads = dict(fast.named_parameters())
-    for name, p in ref.named_parameters():
-        if p.grad is not None:
-            assert_close(grads[name].grad, p.grad, f"grad {name}", tol=rel * p.grad.abs().max().item() + 1e-12)
 
 
 @pytest.mark.parametrize("variant", list(CONFIGS))
@@ -64,7 +53,7 @@ def test_triton_core_matches_reference(variant: str, head: str, monkeypatch) -> 
     monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "triton")
     config = tiny_config(mem_len=12, **CONFIGS[variant])
     cls = XLNetLMHeadModel if head == "lm" else XLNetForSequenceClassification
-    ref, fast = pair(cls, config)
+    ref, fast = model_pair(cls, config, DEVICE)
     mems = [torch.randn(B, 5, config.d_model, device=DEVICE) for _ in range(config.n_layer)]
     x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True, two_stream=head == "lm").items()}
     labels = x["input_ids"][:, :P] if head == "lm" else torch.tensor([0, 2, 1, 1], device=DEVICE)
@@ -76,28 +65,7 @@ def test_triton_core_matches_reference(variant: str, head: str, monkeypatch) -> 
 
 
 def test_triton_core_without_memory_fully_masked_rows(monkeypatch) -> None:
-    """No memory: the query stream's first target in the factorization order sees no key (every score -1e30, a
-    uniform softmax on every path). The CUDA cores hand such rows to their kernel as zeros (FastInputs.dead_g):
-    the reference's logits, and the SDPA core's gradients, which differ from the reference's in those rows'
-    score gradients alone (the reference differentiates -1e30's rounding)."""
-    import xlnet.fast_attention as fa
-
-    ref, fast = pair(XLNetLMHeadModel, tiny_config(mem_len=12))
-    x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True).items()}
-    labels = x["input_ids"][:, :P]
-    r = ref(**x, labels=labels)
-    r.loss.backward()
-    grads = {}
-    for core in ("sdpa", "triton"):
-        monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False, core=core: core)
-        fast.zero_grad()
-        f = fast(**x, labels=labels)
-        assert_close(f.logits, r.logits, f"logits, {core} core")
-        f.loss.backward()
-        grads[core] = torch.cat([p.grad.flatten() for p in fast.parameters() if p.grad is not None])
-    assert_close(grads["triton"], grads["sdpa"], "gradients, triton core against sdpa core", tol=1e-6)
-    expected = torch.cat([p.grad.flatten() for p in ref.parameters() if p.grad is not None])
-    assert 0 < (grads["sdpa"] - expected).norm() < 1e-2 * expected.norm()
+    check_rows_that_see_no_key("triton", DEVICE, monkeypatch)
 
 
 @pytest.mark.parametrize("with_seg", [True, False])
@@ -208,7 +176,7 @@ def test_cuda_bf16_training_step_close_to_sdpa_core(monkeypatch) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(**x, labels=x["input_ids"][:, :P]).loss
         loss.backward()
-        runs.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        runs.append((loss.item(), flat_grads(model)))
     (loss_s, grad_s), (loss_t, grad_t) = runs
     assert abs(loss_t - loss_s) < 1e-2 * abs(loss_s)
     assert (grad_t - grad_s).norm() < 5e-2 * grad_s.norm()
@@ -236,7 +204,7 @@ def test_custom_ops_pass_opcheck_and_compile_as_one_graph(monkeypatch) -> None:
 
     monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "triton")
     config = tiny_config(mem_len=12)
-    ref, fast = pair(XLNetLMHeadModel, config)
+    ref, fast = model_pair(XLNetLMHeadModel, config, DEVICE)
     x = {k_: t.to(DEVICE) for k_, t in plm_inputs(padding=True).items()}
     labels = x["input_ids"][:, :P]
     # with memory every row sees a key (rows that see none: test_triton_core_without_memory_fully_masked_rows)
