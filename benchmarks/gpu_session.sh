@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Device-machine calls: GPU tests, SDPA backends, the throughput tables, profile, compiled variants, the Triton
 # and flex cores, the real training loop, largest batch for XLNet-large. The default (`tests flex`, sized for one
-# 600 s call): the GPU tests, then the flex core (2026-11-28, never yet run on a GPU): its GPU tests, the core
-# alone against SDPA and Triton, and compiled PLM / fine-tuning steps against the SDPA core and HF. Then `e2e
+# 600 s call): the GPU tests (the flex core's among them), then the flex core (2026-11-28, never yet run on a
+# GPU) alone against SDPA's, and compiled PLM / fine-tuning steps against the SDPA core and HF. Then `e2e
 # e2e_step` (the real loop, which since 2026-11-27 queues a step ahead of reading the last, against the
 # benchmark's step on the same model; 133k against 151k tokens/s before that change), `triton` (the core on real
 # kernels since its backward lost the dq kernel, 2026-11-28: dq is a matrix product over the stored dS; before,
