@@ -98,6 +98,32 @@ def check_rows_that_see_no_key(core: str, device: str, monkeypatch) -> None:
     assert 0 < (grads["sdpa"] - expected).norm() < 1e-2 * expected.norm()
 
 
+def check_activation_checkpointing(config: XLNetConfig, device: str = "cpu") -> None:
+    """torch.utils.checkpoint around each layer (as training.apply_activation_checkpointing does), with dropout
+    on: recomputation must redraw the same masks, so the loss and gradients equal the un-checkpointed run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    from xlnet.model import XLNetLMHeadModel
+
+    torch.manual_seed(0)
+    plain = XLNetLMHeadModel(config).to(device)
+    ckpt = XLNetLMHeadModel(config).to(device)
+    ckpt.load_state_dict(plain.state_dict())
+    for layer in ckpt.transformer.layer:
+        inner = layer.forward
+        layer.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+    x = {k: v.to(device) for k, v in plm_inputs(padding=True).items()}
+    labels = x["input_ids"][:, :P]
+    losses = []
+    for model in (plain, ckpt):
+        torch.manual_seed(5)
+        out = model(**x, labels=labels)
+        out.loss.backward()
+        losses.append(out.loss)
+    assert_close(losses[1], losses[0], "loss")
+    assert_grads_close(plain, ckpt)
+
+
 def plm_inputs(seed: int = 1, padding: bool = False, segments: bool = True, two_stream: bool = True,
                bsz: int = B, n_pred: int = P) -> dict:
     """Random tokens, A/B/<cls> segments, optional left padding, and a random factorization order with

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import CONFIGS as SHARED_CONFIGS, B, L, P, assert_close, assert_grads_close, flat_grads  # noqa: E402
+from helpers import check_activation_checkpointing
 from helpers import model_pair as pair, plm_inputs, tiny_config
 from xlnet import training as T
 from xlnet.errors import XLNetError
@@ -291,28 +292,7 @@ def test_fast_matches_hf() -> None:
 
 
 def test_activation_checkpointing() -> None:
-    """torch.utils.checkpoint around each layer (as training.apply_activation_checkpointing does), with dropout
-    on: recomputation must redraw the same masks, so gradients equal the un-checkpointed run's."""
-    from torch.utils.checkpoint import checkpoint
-
-    config = tiny_config(mem_len=12, dropout=0.1, dropatt=0.1, attn_impl="fast")
-    torch.manual_seed(0)
-    plain = XLNetLMHeadModel(config)
-    ckpt = XLNetLMHeadModel(config)
-    ckpt.load_state_dict(plain.state_dict())
-    for layer in ckpt.transformer.layer:
-        inner = layer.forward
-        layer.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)
-    x = inputs()
-    labels = x["input_ids"][:, :P]
-    losses = []
-    for model in (plain, ckpt):
-        torch.manual_seed(5)
-        out = model(**x, labels=labels)
-        out.loss.backward()
-        losses.append(out.loss)
-    assert_close(losses[1], losses[0], "loss")
-    assert_grads_close(plain, ckpt)
+    check_activation_checkpointing(tiny_config(mem_len=12, dropout=0.1, dropatt=0.1, attn_impl="fast"))
 
 
 def test_fast_dropout_rate_and_scale() -> None:

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from helpers import (CONFIGS, B, P, assert_close, assert_grads_close, check_rows_that_see_no_key, flat_grads,
-                     model_pair, plm_inputs, tiny_config)
+from helpers import (CONFIGS, B, P, assert_close, assert_grads_close, check_activation_checkpointing,
+                     check_rows_that_see_no_key, flat_grads, model_pair, plm_inputs, tiny_config)
 from xlnet.flex_attention import flex_core, flex_keep, fold_into_table
 from xlnet.heads import XLNetForSequenceClassification
 from xlnet.model import XLNetLMHeadModel
@@ -216,6 +216,18 @@ def test_cuda_flex_dropout_against_torch(p: float, lq: int, klen: int) -> None:
     for name, g, w in zip("qkvt", torch.autograd.grad(out, (qc, kc, v, table), grad),
                           torch.autograd.grad(expected, (qc, kc, v, table), grad)):
         assert_close(g, w, f"grad {name}", tol=1e-4)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_flex_under_activation_checkpointing(monkeypatch) -> None:
+    """Each layer recomputed in the backward draws its dropout seed again from the restored generator: the same
+    hashed masks, so the loss and gradients equal the run without checkpointing. (GPU only: on CPU, flex's eager
+    backward traces its score_mod, and reading the checkpointed table there would trace the recomputation.)"""
+    force_flex(monkeypatch)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    config = tiny_config(mem_len=12, n_head=2, d_head=16, dropout=0.1, dropatt=0.3, attn_impl="fast")
+    check_activation_checkpointing(config, DEVICE)
 
 
 @pytest.mark.gpu
