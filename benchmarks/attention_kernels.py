@@ -8,7 +8,7 @@ Each takes what a layer's fast_attend hands its core: q + u, k, v, the distance 
 the segment coefficient and ids, the additive mask. "sdpa" is the production CUDA path (the masked position
 bias built from T by the rel-shift view or the row windows, plus the segment term, then the memory-efficient
 kernel with its bias gradient flowing back into T); "triton" is triton_attention; "flex" (CUDA only: no
-backward on CPU) is flex_attention.flex_core, compiled with the fold of segments and mask into T. Rows: the
+backward on CPU) is flex_attention.flex_attend, compiled with its fold of segments and mask into T. Rows: the
 content stream (L queries) and the query stream (P target slots at random positions). Time: median of 10
 forward + backward calls after 3 warm-ups (the first calls also autotune the Triton kernels, or compile flex);
 error: the largest relative gradient difference (q, k, v, T, coef) against sdpa at dropout 0.
@@ -62,12 +62,12 @@ def triton_core(x: dict, p: float, scale: float) -> torch.Tensor:
                             x["seg_q"], x["seg_k"], x["mask"], p, scale)
 
 
-def flex_fused(x: dict, p: float, scale: float) -> torch.Tensor:
-    from xlnet.flex_attention import flex_core, fold_into_table
+def flex_core(x: dict, p: float, scale: float) -> torch.Tensor:
+    from xlnet.flex_attention import flex_attend
 
     same = (x["seg_q"][:, None, :, None] == x["seg_k"][:, None, None, :]).to(x["qc"].dtype)
-    table = fold_into_table(x["table"], x["c0"], (x["coef"], same), x["mask"], x["klen"])
-    return flex_core(x["qc"], x["k"], x["v"], table, x["c0"], p, scale)
+    return flex_attend(x["qc"], x["k"], x["v"], x["table"][:, :, None], x["c0"], (x["coef"], same), x["mask"], p,
+                       scale)
 
 
 LEAVES = ("qc", "k", "v", "table", "coef")
@@ -134,7 +134,7 @@ def main() -> None:
         ref = grads(sdpa_core, x, 0.0, scale)
         cores = {"sdpa": sdpa_core, "triton": triton_core}
         if args.device == "cuda":
-            cores["flex"] = torch.compile(flex_fused, dynamic=False)
+            cores["flex"] = torch.compile(flex_core, dynamic=False)
         for core_name, core in ((name, cores[name]) for name in args.cores.split(",") if name in cores):
             err = max(float((a.float() - b.float()).norm() / b.float().norm())
                       for a, b in zip(grads(core, x, 0.0, scale), ref))

@@ -479,12 +479,9 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
         # c0 [B|1, Lq]: the table column of key 0 for each row (key j at c0 + j)
         c0 = (qlen - torch.arange(qlen, device=q.device))[None] if shift is None else shift[:, 0, :, 0]
     if core == "flex":
-        from xlnet.flex_attention import flex_core, fold_into_table
+        from xlnet.flex_attention import flex_attend
 
-        table = table.view(n_head, bsz, qlen, -1).transpose(0, 1) if table.dim() == 4 else table.view(
-            bsz, n_head, qlen, -1)
-        table = fold_into_table(table, c0.expand(bsz, -1), seg, mask, klen)
-        return flex_core(qc, kc, v.to(qc.dtype), table, c0.expand(bsz, -1), p, scale).transpose(1, 2)
+        return flex_attend(qc, kc, v, table, c0.expand(bsz, -1), seg, mask, p, scale).transpose(1, 2)
     if core == "triton":
         from xlnet.triton_attention import triton_attention
 

@@ -17,6 +17,18 @@ from torch import Tensor
 from xlnet.fast_attention import drop_lanes
 
 
+def flex_attend(qc: Tensor, kc: Tensor, v: Tensor, table: Tensor, c0: Tensor, seg: tuple[Tensor, ...],
+                mask: Tensor | None, p: float, scale: float) -> Tensor:
+    """fast_attend's flex core: qc, kc, v [B, n, Lq|K, dh]; the distance table as distance_scores makes it in one
+    block of rows ([n, 1, B·Lq, R] when the batch shares the table's keys, else [B, n, 1, Lq, R]); c0 [B, Lq] each
+    row's column of key 0; seg and mask as for the sdpa core's bias. -> [B, n, Lq, dh]."""
+    bsz, n_head, qlen, _ = qc.shape
+    if table.dim() == 4:
+        table = table.view(n_head, bsz, qlen, -1).transpose(0, 1)
+    table = fold_into_table(table.view(bsz, n_head, qlen, -1), c0, seg, mask, kc.shape[2])
+    return flex_core(qc, kc, v.to(qc.dtype), table, c0, p, scale)
+
+
 def fold_into_table(table: Tensor, c0: Tensor, seg: tuple[Tensor, ...], mask: Tensor | None, klen: int) -> Tensor:
     """The distance table [B, n, Lq, R] with the segment term and the mask added at the columns their scores read
     (key j of row i at column c0_i + j: one column per key, so the sum is exact and the segment coefficient's
