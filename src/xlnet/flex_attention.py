@@ -76,6 +76,9 @@ def flex_fn(device: torch.device):
     if device.type != "cuda" or torch.compiler.is_compiling():
         return flex_attention
     if _compiled_flex is None:
+        from xlnet.training import allow_recompiles
+
+        allow_recompiles()  # a variant per stream, score_mod (dropped or not) and value width
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 

@@ -151,14 +151,20 @@ def resolve_compile(value: bool | str, device: torch.device, fsdp: bool = False)
         raise XLNetError(f"compile must be auto, true or false, not {value!r}") from None
 
 
+def allow_recompiles(limit: int = 64) -> None:
+    """Let one compiled function keep up to `limit` variants (dynamo's default, 8, would send the rest to eager
+    code): each block or attention call has one per stream, dropout on or off, memory or none and shape."""
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
+
+
 def compile_blocks(model: nn.Module, **options: Any) -> nn.Module:
     """Regional compilation: torch.compile every transformer block in place (names, state dict and wrappers
     unchanged). The blocks share one code object, so one compiled graph serves them all, plus variants for the
     final block (fewer rows), the first segment (no memory), evaluation and each new shape: a cold compile of the
     base model took 70 s instead of 232 s for the whole model as one graph, at the same step time (CPU, 2 threads,
     benchmarks/README.md). Shapes stay static (a training run repeats one shape)."""
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    allow_recompiles()
     for block in transformer_blocks(model):
         block.compile(**{"dynamic": False, **options})
     body = unwrap(model)
