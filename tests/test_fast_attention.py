@@ -18,18 +18,9 @@ from xlnet.heads import XLNetForSequenceClassification
 from xlnet.model import XLNetLMHeadModel, XLNetModel
 
 
-
-
-
-
-
 def inputs(**kw) -> dict:
     """PLM inputs with left padding by default (the fast path's masks are what is under test)."""
     return plm_inputs(**{"padding": True, **kw})
-
-
-
-
 
 
 CONFIGS = SHARED_CONFIGS

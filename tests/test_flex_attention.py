@@ -39,12 +39,6 @@ def force_flex(monkeypatch) -> None:
     monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "flex")
 
 
-
-
-
-
-
-
 def run_pair(variant: str, head: str, monkeypatch, **config) -> None:
     """PLM with memory, padding and segments (both streams), or a classification head (the final layer's <cls>
     row, its distance row read as a window): the reference's logits and gradients in float32."""
@@ -254,7 +248,6 @@ def test_cuda_bf16_flex_step_close_to_sdpa_core(monkeypatch) -> None:
     assert abs(runs["flex"][0] - runs["sdpa"][0]) < 2e-2 * runs["sdpa"][0]
     assert runs["flex"][1].isfinite().all()
     assert (runs["flex"][1] - runs["sdpa"][1]).norm() < 5e-2 * runs["sdpa"][1].norm()
-
 
 
 def test_flex_core_traces_in_compiled_blocks(flex_on_cpu, monkeypatch) -> None:

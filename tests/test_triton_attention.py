@@ -38,10 +38,6 @@ def poisoned_outputs(monkeypatch) -> None:
     monkeypatch.setattr(ta, "_new_output", lambda *args: real(*args).fill_(float("nan")))
 
 
-
-
-
-
 @pytest.mark.parametrize("variant", list(CONFIGS))
 @pytest.mark.parametrize("head", ["lm", "classification"])
 def test_triton_core_matches_reference(variant: str, head: str, monkeypatch) -> None:
