@@ -98,31 +98,37 @@ def keep_grid(seed: torch.Tensor, shape: tuple[int, ...], drop: int) -> torch.Te
     return flex_keep(seed, *idx, shape[1:], drop)
 
 
-@pytest.mark.parametrize("p, lq, klen", [(0.0, 7, 20), (0.3, 7, 20), (0.3, 20, 33), (0.9, 5, 3)])
-def test_flex_core_dropout_and_gradients_against_torch(p: float, lq: int, klen: int, flex_on_cpu) -> None:
-    """Output and the gradients of q, k, v and the table equal plain PyTorch with the keep mask that the hash
-    gives for the call's seed (replayed from the generator). p = 0.9 with 3 keys drops whole rows: output 0,
-    finite gradients."""
-    (qc, kc, v, table), c0 = random_call(lq, klen)
-    scale = 0.35
+def dropout_call(p: float, lq: int, klen: int, scale: float, **shape) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """flex_core's output and plain PyTorch's with the keep mask of the seed flex_core drew (replayed from the
+    generator), and the inputs."""
+    inputs, c0 = random_call(lq, klen, **shape)
     torch.manual_seed(11)
-    out = flex_core(qc, kc, v, table, c0, p, scale)
+    out = flex_core(*inputs, c0, p, scale)
     keep, drop = None, round(p * 65536)
     if p:
         torch.manual_seed(11)
         seed = torch.randint(-2**31, 2**31 - 1, (1,), dtype=torch.int32, device=DEVICE)[0]
-        keep = keep_grid(seed, tuple(out.shape[:3]) + (klen,), drop).to(out.dtype)
+        keep = keep_grid(seed, (*out.shape[:3], klen), drop).to(out.dtype)
         assert 0 < keep.mean() < 1
-        if p == 0.9:
+        if p == 0.9:  # whole rows dropped
             assert (keep.sum(-1) == 0).any()
-    expected = dense(qc, kc, v, table, c0, keep, scale, drop)
-    assert_close(out, expected, "output", tol=1e-5)
+    return out, dense(*inputs, c0, keep, scale, drop), inputs
+
+
+def assert_same_call(out: torch.Tensor, expected: torch.Tensor, inputs: list, tol: float) -> None:
+    """Output and the gradients of q, k, v and the table (finite) agree."""
+    assert_close(out, expected, "output", tol=tol)
     grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (qc, kc, v, table), grad)
-    want = torch.autograd.grad(expected, (qc, kc, v, table), grad)
-    for name, g, w in zip(("q", "k", "v", "table"), got, want):
+    for name, g, w in zip("qkvt", torch.autograd.grad(out, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
         assert g.isfinite().all(), name
-        assert_close(g, w, f"grad {name}", tol=1e-5)
+        assert_close(g, w, f"grad {name}", tol=tol)
+
+
+@pytest.mark.parametrize("p, lq, klen", [(0.0, 7, 20), (0.3, 7, 20), (0.3, 20, 33), (0.9, 5, 3)])
+def test_flex_core_dropout_and_gradients_against_torch(p: float, lq: int, klen: int, flex_on_cpu) -> None:
+    """Output and the gradients of q, k, v and the table equal plain PyTorch with the keep mask that the hash
+    gives for the call's seed. p = 0.9 with 3 keys drops whole rows: output 0, finite gradients."""
+    assert_same_call(*dropout_call(p, lq, klen, 0.35), tol=1e-5)
 
 
 def test_flex_keep_rate_and_independence() -> None:
@@ -188,28 +194,17 @@ def test_flex_needs_cuda(monkeypatch) -> None:
 @pytest.mark.parametrize("variant", ["bi", "bi_data"])
 def test_cuda_flex_training_matches_reference_fp32(variant: str, head: str, monkeypatch) -> None:
     """The compiled kernel in float32 (head dim 16, flex's smallest) against the reference on the same GPU."""
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     run_pair(variant, head, monkeypatch, n_head=2, d_head=16)
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("p, lq, klen", [(0.3, 70, 150), (0.9, 5, 3)])
-def test_cuda_flex_dropout_against_torch(p: float, lq: int, klen: int) -> None:
+def test_cuda_flex_dropout_against_torch(p: float, lq: int, klen: int, monkeypatch) -> None:
     """The compiled kernel's hashed dropout and its gradients (several tiles) against plain PyTorch."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    (qc, kc, v, table), c0 = random_call(lq, klen, d_head=16, n_head=4)
-    torch.manual_seed(11)
-    out = flex_core(qc, kc, v, table, c0, p, 0.25)
-    torch.manual_seed(11)
-    seed = torch.randint(-2**31, 2**31 - 1, (1,), dtype=torch.int32, device=DEVICE)[0]
-    drop = round(p * 65536)
-    expected = dense(qc, kc, v, table, c0, keep_grid(seed, (2, 4, lq, klen), drop).float(), 0.25, drop)
-    assert_close(out, expected, "output", tol=1e-4)
-    grad = torch.randn_like(out)
-    for name, g, w in zip("qkvt", torch.autograd.grad(out, (qc, kc, v, table), grad),
-                          torch.autograd.grad(expected, (qc, kc, v, table), grad)):
-        assert_close(g, w, f"grad {name}", tol=1e-4)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert_same_call(*dropout_call(p, lq, klen, 0.25, d_head=16, n_head=4), tol=1e-4)
 
 
 @pytest.mark.gpu
@@ -219,7 +214,7 @@ def test_cuda_flex_under_activation_checkpointing(monkeypatch) -> None:
     hashed masks, so the loss and gradients equal the run without checkpointing. (GPU only: on CPU, flex's eager
     backward traces its score_mod, and reading the checkpointed table there would trace the recomputation.)"""
     force_flex(monkeypatch)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     config = tiny_config(mem_len=12, n_head=2, d_head=16, dropout=0.1, dropatt=0.3, attn_impl="fast")
     check_activation_checkpointing(config, DEVICE)
 
