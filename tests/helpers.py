@@ -72,6 +72,31 @@ def flat_grads(model) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
+def check_core_matches_reference(core: str, variant: str, head: str, device: str, monkeypatch, **config) -> None:
+    """The attention core `core` against the reference in float32: PLM with memory, padding and segments (both
+    streams), or a classification head (the final layer's <cls> row, its distance row read as a window); logits,
+    mems and every gradient. Cores that read unclamped windows fall back to the math core for uni tables."""
+    import xlnet.fast_attention as fa
+    from xlnet.heads import XLNetForSequenceClassification
+    from xlnet.model import XLNetLMHeadModel
+
+    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: core)
+    config = tiny_config(mem_len=12, **{**CONFIGS[variant], **config})
+    lm = head == "lm"
+    ref, fast = model_pair(XLNetLMHeadModel if lm else XLNetForSequenceClassification, config, device)
+    torch.manual_seed(3)
+    mems = [torch.randn(B, 5, config.d_model, device=device) for _ in range(config.n_layer)]
+    x = {k: v.to(device) for k, v in plm_inputs(padding=True, two_stream=lm).items()}
+    labels = x["input_ids"][:, :P] if lm else torch.tensor([0, 2, 1, 1], device=device)
+    r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
+    assert_close(f.logits, r.logits, "logits")
+    for mf, mr in zip(f.mems, r.mems):
+        assert_close(mf, mr, "mems")
+    r.loss.backward(), f.loss.backward()
+    if not (variant == "uni_same_length" and lm):  # a row with no visible key: test_fast_attention.py
+        assert_grads_close(ref, fast)
+
+
 def check_rows_that_see_no_key(core: str, device: str, monkeypatch) -> None:
     """No memory: the query stream's first target in the factorization order sees no key (every score masked, a
     uniform softmax on every path). The CUDA cores get such rows as zeros (FastInputs.dead_g): `core` gives the

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from helpers import (CONFIGS, B, P, assert_close, assert_grads_close, check_activation_checkpointing,
-                     check_rows_that_see_no_key, flat_grads, model_pair, plm_inputs, tiny_config)
+                     check_core_matches_reference, check_rows_that_see_no_key, flat_grads, model_pair, plm_inputs,
+                     tiny_config)
 from xlnet.flex_attention import flex_core, flex_keep, fold_into_table
-from xlnet.heads import XLNetForSequenceClassification
 from xlnet.model import XLNetLMHeadModel
 from xlnet.training import compile_blocks
 
@@ -39,31 +39,11 @@ def force_flex(monkeypatch) -> None:
     monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "flex")
 
 
-def run_pair(variant: str, head: str, monkeypatch, **config) -> None:
-    """PLM with memory, padding and segments (both streams), or a classification head (the final layer's <cls>
-    row, its distance row read as a window): the reference's logits and gradients in float32."""
-    force_flex(monkeypatch)
-    config = tiny_config(mem_len=12, **{**CONFIGS[variant], **config})
-    lm = head == "lm"
-    ref, fast = model_pair(XLNetLMHeadModel if lm else XLNetForSequenceClassification, config, DEVICE)
-    torch.manual_seed(3)
-    mems = [torch.randn(B, 5, config.d_model, device=DEVICE) for _ in range(config.n_layer)]
-    x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True, two_stream=lm).items()}
-    labels = x["input_ids"][:, :P] if lm else torch.tensor([0, 2, 1, 1], device=DEVICE)
-    r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
-    assert_close(f.logits, r.logits, "logits")
-    for mf, mr in zip(f.mems, r.mems):
-        assert_close(mf, mr, "mems")
-    r.loss.backward(), f.loss.backward()
-    if not (variant == "uni_same_length" and lm):  # a row with no visible key: test_fast_attention.py
-        assert_grads_close(ref, fast)
-
-
 @pytest.mark.parametrize("variant", list(CONFIGS))
 @pytest.mark.parametrize("head", ["lm", "classification"])
 def test_flex_core_matches_reference(variant: str, head: str, flex_on_cpu, monkeypatch) -> None:
     """Every attention variant (uni tables fall back to the math core: their windows are clamped)."""
-    run_pair(variant, head, monkeypatch)
+    check_core_matches_reference("flex", variant, head, DEVICE, monkeypatch)
 
 
 def test_flex_core_rows_that_see_no_key(flex_on_cpu, monkeypatch) -> None:
@@ -195,7 +175,7 @@ def test_flex_needs_cuda(monkeypatch) -> None:
 def test_cuda_flex_training_matches_reference_fp32(variant: str, head: str, monkeypatch) -> None:
     """The compiled kernel in float32 (head dim 16, flex's smallest) against the reference on the same GPU."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    run_pair(variant, head, monkeypatch, n_head=2, d_head=16)
+    check_core_matches_reference("flex", variant, head, DEVICE, monkeypatch, n_head=2, d_head=16)
 
 
 @pytest.mark.gpu

@@ -19,9 +19,8 @@ if not torch.cuda.is_available():
 os.environ.setdefault("XLNET_TRITON_AUTOTUNE", "0")  # on a GPU: one tile per kernel, not a timed trial per shape
 triton = pytest.importorskip("triton")
 
-from helpers import (CONFIGS, B, P, assert_close, assert_grads_close, check_rows_that_see_no_key, flat_grads,  # noqa: E402
-                     model_pair, plm_inputs, tiny_config)
-from xlnet.heads import XLNetForSequenceClassification  # noqa: E402
+from helpers import (CONFIGS, B, P, assert_close, assert_grads_close, check_core_matches_reference,  # noqa: E402
+                     check_rows_that_see_no_key, flat_grads, model_pair, plm_inputs, tiny_config)
 from xlnet.model import XLNetLMHeadModel  # noqa: E402
 from xlnet.triton_attention import TILES, triton_attention  # noqa: E402
 
@@ -41,23 +40,7 @@ def poisoned_outputs(monkeypatch) -> None:
 @pytest.mark.parametrize("variant", list(CONFIGS))
 @pytest.mark.parametrize("head", ["lm", "classification"])
 def test_triton_core_matches_reference(variant: str, head: str, monkeypatch) -> None:
-    """PLM with memory, padding and segments (both streams), and a classification head (the final layer's
-    <cls> row, its distance row read as a window): the reference's outputs and gradients in float32. uni
-    tables fall back to the math core (their windows are clamped)."""
-    import xlnet.fast_attention as fa
-
-    monkeypatch.setattr(fa, "pick_core", lambda device, compiled=False: "triton")
-    config = tiny_config(mem_len=12, **CONFIGS[variant])
-    cls = XLNetLMHeadModel if head == "lm" else XLNetForSequenceClassification
-    ref, fast = model_pair(cls, config, DEVICE)
-    mems = [torch.randn(B, 5, config.d_model, device=DEVICE) for _ in range(config.n_layer)]
-    x = {k: v.to(DEVICE) for k, v in plm_inputs(padding=True, two_stream=head == "lm").items()}
-    labels = x["input_ids"][:, :P] if head == "lm" else torch.tensor([0, 2, 1, 1], device=DEVICE)
-    r, f = ref(**x, labels=labels, mems=mems), fast(**x, labels=labels, mems=mems)
-    assert_close(f.logits, r.logits, "logits")
-    r.loss.backward(), f.loss.backward()
-    if not (variant == "uni_same_length" and head == "lm"):  # a row with no visible key: test_fast_attention.py
-        assert_grads_close(ref, fast)
+    check_core_matches_reference("triton", variant, head, DEVICE, monkeypatch)
 
 
 def test_triton_core_without_memory_fully_masked_rows(monkeypatch) -> None:
