@@ -481,7 +481,7 @@ def fast_attend(attn: nn.Module, q: Tensor, coef: Tensor | None, k: Tensor, v: T
     if core == "flex":
         from xlnet.flex_attention import flex_attend
 
-        return flex_attend(qc, kc, v, table, c0.expand(bsz, -1), seg, mask, p, scale).transpose(1, 2)
+        return flex_attend(qc, kc, v, table, c0, seg, mask, p, scale).transpose(1, 2)
     if core == "triton":
         from xlnet.triton_attention import triton_attention
 

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.attention import flex_attention as torch_flex
 
 from xlnet.fast_attention import drop_lanes
+
+AUX_LSE = torch_flex.AuxRequest(lse=True) if hasattr(torch_flex, "AuxRequest") else None  # torch >= 2.9
 
 
 def flex_attend(qc: Tensor, kc: Tensor, v: Tensor, table: Tensor, c0: Tensor, seg: tuple[Tensor, ...],
                 mask: Tensor | None, p: float, scale: float) -> Tensor:
     """fast_attend's flex core: qc, kc, v [B, n, Lq|K, dh]; the distance table as distance_scores makes it in one
-    block of rows ([n, 1, B·Lq, R] when the batch shares the table's keys, else [B, n, 1, Lq, R]); c0 [B, Lq] each
-    row's column of key 0; seg and mask as for the sdpa core's bias. -> [B, n, Lq, dh]."""
+    block of rows ([n, 1, B·Lq, R] when the batch shares the table's keys, else [B, n, 1, Lq, R]); c0 [B|1, Lq]
+    each row's column of key 0; seg and mask as for the sdpa core's bias. -> [B, n, Lq, dh]."""
     bsz, n_head, qlen, _ = qc.shape
+    c0 = c0.expand(bsz, -1)
     if table.dim() == 4:
         table = table.view(n_head, bsz, qlen, -1).transpose(0, 1)
     table = fold_into_table(table.view(bsz, n_head, qlen, -1), c0, seg, mask, kc.shape[2])
@@ -71,15 +75,13 @@ def flex_fn(device: torch.device):
     """flex_attention, compiled once on CUDA outside compiled regions (eager, it is a slow dense reference; inside
     torch.compile it lowers to its fused kernel anyway)."""
     global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
-
     if device.type != "cuda" or torch.compiler.is_compiling():
-        return flex_attention
+        return torch_flex.flex_attention
     if _compiled_flex is None:
         from xlnet.training import allow_recompiles
 
         allow_recompiles()  # a variant per stream, score_mod (dropped or not) and value width
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        _compiled_flex = torch.compile(torch_flex.flex_attention, dynamic=False)
     return _compiled_flex
 
 
@@ -113,9 +115,7 @@ def flex_core(qc: Tensor, kc: Tensor, v: Tensor, table: Tensor, c0: Tensor, p: f
 
 def with_lse(flex, q: Tensor, k: Tensor, v: Tensor, score_mod, scale: float) -> tuple[Tensor, Tensor]:
     """flex's output and its rows' log-sum-exp (return_aux from torch 2.9, return_lse before)."""
-    try:
-        from torch.nn.attention.flex_attention import AuxRequest
-    except ImportError:
+    if AUX_LSE is None:
         return flex(q, k, v, score_mod=score_mod, scale=scale, return_lse=True)
-    out, aux = flex(q, k, v, score_mod=score_mod, scale=scale, return_aux=AuxRequest(lse=True))
+    out, aux = flex(q, k, v, score_mod=score_mod, scale=scale, return_aux=AUX_LSE)
     return out, aux.lse
